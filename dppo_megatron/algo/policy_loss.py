@@ -1,0 +1,126 @@
+"""The policy-gradient loss shared by DPPO and its baselines.
+
+Per token: -A * sg(min(pi/mu, cap)) * M * log pi, where M is the mode's trust-region mask
+(`trust_region.py`) and mu the rollout engine's own probability of the sampled token. The
+importance weight is always taken against mu, the policy that actually produced the sample;
+the `_recompute` ablations only move the mask's anchor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dppo_megatron.algo.trust_region import broadcast_advantages, trust_region, trust_region_mask
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# Tokens whose rollout probability is below this count as "low-probability" in the metrics.
+LOW_PROB = 0.1
+
+
+def policy_loss(
+    logprob: torch.Tensor,
+    rollout_logprob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    mode: str = "dppo_binary_tv",
+    low: float = 0.15,
+    high: float = 0.15,
+    ratio_cap: float | None = 10.0,
+    aggregation: str = "token-mean",
+    max_response_len: int | None = None,
+    topk_tv: torch.Tensor | None = None,
+    topk_kl: torch.Tensor | None = None,
+    old_logprob: torch.Tensor | None = None,
+    denominator: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and metrics for one (micro-)batch of responses.
+
+    Args:
+        logprob: [B, L] log pi of the sampled tokens (with gradient).
+        rollout_logprob: [B, L] the rollout engine's logprobs of the same tokens.
+        advantages: [B] per response or [B, L] per token.
+        response_mask: [B, L], true on response tokens that count.
+        mode: a key of `trust_region.TRUST_REGIONS`.
+        low, high: the trust-region thresholds for A < 0 and A > 0 tokens.
+        ratio_cap: cap c of the importance weight (None: no cap).
+        aggregation: one of AGGREGATIONS; `seq-mean-token-sum-norm` (Dr.GRPO) divides each
+            sequence's token sum by the fixed `max_response_len`.
+        denominator: the count to divide by instead of this batch's own (tokens for
+            `token-mean`, sequences otherwise); pass the global count when a batch is split
+            into micro-batches or over data-parallel ranks, so the gradients add up right.
+
+    Returns (loss, metrics): metrics are detached scalars; `*_frac` and means are over
+    response tokens, with the counts they average over (`tokens`, `tokens_pos`, ...) so that
+    callers can combine micro-batches and ranks with the right weights.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+    if aggregation == "seq-mean-token-sum-norm" and not max_response_len:
+        raise ValueError("aggregation 'seq-mean-token-sum-norm' needs max_response_len")
+    if logprob.shape != rollout_logprob.shape or logprob.shape != response_mask.shape:
+        raise ValueError(
+            f"logprob {tuple(logprob.shape)}, rollout_logprob {tuple(rollout_logprob.shape)} and "
+            f"response_mask {tuple(response_mask.shape)} must have the same shape"
+        )
+    if aggregation != "token-mean" and logprob.dim() != 2:
+        raise ValueError(f"aggregation {aggregation!r} needs [B, L] tensors, got {tuple(logprob.shape)}")
+    region = trust_region(mode)
+    keep = trust_region_mask(
+        mode, logprob, rollout_logprob, advantages, low=low, high=high,
+        topk_tv=topk_tv, topk_kl=topk_kl, old_logprob=old_logprob,
+    )
+    advantages = broadcast_advantages(advantages, logprob).to(logprob.dtype)
+    response_mask = response_mask.bool()
+
+    log_ratio = (logprob.detach() - rollout_logprob).float()
+    ratio = log_ratio.exp()
+    cap = ratio_cap
+    if region.truncate_weight_at_high:
+        cap = 1.0 + high if cap is None else min(cap, 1.0 + high)
+    weight = ratio.clamp(max=cap) if cap is not None else ratio
+    counted = response_mask & keep
+    # `where`, not a product with the mask: padding may hold -inf logprobs, and 0 * inf = nan.
+    per_token = torch.where(counted, -advantages * weight.to(logprob.dtype) * logprob, 0.0)
+
+    if aggregation == "token-mean":
+        total = denominator if denominator is not None else response_mask.sum().clamp(min=1)
+        loss = per_token.sum() / total
+    else:
+        per_sequence = per_token.sum(dim=-1)
+        if aggregation == "seq-mean-token-mean":
+            per_sequence = per_sequence / response_mask.sum(dim=-1).clamp(min=1)
+        else:
+            per_sequence = per_sequence / max_response_len
+        total = denominator if denominator is not None else logprob.shape[0]
+        loss = per_sequence.sum() / total
+
+    metrics = _metrics(ratio, log_ratio, rollout_logprob, advantages, response_mask, keep)
+    return loss, metrics
+
+
+@torch.no_grad()
+def _metrics(ratio, log_ratio, rollout_logprob, advantages, response_mask, keep) -> dict[str, torch.Tensor]:
+    def mean(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        count = where.sum()
+        return torch.where(where, values, 0.0).sum() / count.clamp(min=1)
+
+    tokens = response_mask
+    dropped = tokens & ~keep
+    pos, neg = tokens & (advantages > 0), tokens & (advantages < 0)
+    rollout_prob = rollout_logprob.float().exp()
+    prob = ratio * rollout_prob
+    return {
+        "masked_frac": mean(dropped.float(), tokens),
+        "masked_frac_pos": mean(dropped.float(), pos),
+        "masked_frac_neg": mean(dropped.float(), neg),
+        "mismatch_tv": mean((prob - rollout_prob).abs(), tokens),
+        "ratio_mean": mean(ratio, tokens),
+        "ratio_max": torch.where(tokens, ratio, 0.0).max() if tokens.any() else ratio.new_zeros(()),
+        "kl_k3": mean(ratio - 1.0 - log_ratio, tokens),
+        "masked_low_prob_frac": mean((rollout_prob < LOW_PROB).float(), dropped),
+        "tokens": tokens.sum().float(),
+        "tokens_pos": pos.sum().float(),
+        "tokens_neg": neg.sum().float(),
+        "tokens_masked": dropped.sum().float(),
+    }
