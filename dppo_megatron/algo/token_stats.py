@@ -225,10 +225,7 @@ class _VocabParallelTokenStats(torch.autograd.Function):
             rows = end - begin
             grad_z = log_p_buf[:rows]
             log_p = grad_z[:, :width]
-            log_p.copy_(real[begin:end]).sub_(shift[begin:end, None])
-            if inv_temp != 1.0:
-                log_p.mul_(inv_temp)
-            log_p.sub_(log_sum_exp[begin:end, None])
+            _load_shifted(log_p, real[begin:end], shift[begin:end], inv_temp).sub_(log_sum_exp[begin:end, None])
             if grad_entropy is not None:
                 prob = torch.exp(log_p, out=prob_buf[:rows])
                 log_p.add_(entropy[begin:end, None]).mul_(grad_entropy[begin:end, None])
@@ -254,6 +251,12 @@ def _gather_owned(real: torch.Tensor, columns: torch.Tensor, owned: torch.Tensor
     return values.squeeze(1) if squeeze else values
 
 
+def _load_shifted(dest: torch.Tensor, logits: torch.Tensor, shift: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    """dest <- (logits - shift) / T in fp32, in place in a reused chunk buffer."""
+    dest.copy_(logits).sub_(shift[:, None])
+    return dest.mul_(inv_temp) if inv_temp != 1.0 else dest
+
+
 def _chunked_sums(
     real: torch.Tensor, shift: torch.Tensor, vocab: _VocabSlice, topk_ids: torch.Tensor | None
 ) -> torch.Tensor:
@@ -276,10 +279,7 @@ def _chunked_sums(
     for begin in range(0, num_tokens, chunk):
         end = min(begin + chunk, num_tokens)
         rows = end - begin
-        shifted = shifted_buf[:rows, :width]
-        shifted.copy_(real[begin:end]).sub_(shift[begin:end, None])
-        if inv_temp != 1.0:
-            shifted.mul_(inv_temp)
+        shifted = _load_shifted(shifted_buf[:rows, :width], real[begin:end], shift[begin:end], inv_temp)
         if vocab.with_entropy:
             full_exp = exp_buf[:rows]
             exp = torch.exp(shifted, out=full_exp[:, :width])
