@@ -1,0 +1,1 @@
+"""Hugging Face <-> Megatron Core for Qwen3 dense and Qwen3-MoE."""

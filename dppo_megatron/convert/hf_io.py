@@ -1,0 +1,108 @@
+"""Reading and writing Hugging Face safetensors checkpoints tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Files that travel with the weights when a checkpoint is exported.
+SIDE_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+)
+
+
+class CheckpointError(ValueError):
+    """A Hugging Face checkpoint directory that is missing something or holds something else."""
+
+
+class HFCheckpointReader:
+    """Tensors of a single-file or sharded (index.json) safetensors checkpoint, read one at a
+    time so that memory stays bounded by the tensors in use."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = self.directory / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.directory / SINGLE_NAME).is_file():
+            with safe_open(self.directory / SINGLE_NAME, "pt") as f:
+                weight_map = {name: SINGLE_NAME for name in f.keys()}
+        else:
+            raise CheckpointError(f"{self.directory}: no {SINGLE_NAME} or {INDEX_NAME}")
+        self.weight_map: dict[str, str] = weight_map
+        self._open: dict[str, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            filename = self.weight_map[name]
+        except KeyError:
+            raise CheckpointError(f"{self.directory}: tensor {name!r} is missing") from None
+        if filename not in self._open:
+            self._open[filename] = safe_open(self.directory / filename, "pt")
+        return self._open[filename].get_tensor(name)
+
+
+class HFCheckpointWriter:
+    """Writes tensors into size-bounded safetensors shards, then the index. Everything goes
+    into a temporary directory renamed into place at `close()`, so a reader never sees a
+    half-written checkpoint."""
+
+    def __init__(self, directory: str | Path, *, max_shard_bytes: int = 2 * 1024**3):
+        self.directory = Path(directory)
+        self.partial = self.directory.with_name(self.directory.name + ".partial")
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[dict[str, torch.Tensor] | list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().cpu().contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        number = len(self.shards) + 1
+        save_file(self.pending, self.partial / f"model-{number:05d}.safetensors", metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self, *, config: dict, side_files_from: str | Path | None = None) -> Path:
+        if self.pending or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        weight_map = {}
+        for number, names in enumerate(self.shards, start=1):
+            final = f"model-{number:05d}-of-{count:05d}.safetensors"
+            os.replace(self.partial / f"model-{number:05d}.safetensors", self.partial / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.partial / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        (self.partial / "config.json").write_text(json.dumps(config, indent=2))
+        if side_files_from is not None:
+            for name in SIDE_FILES:
+                source = Path(side_files_from) / name
+                if source.is_file():
+                    shutil.copy2(source, self.partial / name)
+        if self.directory.exists():
+            shutil.rmtree(self.directory)
+        os.replace(self.partial, self.directory)
+        return self.directory

@@ -1,0 +1,175 @@
+"""Moving whole tensors in and out of a model sharded over TP / EP / PP ranks.
+
+Every local parameter is matched to its entry of the conversion table (`convert.mapping`) by
+its global name (global layer index, global expert index); Megatron's own parameter
+attributes say how it is split over the (expert-)tensor-parallel group. Loading reads one HF
+tensor set at a time and keeps this rank's slice; gathering assembles one whole tensor at a
+time on rank 0. Memory stays bounded by the few tensors in flight, plus the local shards.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dppo_megatron.convert.hf_io import CheckpointError, HFCheckpointReader
+from dppo_megatron.convert.mapping import TensorMap, tensor_map, to_hf, to_megatron
+from dppo_megatron.convert.qwen3_arch import Qwen3Arch
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+
+
+@dataclass
+class LocalShard:
+    """This rank's piece of one table entry."""
+
+    global_name: str
+    param: torch.nn.Parameter
+    split_dim: int | None  # dim split over `group`; None when every rank holds it whole
+    group: dist.ProcessGroup | None
+    rank: int
+    size: int
+    gated_fc1: bool  # [gate; up] stacked: each half is split on its own
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the unsharded tensor."""
+        if self.split_dim is None or self.size == 1:
+            return full
+        if self.gated_fc1:
+            gate, up = full.chunk(2, dim=self.split_dim)
+            return torch.cat([gate.chunk(self.size, self.split_dim)[self.rank],
+                              up.chunk(self.size, self.split_dim)[self.rank]], dim=self.split_dim)
+        return full.chunk(self.size, dim=self.split_dim)[self.rank]
+
+    def assemble(self) -> torch.Tensor:
+        """The unsharded tensor from every member of the group (a collective on `group`)."""
+        local = self.param.detach().contiguous()
+        if self.split_dim is None or self.size == 1:
+            return local.clone()
+        pieces = [torch.empty_like(local) for _ in range(self.size)]
+        dist.all_gather(pieces, local, group=self.group)
+        if self.gated_fc1:
+            halves = [p.chunk(2, dim=self.split_dim) for p in pieces]
+            return torch.cat([torch.cat([h[0] for h in halves], self.split_dim),
+                              torch.cat([h[1] for h in halves], self.split_dim)], dim=self.split_dim)
+        return torch.cat(pieces, dim=self.split_dim)
+
+
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def local_shards(model) -> dict[str, LocalShard]:
+    """This rank's parameters, keyed by their global table name."""
+    from megatron.core import parallel_state as ps
+
+    model = unwrap(model)
+    layer_offset = {}
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None:
+        for local_index, layer in enumerate(decoder.layers):
+            layer_offset[local_index] = layer.layer_number - 1
+    ep_rank = ps.get_expert_model_parallel_rank()
+    shards = {}
+    for name, param in model.named_parameters():
+        is_expert = ".mlp.experts." in name
+        if is_expert:
+            num_local = _num_local_experts(model, name)
+            name = _EXPERT.sub(lambda m: f".mlp.experts.local_experts.{ep_rank * num_local + int(m.group(1))}.", name)
+            group, rank, size = (ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_rank(),
+                                 ps.get_expert_tensor_parallel_world_size())
+        else:
+            group, rank, size = (ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank(),
+                                 ps.get_tensor_model_parallel_world_size())
+        name = _LAYER.sub(lambda m: f"decoder.layers.{layer_offset[int(m.group(1))]}.", name)
+        if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
+            # Tied embeddings under PP: the last stage keeps its own copy of the embedding.
+            name = "embedding.word_embeddings.weight"
+        split = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+        shards[name] = LocalShard(
+            global_name=name, param=param, split_dim=split, group=group, rank=rank, size=size,
+            gated_fc1=name.endswith("linear_fc1.weight") and model.config.gated_linear_unit,
+        )
+    return shards
+
+
+def _num_local_experts(model, param_name: str) -> int:
+    layer_index = int(_LAYER.match(param_name).group(1))
+    return len(model.decoder.layers[layer_index].mlp.experts.local_experts)
+
+
+def load_hf_weights(model, arch: Qwen3Arch, hf_dir, *, progress: Callable[[int, int], None] | None = None) -> None:
+    """Fill this rank's shards from a Hugging Face checkpoint. Refuses a checkpoint with
+    missing or unexpected tensors, listing them."""
+    reader = HFCheckpointReader(hf_dir)
+    entries = tensor_map(arch)
+    expected = {name for entry in entries for name in entry.hf}
+    present = set(reader.names())
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{hf_dir} does not match the {arch.architecture} config: "
+            f"missing {_listing(missing)}; unexpected {_listing(unexpected)}"
+        )
+    shards = local_shards(model)
+    known = {entry.megatron for entry in entries}
+    stray = sorted(set(shards) - known)
+    if stray:
+        raise CheckpointError(f"model parameters with no conversion rule: {_listing(stray)}")
+    with torch.no_grad():
+        for done, entry in enumerate(entries, start=1):
+            shard = shards.get(entry.megatron)
+            if shard is not None:
+                full = to_megatron(entry, [reader.get(name) for name in entry.hf], arch)
+                shard.param.copy_(shard.take(full))
+            if progress is not None:
+                progress(done, len(entries))
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return f"{len(names)} ({shown}{', ...' if len(names) > limit else ''})"
+
+
+def gather_full(shards: dict[str, LocalShard], entry: TensorMap, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """The unsharded tensor of `entry` on global rank 0 (None elsewhere). A collective: every
+    rank calls it for every entry, in the same order."""
+    shard = shards.get(entry.megatron)
+    full = shard.assemble() if shard is not None else None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # The lowest rank holding the whole tensor sends it to rank 0.
+    holder = torch.tensor([rank if full is not None else world], device=device)
+    dist.all_reduce(holder, op=dist.ReduceOp.MIN)
+    source = int(holder.item())
+    if source == world:
+        raise RuntimeError(f"no rank holds {entry.megatron}")
+    if source == 0:
+        return full if rank == 0 else None
+    if rank == source:
+        dist.send(full.to(dtype).contiguous(), dst=0)
+    elif rank == 0:
+        full = torch.empty(entry.shape, dtype=dtype, device=device)
+        dist.recv(full, src=source)
+        return full
+    return None
+
+
+def iter_hf_tensors(model, arch: Qwen3Arch) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every HF tensor of the model, whole, yielded on rank 0; on other ranks the generator
+    must still be run to the end (it takes part in the collectives) and yields nothing."""
+    shards = local_shards(model)
+    param = next(unwrap(model).parameters())
+    for entry in tensor_map(arch):
+        full = gather_full(shards, entry, param.dtype, param.device)
+        if full is not None:
+            yield from to_hf(entry, full, arch)

@@ -1,0 +1,37 @@
+"""The CPU bridge patches Megatron only without CUDA, and reports what it catches."""
+
+import subprocess
+import sys
+
+GPU_CASE = """
+import torch
+torch.cuda.is_available = lambda: True
+original_stream = torch.cuda.Stream
+from dppo_megatron.learner.cpu_bridge import apply_cpu_bridge
+assert apply_cpu_bridge() is False
+assert torch.cuda.Stream is original_stream
+print("untouched")
+"""
+
+CPU_CASE = """
+from dppo_megatron.learner.cpu_bridge import apply_cpu_bridge, caught_call_sites
+import torch
+assert apply_cpu_bridge() is True and apply_cpu_bridge() is True
+from megatron.core.pipeline_parallel import schedules
+schedules.torch.zeros([], dtype=torch.int, device="cuda")
+torch.cuda.current_stream().wait_stream(torch.cuda.Stream())
+print(sorted({what for what, site in caught_call_sites}))
+"""
+
+
+def run(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+
+def test_nothing_is_patched_when_cuda_is_present():
+    assert run(GPU_CASE).strip() == "untouched"
+
+
+def test_cuda_calls_are_mapped_to_cpu_and_their_call_sites_recorded():
+    out = run(CPU_CASE).splitlines()
+    assert out[0] == "['torch.cuda.Stream', 'torch.cuda.current_stream', \"torch.zeros(device='cuda')\"]"

@@ -1,0 +1,59 @@
+"""Rank program: load HF checkpoints into Megatron at a layout, run a batch, export back.
+
+argv: OUT_DIR TP PP EP HF_DIR [HF_DIR ...]. For each HF_DIR, writes OUT_DIR/<name>/logits.pt
+(the full-vocabulary logits, from the last stage) and OUT_DIR/<name>/export/ (HF safetensors
+gathered from every rank)."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tiny_models import parity_tokens  # noqa: E402
+
+from dppo_megatron.convert.hf_io import HFCheckpointWriter  # noqa: E402
+from dppo_megatron.convert.qwen3_arch import Qwen3Arch  # noqa: E402
+from dppo_megatron.learner.forward import run_schedule  # noqa: E402
+from dppo_megatron.learner.model import build_model  # noqa: E402
+from dppo_megatron.learner.parallel import ParallelLayout, init_parallel  # noqa: E402
+from dppo_megatron.learner.weights import iter_hf_tensors, load_hf_weights  # noqa: E402
+
+
+def main(out_dir: str, tp: str, pp: str, ep: str, *hf_dirs: str) -> None:
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    layout = ParallelLayout(tp=int(tp), pp=int(pp), ep=int(ep))
+    for hf_dir in hf_dirs:
+        arch = Qwen3Arch.from_hf(hf_dir)
+        init_parallel(layout, arch)
+        model = build_model(arch, layout)
+        load_hf_weights(model, arch, hf_dir)
+        model.eval()
+        target = Path(out_dir) / Path(hf_dir).name
+        tokens = parity_tokens(arch.vocab_size)
+
+        def keep_logits(batch, output):
+            full = gather_from_tensor_model_parallel_region(output)
+            return torch.zeros(()), {"logits": full[..., : arch.vocab_size].detach()}
+
+        with torch.no_grad():
+            results = run_schedule(model, [{"tokens": tokens}], keep_logits, forward_only=True)
+        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 \
+                and ps.get_data_parallel_rank() == 0:
+            target.mkdir(parents=True, exist_ok=True)
+            torch.save(results[0]["logits"], target / "logits.pt")
+        writer = HFCheckpointWriter(target / "export", max_shard_bytes=200_000) if dist.get_rank() == 0 else None
+        for name, tensor in iter_hf_tensors(model, arch):
+            writer.add(name, tensor)
+        if writer is not None:
+            writer.close(config=json.loads((Path(hf_dir) / "config.json").read_text()), side_files_from=hf_dir)
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
