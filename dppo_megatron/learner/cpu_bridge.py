@@ -7,6 +7,10 @@ optimizer, and (0.16.1) a TransformerEngine name read in the MoE router. This mo
 each of them to its CPU meaning. It is applied only when CUDA is absent (on a GPU nothing is
 patched), it is the only place that patches Megatron, and it logs every call site it catches
 the first time, so that an upgrade that adds a new CUDA-only call shows up at once.
+
+One more fix lives here because it is the same kind of thing: without TransformerEngine or
+Apex, Megatron's distributed optimizer falls back to torch Adam, whose per-parameter `step`
+its reshardable checkpoint loader does not expect (`apply_torch_adam_checkpoint_fix`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _applied = False
+_adam_fix_applied = False
 _lock = threading.Lock()
 # (what was caught, "file:line" of the caller) -> count
 caught_call_sites: dict[tuple[str, str], int] = {}
@@ -37,6 +42,52 @@ def apply_cpu_bridge() -> bool:
             _patch_torch_cuda()
             _patch_megatron()
             _applied = True
+    return True
+
+
+def apply_torch_adam_checkpoint_fix() -> bool:
+    """When the distributed optimizer runs on torch Adam (no TE / Apex), fix two things in its
+    checkpoint load (megatron-core 0.16.1): the reshardable loader tries to copy Adam's
+    per-parameter `step` from the loaded tensors, which never hold it (KeyError); and the
+    loader gives every parameter the same `step` tensor object, which torch Adam increments in
+    place once per parameter, so every parameter after the first gets a wrong bias correction
+    on the next step. Returns whether the fix is active."""
+    global _adam_fix_applied
+    from megatron.core.optimizer import distrib_optimizer
+
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return False
+    with _lock:
+        if _adam_fix_applied:
+            return True
+        cls = distrib_optimizer.DistributedOptimizer
+        original = cls._set_main_param_and_optimizer_states
+
+        def set_states(self, model_param, tensors):
+            if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+                return original(self, model_param, tensors)
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state.get(self.optimizer.param_groups[group_index]["params"][group_order])
+            if state is None or "step" not in state:
+                return original(self, model_param, tensors)
+            _caught("DistributedOptimizer._set_main_param_and_optimizer_states without step")
+            step = state.pop("step")
+            try:
+                return original(self, model_param, tensors)
+            finally:
+                state["step"] = step
+
+        original_load = cls.load_state_dict
+
+        def load_state_dict(self, state_dict):
+            original_load(self, state_dict)
+            for state in self.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+
+        cls._set_main_param_and_optimizer_states = set_states
+        cls.load_state_dict = load_state_dict
+        _adam_fix_applied = True
     return True
 
 

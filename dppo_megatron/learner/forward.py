@@ -53,3 +53,21 @@ def run_schedule(
         micro_batch_size=first.shape[0],
         forward_only=forward_only,
     )
+
+
+@torch.no_grad()
+def full_vocab_logits(model, vocab_size: int, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Logits [b, s, vocab_size] (TP-gathered, padding cut) for one batch, on the last pipeline
+    stage; None on other stages. For checks against other implementations, not for training."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    def keep(batch, output):
+        full = gather_from_tensor_model_parallel_region(output)
+        return torch.zeros((), device=output.device), {"logits": full[..., :vocab_size].float().cpu()}
+
+    was_training = model.training
+    model.eval()
+    results = run_schedule(model, [{"tokens": tokens}], keep, forward_only=True)
+    model.train(was_training)
+    return results[0]["logits"] if parallel_state.is_pipeline_last_stage() else None

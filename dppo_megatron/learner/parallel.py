@@ -81,7 +81,7 @@ def init_parallel(layout: ParallelLayout, arch: Qwen3Arch, *, seed: int = 1234) 
     environment (torchrun or srun), then Megatron's parallel state and RNG."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from dppo_megatron.learner.cpu_bridge import apply_cpu_bridge
+    from dppo_megatron.learner.cpu_bridge import apply_cpu_bridge, apply_torch_adam_checkpoint_fix
 
     on_gpu = torch.cuda.is_available()
     if not dist.is_initialized():
@@ -91,6 +91,7 @@ def init_parallel(layout: ParallelLayout, arch: Qwen3Arch, *, seed: int = 1234) 
     layout.validate(dist.get_world_size(), arch)
     if not on_gpu:
         apply_cpu_bridge()
+    apply_torch_adam_checkpoint_fix()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -17,7 +17,7 @@ from tiny_models import parity_tokens  # noqa: E402
 
 from dppo_megatron.convert.hf_io import HFCheckpointWriter  # noqa: E402
 from dppo_megatron.convert.qwen3_arch import Qwen3Arch  # noqa: E402
-from dppo_megatron.learner.forward import run_schedule  # noqa: E402
+from dppo_megatron.learner.forward import full_vocab_logits  # noqa: E402
 from dppo_megatron.learner.model import build_model  # noqa: E402
 from dppo_megatron.learner.parallel import ParallelLayout, init_parallel  # noqa: E402
 from dppo_megatron.learner.weights import iter_hf_tensors, load_hf_weights  # noqa: E402
@@ -25,7 +25,6 @@ from dppo_megatron.learner.weights import iter_hf_tensors, load_hf_weights  # no
 
 def main(out_dir: str, tp: str, pp: str, ep: str, *hf_dirs: str) -> None:
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     layout = ParallelLayout(tp=int(tp), pp=int(pp), ep=int(ep))
     for hf_dir in hf_dirs:
@@ -33,20 +32,11 @@ def main(out_dir: str, tp: str, pp: str, ep: str, *hf_dirs: str) -> None:
         init_parallel(layout, arch)
         model = build_model(arch, layout)
         load_hf_weights(model, arch, hf_dir)
-        model.eval()
         target = Path(out_dir) / Path(hf_dir).name
-        tokens = parity_tokens(arch.vocab_size)
-
-        def keep_logits(batch, output):
-            full = gather_from_tensor_model_parallel_region(output)
-            return torch.zeros(()), {"logits": full[..., : arch.vocab_size].detach()}
-
-        with torch.no_grad():
-            results = run_schedule(model, [{"tokens": tokens}], keep_logits, forward_only=True)
-        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 \
-                and ps.get_data_parallel_rank() == 0:
+        logits = full_vocab_logits(model, arch.vocab_size, parity_tokens(arch.vocab_size))
+        if logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
             target.mkdir(parents=True, exist_ok=True)
-            torch.save(results[0]["logits"], target / "logits.pt")
+            torch.save(logits, target / "logits.pt")
         writer = HFCheckpointWriter(target / "export", max_shard_bytes=200_000) if dist.get_rank() == 0 else None
         for name, tensor in iter_hf_tensors(model, arch):
             writer.add(name, tensor)

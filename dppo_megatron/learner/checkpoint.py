@@ -1,0 +1,189 @@
+"""Learner checkpoints with megatron.core.dist_checkpointing: model, optimizer, learning-rate
+schedule, RNG, step and the trainer's own state, loadable at another TP/EP/PP/DP layout.
+
+Layout of a checkpoint root:
+    step_00000012/            a complete checkpoint (dist_checkpointing files + ours)
+        learner_state.json    step, schedule, layout, the trainer's state
+        rng/rank_00000.pt     per-rank RNG (restored only at the same layout)
+    step_00000016.partial/    being written; never loaded
+    latest                    "step_00000012", replaced atomically after the rename
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "learner_state.json"
+# The distributed optimizer's format that reshards across every parallel dimension on load,
+# with state keyed by parameter whether or not the expert optimizer is a separate one.
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+LATEST_FILE = "latest"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(root: str | Path, learner, trainer_state: dict | None = None) -> Path:
+    """Save collectively (every rank calls it). Returns the checkpoint directory."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / step_dir_name(learner.step)
+    partial = root / (final.name + ".partial")
+    rank = dist.get_rank()
+    if rank == 0:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    model_state = learner.module.sharded_state_dict()
+    dist_checkpointing.save(
+        {"model": model_state, "optimizer": learner.optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_FORMAT)},
+        str(partial),
+    )
+    (partial / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), partial / "rng" / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        state = {
+            "step": learner.step,
+            "scheduler": learner.scheduler.state_dict(),
+            "layout": _layout_record(learner),
+            "trainer": trainer_state or {},
+        }
+        (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        tmp = root / (LATEST_FILE + ".tmp")
+        tmp.write_text(final.name)
+        os.replace(tmp, root / LATEST_FILE)
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None. Partial directories never count;
+    if `latest` names a missing checkpoint, the newest complete one is used."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    latest = root / LATEST_FILE
+    if latest.is_file():
+        candidate = root / latest.read_text().strip()
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: str | Path, learner) -> dict:
+    """Load collectively into a learner built at any layout. Returns the trainer's state."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    state = json.loads((path / STATE_FILE).read_text())
+    _materialize_optimizer_state(learner.optimizer)
+    model_state = learner.module.sharded_state_dict()
+    optimizer_state = learner.optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_FORMAT)
+    loaded = dist_checkpointing.load({"model": model_state, "optimizer": optimizer_state}, str(path))
+    learner.module.load_state_dict(loaded["model"])
+    learner.optimizer.load_state_dict(_optimizer_state_to_load(optimizer_state, loaded["optimizer"]))
+    learner.scheduler.load_state_dict(state["scheduler"])
+    learner.step = state["step"]
+    rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    if state["layout"] == _layout_record(learner) and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    elif dist.get_rank() == 0:
+        log.warning("checkpoint %s was saved at layout %s; RNG states not restored at %s",
+                    path, state["layout"], _layout_record(learner))
+    return state["trainer"]
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """A fresh torch Adam has no state, and the distributed optimizer's state_dict needs its
+    `step`: give every empty inner optimizer its state with one zero-gradient step. Loading
+    then overwrites parameters and state alike."""
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = wrapper.optimizer
+        if inner is None or inner.state:
+            continue
+        params = [p for group in inner.param_groups for p in group["params"] if p.numel() > 0]
+        for param in params:
+            param.grad = torch.zeros_like(param)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+
+
+def _optimizer_state_to_load(requested, loaded):
+    """The optimizer state to load: tensors (keyed by parameter) from the checkpoint, the rest
+    (param groups, hyper-parameters) from this optimizer, and Adam's step from the checkpoint.
+    Megatron splits expert and dense parameters into two chained optimizers at some layouts
+    and not at others, and keeps the non-tensor part per chained optimizer, so that part of
+    the checkpoint need not have this run's structure."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    def take_tensors(requested_part, loaded_part):
+        if isinstance(requested_part, ShardedBase):
+            return loaded_part
+        if isinstance(requested_part, dict):
+            return {key: take_tensors(value, loaded_part.get(key) if isinstance(loaded_part, dict) else None)
+                    for key, value in requested_part.items()}
+        if isinstance(requested_part, list):
+            return [take_tensors(value, loaded_part[i] if isinstance(loaded_part, list) else None)
+                    for i, value in enumerate(requested_part)]
+        return requested_part
+
+    state = take_tensors(requested, loaded)
+    saved_steps = {group["step"] for group in _param_groups(loaded) if "step" in group}
+    if len(saved_steps) > 1:
+        raise RuntimeError(f"checkpoint optimizer groups disagree on the step: {sorted(saved_steps)}")
+    if saved_steps:
+        (step,) = saved_steps
+        for group in _param_groups(state):
+            group["step"] = step
+    return state
+
+
+def _param_groups(tree) -> list[dict]:
+    """Every optimizer param group anywhere in a (nested) optimizer state dict."""
+    if isinstance(tree, dict):
+        groups = list(tree["param_groups"]) if isinstance(tree.get("param_groups"), list) else []
+        return groups + [g for key, value in tree.items() if key != "param_groups" for g in _param_groups(value)]
+    if isinstance(tree, list):
+        return [g for value in tree for g in _param_groups(value)]
+    return []
+
+
+def _layout_record(learner) -> dict:
+    layout = learner.layout
+    return {"world_size": dist.get_world_size(), "tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.etp}
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["cpu"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])

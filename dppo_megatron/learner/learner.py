@@ -1,0 +1,248 @@
+"""One rank's part of the policy: the Megatron model, its optimizer and learning-rate
+schedule, and the DPPO train step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dppo_megatron.algo import needs_topk, policy_loss, token_stats
+from dppo_megatron.convert.qwen3_arch import Qwen3Arch
+from dppo_megatron.learner.forward import run_schedule
+from dppo_megatron.learner.model import ModelOptions, build_model
+from dppo_megatron.learner.parallel import ParallelLayout
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_steps: int | None = None  # None: constant after warm-up
+    lr_decay_style: str = "constant"  # constant | linear | cosine
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    mode: str = "dppo_binary_tv"
+    low: float = 0.15
+    high: float = 0.15
+    ratio_cap: float | None = 10.0
+    aggregation: str = "token-mean"
+    max_response_len: int | None = None
+    temperature: float = 1.0  # the rollout engine's sampling temperature
+
+
+# How micro-batch metrics combine: a weighted mean by the named count, a max, or a sum.
+METRIC_WEIGHTS = {
+    "masked_frac": "tokens", "masked_frac_pos": "tokens_pos", "masked_frac_neg": "tokens_neg",
+    "mismatch_tv": "tokens", "ratio_mean": "tokens", "kl_k3": "tokens",
+    "masked_low_prob_frac": "tokens_masked", "entropy": "tokens",
+}
+SUMMED_METRICS = ("loss", "tokens", "tokens_pos", "tokens_neg", "tokens_masked")
+MAX_METRICS = ("ratio_max",)
+
+
+@dataclass
+class MicroBatch:
+    """Sequences padded to a common length. Per-token tensors are aligned with `tokens`: entry
+    t describes token t (predicted from position t - 1); position 0 is never a response token."""
+
+    tokens: torch.Tensor  # [b, s] int64
+    response_mask: torch.Tensor  # [b, s] bool
+    rollout_logprobs: torch.Tensor  # [b, s] the engine's logprob of each token
+    advantages: torch.Tensor  # [b] per response
+    topk_ids: torch.Tensor | None = None  # [b, s, K] the engine's top-K ids per position
+    topk_logprobs: torch.Tensor | None = None  # [b, s, K]
+
+    def as_dict(self) -> dict:
+        return {"tokens": self.tokens, "batch": self}
+
+
+class Learner:
+    def __init__(self, arch: Qwen3Arch, layout: ParallelLayout, model_options: ModelOptions,
+                 optimizer_config: OptimizerConfig, loss_config: LossConfig):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.arch, self.layout, self.loss_config = arch, layout, loss_config
+        model = build_model(arch, layout, model_options)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=layout.use_distributed_optimizer,
+        )
+        self.model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+        bf16 = model_options.dtype == torch.bfloat16
+        self.optimizer = get_megatron_optimizer(
+            MegatronOptimizerConfig(
+                optimizer="adam", lr=optimizer_config.lr, min_lr=optimizer_config.min_lr,
+                weight_decay=optimizer_config.weight_decay, adam_beta1=optimizer_config.adam_beta1,
+                adam_beta2=optimizer_config.adam_beta2, adam_eps=optimizer_config.adam_eps,
+                clip_grad=optimizer_config.clip_grad, bf16=bf16, params_dtype=model_options.dtype,
+                use_distributed_optimizer=layout.use_distributed_optimizer,
+            ),
+            [self.model],
+        )
+        decay_steps = optimizer_config.lr_decay_steps or max(1, optimizer_config.lr_warmup_steps + 1)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if optimizer_config.lr_warmup_steps else optimizer_config.lr,
+            max_lr=optimizer_config.lr, min_lr=optimizer_config.min_lr,
+            lr_warmup_steps=optimizer_config.lr_warmup_steps, lr_decay_steps=decay_steps,
+            lr_decay_style=optimizer_config.lr_decay_style if optimizer_config.lr_decay_steps else "constant",
+            start_wd=optimizer_config.weight_decay, end_wd=optimizer_config.weight_decay,
+            wd_incr_steps=decay_steps, wd_incr_style="constant",
+        )
+        config = self.model.config
+        config.no_sync_func = self.model.no_sync
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        self.step = 0
+
+    @property
+    def module(self):
+        """The GPTModel inside the DDP wrapper."""
+        return self.model.module
+
+    # --- the train step -------------------------------------------------------------------
+
+    def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+        """Forward and backward over this rank's micro-batches of one mini-batch, then one
+        optimizer step. Returns the metrics of the whole mini-batch (all DP ranks) on every
+        rank."""
+        from megatron.core import parallel_state as ps
+
+        loss_config = self.loss_config
+        if needs_topk(loss_config.mode) and any(mb.topk_ids is None for mb in micro_batches):
+            raise ValueError(f"loss mode {loss_config.mode!r} needs the rollout engine's top-K logprobs")
+        denominator = self._global_denominator(micro_batches)
+        # Megatron divides each micro-batch loss by their number and averages gradients over
+        # DP; the loss is already normalised by the global count, so undo both.
+        scale = len(micro_batches) * ps.get_data_parallel_world_size()
+
+        def loss_func(batch: dict, logits: torch.Tensor):
+            loss, metrics = self._policy_loss(batch["batch"], logits, denominator)
+            metrics["loss"] = loss.detach()
+            return loss * scale, metrics
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.module.train()
+        per_micro_batch = run_schedule(self.model, [mb.as_dict() for mb in micro_batches], loss_func,
+                                       forward_only=False)
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)
+        self.step += 1
+        metrics = self._reduce_metrics(per_micro_batch)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["skipped_update"] = float(not updated)
+        return metrics
+
+    def _policy_loss(self, batch: MicroBatch, logits: torch.Tensor, denominator: torch.Tensor):
+        from megatron.core import parallel_state as ps
+
+        loss_config = self.loss_config
+        b, s, local_vocab = logits.shape
+        device = logits.device
+        # Logits at position t predict token t + 1.
+        logits = logits[:, :-1].reshape(-1, local_vocab)
+        targets = batch.tokens[:, 1:].to(device)
+        topk = {}
+        if batch.topk_ids is not None:
+            topk = dict(topk_ids=batch.topk_ids[:, 1:].reshape(b * (s - 1), -1).to(device),
+                        topk_logprobs=batch.topk_logprobs[:, 1:].reshape(b * (s - 1), -1).to(device))
+        stats = token_stats(
+            logits, targets.reshape(-1), tp_group=ps.get_tensor_model_parallel_group(),
+            vocab_start=ps.get_tensor_model_parallel_rank() * local_vocab, vocab_size=self.arch.vocab_size,
+            temperature=loss_config.temperature, with_entropy=True, **topk,
+        )
+        shape = (b, s - 1)
+        mask = batch.response_mask[:, 1:].to(device)
+        loss, metrics = policy_loss(
+            stats.logprob.view(shape), batch.rollout_logprobs[:, 1:].to(device).float(),
+            batch.advantages.to(device), mask, mode=loss_config.mode, low=loss_config.low,
+            high=loss_config.high, ratio_cap=loss_config.ratio_cap, aggregation=loss_config.aggregation,
+            max_response_len=loss_config.max_response_len, denominator=denominator,
+            topk_tv=stats.topk_tv.view(shape) if stats.topk_tv is not None else None,
+            topk_kl=stats.topk_kl.view(shape) if stats.topk_kl is not None else None,
+        )
+        entropy = stats.entropy.view(shape).detach()
+        metrics["entropy"] = torch.where(mask, entropy, 0.0).sum() / mask.sum().clamp(min=1)
+        return loss, metrics
+
+    def _global_denominator(self, micro_batches: list[MicroBatch]) -> torch.Tensor:
+        """Response tokens (token-mean) or sequences, over the whole mini-batch on all DP ranks."""
+        from megatron.core import parallel_state as ps
+
+        if self.loss_config.aggregation == "token-mean":
+            local = sum(int(mb.response_mask[:, 1:].sum()) for mb in micro_batches)
+        else:
+            local = sum(mb.tokens.shape[0] for mb in micro_batches)
+        count = torch.tensor([float(local)], device=_device(self.module))
+        dist.all_reduce(count, group=ps.get_data_parallel_group())
+        return count.clamp(min=1)[0]
+
+    def _reduce_metrics(self, per_micro_batch: list[dict]) -> dict[str, float]:
+        """Combine micro-batch metrics over micro-batches and DP ranks. They live on the last
+        pipeline stage; every rank gets the result. Weighted means are summed as value * count
+        and divided by the summed count."""
+        from megatron.core import parallel_state as ps
+
+        device = _device(self.module)
+        names = list(METRIC_WEIGHTS) + list(SUMMED_METRICS)
+        sums = torch.zeros(len(names), dtype=torch.float64, device=device)
+        maxima = torch.full((len(MAX_METRICS),), -float("inf"), dtype=torch.float64, device=device)
+        if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0:
+            for metrics in per_micro_batch:
+                for i, name in enumerate(names):
+                    weight = float(metrics[METRIC_WEIGHTS[name]]) if name in METRIC_WEIGHTS else 1.0
+                    sums[i] += float(metrics[name]) * weight
+                for j, name in enumerate(MAX_METRICS):
+                    maxima[j] = max(maxima[j], float(metrics[name]))
+        dist.all_reduce(sums)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        total = dict(zip(names, sums.tolist()))
+        out = {name: total[name] for name in SUMMED_METRICS}
+        for name, weight_name in METRIC_WEIGHTS.items():
+            out[name] = total[name] / total[weight_name] if total[weight_name] > 0 else 0.0
+        out.update(zip(MAX_METRICS, maxima.tolist()))
+        return out
+
+    # --- forward only -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logprobs(self, micro_batches: list[MicroBatch], temperature: float | None = None) -> list[torch.Tensor]:
+        """log pi of every token ([b, s], entry 0 = 0) per micro-batch, on the last pipeline
+        stage (an empty list elsewhere): for evaluation and the recompute ablations."""
+        from megatron.core import parallel_state as ps
+
+        temperature = self.loss_config.temperature if temperature is None else temperature
+
+        def keep(batch: dict, logits: torch.Tensor):
+            b, s, local_vocab = logits.shape
+            stats = token_stats(
+                logits[:, :-1].reshape(-1, local_vocab), batch["tokens"][:, 1:].reshape(-1).to(logits.device),
+                tp_group=ps.get_tensor_model_parallel_group(), vocab_start=ps.get_tensor_model_parallel_rank() * local_vocab,
+                vocab_size=self.arch.vocab_size, temperature=temperature,
+            )
+            logprob = torch.zeros(b, s, device=logits.device)
+            logprob[:, 1:] = stats.logprob.view(b, s - 1)
+            return torch.zeros((), device=logits.device), {"logprob": logprob}
+
+        self.module.eval()
+        results = run_schedule(self.model, [mb.as_dict() for mb in micro_batches], keep, forward_only=True)
+        return [r["logprob"] for r in results] if ps.is_pipeline_last_stage() else []
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
