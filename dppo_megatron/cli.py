@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from dppo_megatron import __version__
 
@@ -15,11 +16,17 @@ Megatron Core learners, with SGLang servers (or the embedded CPU engine) produci
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dppo-megatron", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"dppo-megatron {__version__}")
-    parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    from dppo_megatron.convert.commands import add_parser as add_convert
+
+    add_convert(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Megatron Core announces at import that it falls back to torch without TE / Apex: that is
+    # the expected CPU path, not news for every command.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

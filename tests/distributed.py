@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from dppo_megatron.launch_utils import free_port
 
 
 def run_torchrun(script: str, nproc: int, *args: str, timeout: float = 180.0) -> str:

@@ -20,7 +20,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     hf = make_moe(root / "hf")
     plan = [("a", 2, "2", "2", "-"), ("b", 1, "1", "1", "a"), ("c", 2, "2", "2", "b"), ("d", 2, "2", "2", "a")]
-    results = {}
+    results = {"root": root, "hf": hf}
     for name, ranks, tp, ep, source in plan:
         load = "-" if source == "-" else str(root / source / "before")
         run_torchrun(WORKER, ranks, str(root / name), tp, ep, str(hf), load)
@@ -49,6 +49,17 @@ def test_resume_at_another_layout_gives_the_same_logits_and_the_same_next_step(r
     step_effect = max_diff(s["after"], s["before"])
     assert step_effect > 0.05
     assert max_diff(s["after"], r["after"]) <= RESUME_TOL
+
+
+def test_a_training_checkpoint_saved_at_ep2_exports_every_expert(runs, tmp_path):
+    from tests.test_convert_cli import convert
+    from tests.tiny_models import hf_logits, parity_tokens
+
+    done = convert("mcore-to-hf", "--ckpt", runs["root"] / "a" / "after", "--out", tmp_path / "hf")
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = hf_logits(tmp_path / "hf", parity_tokens())
+    assert max_diff(exported, runs["a"]["after"]) <= 1e-4  # the trained weights, experts and all
+    assert max_diff(exported, hf_logits(runs["hf"], parity_tokens())) > 0.05  # and not the initial ones
 
 
 def write_complete(root: Path, step: int) -> Path:

@@ -54,6 +54,29 @@ class HFCheckpointReader:
         return self._open[filename].get_tensor(name)
 
 
+def open_matching_checkpoint(directory: str | Path, arch) -> HFCheckpointReader:
+    """A reader for `directory`, after checking that it holds exactly the tensors the
+    architecture needs; the error lists what is missing and what is unexpected."""
+    from dppo_megatron.convert.mapping import hf_tensor_names
+
+    reader = HFCheckpointReader(directory)
+    expected, present = set(hf_tensor_names(arch)), set(reader.names())
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory} does not match its {arch.architecture} config: "
+            f"missing {_listing(missing)}; unexpected {_listing(unexpected)}"
+        )
+    return reader
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return f"{len(names)} ({shown}{', ...' if len(names) > limit else ''})"
+
+
 class HFCheckpointWriter:
     """Writes tensors into size-bounded safetensors shards, then the index. Everything goes
     into a temporary directory renamed into place at `close()`, so a reader never sees a

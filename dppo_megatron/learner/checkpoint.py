@@ -5,6 +5,7 @@ Layout of a checkpoint root:
     step_00000012/            a complete checkpoint (dist_checkpointing files + ours)
         learner_state.json    step, schedule, layout, the trainer's state
         rng/rank_00000.pt     per-rank RNG (restored only at the same layout)
+        hf_config.json        the model's HF config.json (for export)
     step_00000016.partial/    being written; never loaded
     latest                    "step_00000012", replaced atomically after the rename
 """
@@ -23,6 +24,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 STATE_FILE = "learner_state.json"
+HF_CONFIG_FILE = "hf_config.json"  # the model's HF config.json, so that a checkpoint exports alone
 # The distributed optimizer's format that reshards across every parallel dimension on load,
 # with state keyed by parameter whether or not the expert optimizer is a separate one.
 OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
@@ -33,7 +35,8 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_checkpoint(root: str | Path, learner, trainer_state: dict | None = None) -> Path:
+def save_checkpoint(root: str | Path, learner, trainer_state: dict | None = None,
+                    hf_config: dict | None = None) -> Path:
     """Save collectively (every rank calls it). Returns the checkpoint directory."""
     from megatron.core import dist_checkpointing
 
@@ -61,6 +64,8 @@ def save_checkpoint(root: str | Path, learner, trainer_state: dict | None = None
             "trainer": trainer_state or {},
         }
         (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
+        if hf_config is not None:
+            (partial / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
     dist.barrier()
     if rank == 0:
         if final.exists():

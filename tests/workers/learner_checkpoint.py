@@ -5,6 +5,7 @@ and take one warm-up step first (so that the optimizer has state). Saves the che
 before the step in OUT_DIR/before, after it in OUT_DIR/after, and on rank 0 the logits before
 and after and the step's metrics in OUT_DIR/result.pt."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def main(out_dir: str, tp: str, ep: str, hf_dir: str, load: str) -> None:
     before = full_vocab_logits(learner.module, arch.vocab_size, tokens)
     metrics = learner.train_step(batches)
     after = full_vocab_logits(learner.module, arch.vocab_size, tokens)
-    save_checkpoint(out / "after", learner, trainer_state)
+    hf_config = json.loads((Path(hf_dir) / "config.json").read_text())
+    save_checkpoint(out / "after", learner, trainer_state, hf_config=hf_config)
     if dist.get_rank() == 0:
         torch.save({"before": before, "after": after, "metrics": metrics, "step": learner.step,
                     "trainer_state": trainer_state}, out / "result.pt")

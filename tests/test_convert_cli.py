@@ -1,0 +1,78 @@
+"""`dppo-megatron convert` as users run it: hf-to-mcore, verify, mcore-to-hf, and its errors."""
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dppo_megatron.convert.hf_io import HFCheckpointReader
+from tests.tiny_models import hf_logits, make_dense, make_moe, parity_tokens
+
+
+def convert(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    exe = shutil.which("dppo-megatron")
+    command = [exe] if exe else [sys.executable, "-m", "dppo_megatron"]
+    return subprocess.run(command + ["convert", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    return make_moe(tmp_path_factory.mktemp("hf") / "moe")
+
+
+def test_round_trip_through_a_tp2_ep2_checkpoint(moe, tmp_path):
+    mcore, back = tmp_path / "mcore", tmp_path / "back"
+    done = convert("hf-to-mcore", "--hf-dir", moe, "--out", mcore, "--tp", 2, "--ep", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "read: 26/26 tensors (100%)" in done.stdout and not (tmp_path / "mcore.partial").exists()
+
+    checked = convert("verify", "--hf-dir", moe, "--ckpt", mcore, "--tp", 2, "--ep", 2)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    diff = float(re.search(r"max_abs_logit_diff=(\S+)", checked.stdout).group(1))
+    assert diff <= 1e-4
+
+    strict = convert("verify", "--hf-dir", moe, "--ckpt", mcore, "--tolerance", "1e-12")
+    assert strict.returncode == 1 and "FAILED: above the tolerance" in strict.stdout
+
+    exported = convert("mcore-to-hf", "--ckpt", mcore, "--out", back, "--hf-config", moe)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    original, copy = HFCheckpointReader(moe), HFCheckpointReader(back)
+    assert sorted(copy.names()) == sorted(original.names())
+    assert all(torch.equal(copy.get(n), original.get(n)) for n in original.names())
+    assert (back / "generation_config.json").is_file()
+    torch.testing.assert_close(hf_logits(back, parity_tokens()), hf_logits(moe, parity_tokens()), atol=0, rtol=0)
+
+
+def test_export_without_hf_config_uses_the_copy_kept_in_the_checkpoint(tmp_path):
+    dense = make_dense(tmp_path / "dense")
+    assert convert("hf-to-mcore", "--hf-dir", dense, "--out", tmp_path / "mcore", "--pp", 2).returncode == 0
+    done = convert("mcore-to-hf", "--ckpt", tmp_path / "mcore", "--out", tmp_path / "back", "--tp", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    original, copy = HFCheckpointReader(dense), HFCheckpointReader(tmp_path / "back")
+    assert all(torch.equal(copy.get(n), original.get(n)) for n in original.names())
+
+
+def test_invalid_layout_is_refused_before_any_process_starts(moe, tmp_path):
+    done = convert("hf-to-mcore", "--hf-dir", moe, "--out", tmp_path / "x", "--tp", 3, timeout=60)
+    assert done.returncode == 2
+    assert "num_attention_heads 4 is not divisible by tp 3" in done.stderr
+    assert "torch.distributed" not in done.stderr  # refused before torchrun
+
+
+def test_weights_that_do_not_match_the_config_are_listed(moe, tmp_path):
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    shutil.copy(make_dense(tmp_path / "dense") / "config.json", wrong / "config.json")
+    shutil.copy(moe / "model.safetensors", wrong / "model.safetensors")
+    done = convert("hf-to-mcore", "--hf-dir", wrong, "--out", tmp_path / "x", timeout=60)
+    assert done.returncode == 2
+    assert "missing 3 (model.layers.0.mlp.down_proj.weight" in done.stderr
+    assert "unexpected" in done.stderr and "model.layers.0.mlp.experts.0.down_proj.weight" in done.stderr
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    done = convert("mcore-to-hf", "--ckpt", tmp_path / "nothing", "--out", tmp_path / "x", timeout=60)
+    assert done.returncode == 2 and "neither a Megatron checkpoint nor a directory of them" in done.stderr
