@@ -74,7 +74,8 @@ def test_outputs_without_entropy_or_topk_are_none_and_logprob_unchanged():
                        with_entropy=True)
     plain = token_stats(case.logits, case.target_ids)
     assert plain.entropy is None and plain.topk_tv is None and plain.topk_kl is None
-    torch.testing.assert_close(plain.logprob, full.logprob, atol=0, rtol=0)
+    # With top-K ids, sum(e) is assembled as other + sum over the ids: same value to rounding.
+    torch.testing.assert_close(plain.logprob, full.logprob, atol=STAT_TOL, rtol=0)
 
 
 def test_topk_divergences_carry_no_gradient():
@@ -133,3 +134,15 @@ def test_bad_inputs_are_refused_with_the_argument_named(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         token_stats(torch.randn(2, 32), **args)
+
+
+def test_repeated_topk_ids_do_not_change_the_logprob():
+    """Positions without a real top-K set (prompt tokens, padding) may carry repeated ids."""
+    logits = torch.randn(6, 50, dtype=torch.float64).float()
+    targets = torch.randint(0, 50, (6,))
+    repeated = torch.zeros(6, 4, dtype=torch.long)
+    with_repeats = token_stats(logits, targets, topk_ids=repeated, topk_logprobs=torch.full((6, 4), -9.0),
+                               with_entropy=True)
+    plain = token_stats(logits, targets, with_entropy=True)
+    torch.testing.assert_close(with_repeats.logprob, plain.logprob, atol=1e-6, rtol=0)
+    torch.testing.assert_close(with_repeats.entropy, plain.entropy, atol=1e-6, rtol=0)

@@ -261,16 +261,21 @@ def _chunked_sums(
     real: torch.Tensor, shift: torch.Tensor, vocab: _VocabSlice, topk_ids: torch.Tensor | None
 ) -> torch.Tensor:
     """Local per-token sums over this slice, in chunks of tokens: sum(e) and, when asked,
-    sum(e * s) (for the entropy) and the sum of e outside the top-K ids (the "other" bucket,
-    summed directly rather than as a difference so that a small mass keeps its precision).
-    e = exp(s), s = (logits - shift) / T. Returns [tokens, 1 to 3] in that order."""
+    sum(e * s) (for the entropy) and the sum of e outside the top-K ids (the "other" bucket).
+    e = exp(s), s = (logits - shift) / T. Returns [tokens, 1 to 3] in that order.
+
+    With top-K ids, the ids' columns are zeroed and one pass sums the rest: the other mass,
+    summed directly rather than as a difference, so a small mass keeps its precision; sum(e)
+    is that plus the ids' own e (positive terms, no cancellation), without a second pass."""
     num_tokens, width = real.shape
-    topk_col = vocab.localize(topk_ids)[0] if topk_ids is not None else None
     device = real.device
-    wanted = 1 + int(vocab.with_entropy) + int(topk_col is not None)
+    wanted = 1 + int(vocab.with_entropy) + int(topk_ids is not None)
     out = torch.zeros(num_tokens, wanted, device=device)
     if width == 0 or num_tokens == 0:
         return out
+    if topk_ids is not None:
+        topk_col, owned = vocab.localize(topk_ids)
+        counted = owned & _first_occurrence(topk_ids)  # a repeated id adds its mass once
     inv_temp = 1.0 / vocab.temperature
     chunk = min(vocab.chunk_tokens, num_tokens)
     # One spare column: top-K ids owned by other ranks scatter into it.
@@ -283,21 +288,30 @@ def _chunked_sums(
         if vocab.with_entropy:
             full_exp = exp_buf[:rows]
             exp = torch.exp(shifted, out=full_exp[:, :width])
+            # In place (s is not needed after this) and summed by torch's cascade sum: a
+            # matmul-style dot accumulates naively and loses ~1e-6 relative.
+            out[begin:end, 1] = shifted.mul_(exp).sum(dim=-1)
         else:
             full_exp = shifted_buf[:rows]
             exp = shifted.exp_()
-        col = 0
-        out[begin:end, col] = exp.sum(dim=-1)
-        if vocab.with_entropy:
-            col += 1
-            # In place (s is not needed after this) and summed by torch's cascade sum: a
-            # matmul-style dot accumulates naively and loses ~1e-6 relative.
-            out[begin:end, col] = shifted.mul_(exp).sum(dim=-1)
-        if topk_col is not None:
-            col += 1
-            full_exp.scatter_(1, topk_col[begin:end], 0.0)
-            out[begin:end, col] = exp.sum(dim=-1)
+        if topk_ids is None:
+            out[begin:end, 0] = exp.sum(dim=-1)
+            continue
+        cols = topk_col[begin:end]
+        in_set = torch.where(counted[begin:end], full_exp.gather(1, cols), 0.0).sum(dim=-1)
+        full_exp.scatter_(1, cols, 0.0)
+        other = exp.sum(dim=-1)
+        out[begin:end, 0] = other + in_set
+        out[begin:end, -1] = other
     return out
+
+
+def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:
+    """[tokens, K] bool: True at the first occurrence of each id in its row."""
+    sorted_ids, order = ids.sort(dim=1)
+    repeat = torch.zeros_like(sorted_ids, dtype=torch.bool)
+    repeat[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    return torch.empty_like(repeat).scatter_(1, order, ~repeat)
 
 
 def _reduced_divergences(

@@ -133,52 +133,75 @@ class Learner:
             metrics["loss"] = loss.detach()
             return loss * scale, metrics
 
+        lr = self.optimizer.param_groups[0]["lr"]
+        per_micro_batch, grad_norm, updated = self.optimizer_step([mb.as_dict() for mb in micro_batches], loss_func)
+        metrics = self._reduce_metrics(per_micro_batch)
+        metrics["grad_norm"] = grad_norm
+        metrics["lr"] = lr
+        metrics["skipped_update"] = float(not updated)
+        return metrics
+
+    def optimizer_step(self, micro_batches: list[dict], loss_func) -> tuple[list[dict], float, bool]:
+        """Forward and backward of every micro-batch with `loss_func` (see `run_schedule`),
+        then one optimizer and schedule step. Returns the micro-batch metrics (last stage), the
+        gradient norm and whether the update was applied."""
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.module.train()
-        per_micro_batch = run_schedule(self.model, [mb.as_dict() for mb in micro_batches], loss_func,
-                                       forward_only=False)
+        per_micro_batch = run_schedule(self.model, micro_batches, loss_func, forward_only=False)
         updated, grad_norm, _ = self.optimizer.step()
         if updated:
             self.scheduler.step(increment=1)
         self.step += 1
-        metrics = self._reduce_metrics(per_micro_batch)
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics["skipped_update"] = float(not updated)
-        return metrics
+        return per_micro_batch, float(grad_norm) if grad_norm is not None else float("nan"), bool(updated)
 
     def _policy_loss(self, batch: MicroBatch, logits: torch.Tensor, denominator: torch.Tensor):
-        from megatron.core import parallel_state as ps
-
         loss_config = self.loss_config
-        b, s, local_vocab = logits.shape
-        device = logits.device
-        # Logits at position t predict token t + 1.
-        logits = logits[:, :-1].reshape(-1, local_vocab)
-        targets = batch.tokens[:, 1:].to(device)
-        topk = {}
-        if batch.topk_ids is not None:
-            topk = dict(topk_ids=batch.topk_ids[:, 1:].reshape(b * (s - 1), -1).to(device),
-                        topk_logprobs=batch.topk_logprobs[:, 1:].reshape(b * (s - 1), -1).to(device))
-        stats = token_stats(
-            logits, targets.reshape(-1), tp_group=ps.get_tensor_model_parallel_group(),
-            vocab_start=ps.get_tensor_model_parallel_rank() * local_vocab, vocab_size=self.arch.vocab_size,
-            temperature=loss_config.temperature, with_entropy=True, **topk,
-        )
-        shape = (b, s - 1)
-        mask = batch.response_mask[:, 1:].to(device)
+        mask = batch.response_mask[:, 1:].to(logits.device)
+        stats = self._token_stats(logits, batch, with_topk=needs_topk(loss_config.mode))
         loss, metrics = policy_loss(
-            stats.logprob.view(shape), batch.rollout_logprobs[:, 1:].to(device).float(),
-            batch.advantages.to(device), mask, mode=loss_config.mode, low=loss_config.low,
+            stats.logprob, batch.rollout_logprobs[:, 1:].to(logits.device).float(),
+            batch.advantages.to(logits.device), mask, mode=loss_config.mode, low=loss_config.low,
             high=loss_config.high, ratio_cap=loss_config.ratio_cap, aggregation=loss_config.aggregation,
             max_response_len=loss_config.max_response_len, denominator=denominator,
-            topk_tv=stats.topk_tv.view(shape) if stats.topk_tv is not None else None,
-            topk_kl=stats.topk_kl.view(shape) if stats.topk_kl is not None else None,
+            topk_tv=stats.topk_tv, topk_kl=stats.topk_kl,
         )
-        entropy = stats.entropy.view(shape).detach()
+        entropy = stats.entropy.detach()
         metrics["entropy"] = torch.where(mask, entropy, 0.0).sum() / mask.sum().clamp(min=1)
         return loss, metrics
+
+    def _token_stats(self, logits: torch.Tensor, batch: MicroBatch, *, with_topk: bool,
+                     with_entropy: bool = True, temperature: float | None = None):
+        """token_stats of the next token at every position, as [b, s - 1] tensors (entry t is
+        about token t + 1). Statistics are taken at all s positions, the last one with a dummy
+        target, so that the logits [b, s, V/TP] are used as a view: slicing off the last
+        position first would copy them, and fill a full-size gradient in the backward."""
+        from megatron.core import parallel_state as ps
+
+        b, s, local_vocab = logits.shape
+        device = logits.device
+
+        def next_token(per_position: torch.Tensor, fill) -> torch.Tensor:
+            shifted = per_position.new_full(per_position.shape, fill)
+            shifted[:, :-1] = per_position[:, 1:]
+            return shifted.to(device).reshape(b * s, *per_position.shape[2:])
+
+        topk = {}
+        if with_topk:
+            topk = dict(topk_ids=next_token(batch.topk_ids, 0),
+                        topk_logprobs=next_token(batch.topk_logprobs.float(), -float("inf")))
+        stats = token_stats(
+            logits.reshape(b * s, local_vocab), next_token(batch.tokens, 0),
+            tp_group=ps.get_tensor_model_parallel_group(), vocab_start=ps.get_tensor_model_parallel_rank() * local_vocab,
+            vocab_size=self.arch.vocab_size,
+            temperature=self.loss_config.temperature if temperature is None else temperature,
+            with_entropy=with_entropy, **topk,
+        )
+        for field in ("logprob", "entropy", "topk_tv", "topk_kl"):
+            value = getattr(stats, field)
+            if value is not None:
+                setattr(stats, field, value.view(b, s)[:, :-1])
+        return stats
 
     def _global_denominator(self, micro_batches: list[MicroBatch]) -> torch.Tensor:
         """Response tokens (token-mean) or sequences, over the whole mini-batch on all DP ranks."""
@@ -226,17 +249,11 @@ class Learner:
         stage (an empty list elsewhere): for evaluation and the recompute ablations."""
         from megatron.core import parallel_state as ps
 
-        temperature = self.loss_config.temperature if temperature is None else temperature
-
         def keep(batch: dict, logits: torch.Tensor):
-            b, s, local_vocab = logits.shape
-            stats = token_stats(
-                logits[:, :-1].reshape(-1, local_vocab), batch["tokens"][:, 1:].reshape(-1).to(logits.device),
-                tp_group=ps.get_tensor_model_parallel_group(), vocab_start=ps.get_tensor_model_parallel_rank() * local_vocab,
-                vocab_size=self.arch.vocab_size, temperature=temperature,
-            )
-            logprob = torch.zeros(b, s, device=logits.device)
-            logprob[:, 1:] = stats.logprob.view(b, s - 1)
+            stats = self._token_stats(logits, batch["batch"], with_topk=False, with_entropy=False,
+                                      temperature=temperature)
+            logprob = torch.zeros(logits.shape[:2], device=logits.device)
+            logprob[:, 1:] = stats.logprob
             return torch.zeros((), device=logits.device), {"logprob": logprob}
 
         self.module.eval()
