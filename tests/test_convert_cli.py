@@ -55,6 +55,18 @@ def test_export_without_hf_config_uses_the_copy_kept_in_the_checkpoint(tmp_path)
     assert all(torch.equal(copy.get(n), original.get(n)) for n in original.names())
 
 
+def test_bf16_checkpoints_convert_bit_identically_and_verify_in_float32(tmp_path):
+    bf16 = make_moe(tmp_path / "bf16", dtype=torch.bfloat16)  # as real Qwen3 checkpoints are
+    assert convert("hf-to-mcore", "--hf-dir", bf16, "--out", tmp_path / "mcore", "--ep", 2).returncode == 0
+    checked = convert("verify", "--hf-dir", bf16, "--ckpt", tmp_path / "mcore")
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert float(re.search(r"max_abs_logit_diff=(\S+)", checked.stdout).group(1)) <= 1e-4
+    assert convert("mcore-to-hf", "--ckpt", tmp_path / "mcore", "--out", tmp_path / "back").returncode == 0
+    original, copy = HFCheckpointReader(bf16), HFCheckpointReader(tmp_path / "back")
+    for name in original.names():
+        assert copy.get(name).dtype == torch.bfloat16 and torch.equal(copy.get(name), original.get(name)), name
+
+
 def test_invalid_layout_is_refused_before_any_process_starts(moe, tmp_path):
     done = convert("hf-to-mcore", "--hf-dir", moe, "--out", tmp_path / "x", "--tp", 3, timeout=60)
     assert done.returncode == 2

@@ -46,3 +46,14 @@ def test_training_steps_follow_the_advantages(moe_checkpoint, tmp_path, tp, pp, 
     if mode.startswith("dppo"):
         # Once pi has moved past the (tight) trust region, tokens are masked.
         assert max(m["masked_frac"] for m in history[1:]) > 0
+
+
+def test_full_activation_recompute_gives_the_same_steps(moe_checkpoint, tmp_path):
+    args = ("2", "1", "1", "dppo_topk_kl", "0.01", "2", str(moe_checkpoint))
+    run_torchrun(WORKER, 2, str(tmp_path / "plain"), *args)
+    run_torchrun(WORKER, 2, str(tmp_path / "recompute"), *args, "recompute")
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    recomputed = json.loads((tmp_path / "recompute" / "metrics.json").read_text())
+    for a, b in zip(plain, recomputed):
+        for key in ("loss", "grad_norm", "mismatch_tv", "kl_k3", "entropy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key

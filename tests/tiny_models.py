@@ -20,7 +20,8 @@ def make_dense(directory: Path, *, seed: int = 0, tie_word_embeddings: bool = Tr
     return _save(Qwen3ForCausalLM(config), directory)
 
 
-def make_moe(directory: Path, *, seed: int = 0, norm_topk_prob: bool = True, mlp_only_layers=(1,)) -> Path:
+def make_moe(directory: Path, *, seed: int = 0, norm_topk_prob: bool = True, mlp_only_layers=(1,),
+             dtype: torch.dtype = torch.float32) -> Path:
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
@@ -29,16 +30,16 @@ def make_moe(directory: Path, *, seed: int = 0, norm_topk_prob: bool = True, mlp
         num_experts_per_tok=2, norm_topk_prob=norm_topk_prob, mlp_only_layers=list(mlp_only_layers),
         router_aux_loss_coef=0.001, tie_word_embeddings=False, **COMMON,
     )
-    return _save(Qwen3MoeForCausalLM(config), directory)
+    return _save(Qwen3MoeForCausalLM(config), directory, dtype)
 
 
-def _save(model, directory: Path) -> Path:
+def _save(model, directory: Path, dtype: torch.dtype = torch.float32) -> Path:
     # Random init leaves norms at 1 and the router at 0; perturb every tensor so that a
     # swapped or transposed weight cannot hide.
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)
-    model.save_pretrained(directory)
+    model.to(dtype).save_pretrained(directory)
     return Path(directory)
 
 

@@ -1,7 +1,7 @@
 """Rank program: a few DPPO steps on a toy batch, with mu from transformers on the same
 weights (so the first step is exactly on-policy).
 
-argv: OUT_DIR TP PP EP MODE THRESHOLD STEPS HF_DIR. Rank 0 writes OUT_DIR/metrics.json (one dict per
+argv: OUT_DIR TP PP EP MODE THRESHOLD STEPS HF_DIR [recompute]. Rank 0 writes OUT_DIR/metrics.json (one dict per
 step) and OUT_DIR/policy.json (mean log pi of A>0 and A<0 responses before and after)."""
 
 import json
@@ -64,13 +64,15 @@ def mean_response_logprob(learner: Learner, batches: list[MicroBatch]) -> dict[s
     return {"positive": float(sums[0] / sums[1]), "negative": float(sums[2] / sums[3])}
 
 
-def main(out_dir: str, tp: str, pp: str, ep: str, mode: str, threshold: str, steps: str, hf_dir: str) -> None:
+def main(out_dir: str, tp: str, pp: str, ep: str, mode: str, threshold: str, steps: str, hf_dir: str,
+         recompute: str = "") -> None:
     from megatron.core import parallel_state as ps
 
     arch = Qwen3Arch.from_hf(hf_dir)
     layout = ParallelLayout(tp=int(tp), pp=int(pp), ep=int(ep))
     init_parallel(layout, arch)
-    learner = Learner(arch, layout, ModelOptions(), OptimizerConfig(lr=1e-3, clip_grad=1.0),
+    learner = Learner(arch, layout, ModelOptions(recompute=recompute == "recompute"),
+                      OptimizerConfig(lr=1e-3, clip_grad=1.0),
                       LossConfig(mode=mode, low=float(threshold), high=float(threshold)))
     load_hf_weights(learner.module, arch, hf_dir)
     batches = toy_micro_batches(hf_dir, arch, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
