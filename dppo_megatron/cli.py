@@ -18,8 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dppo-megatron {__version__}")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     from dppo_megatron.convert.commands import add_parser as add_convert
+    from dppo_megatron.rollout.server import add_parser as add_serve_embedded
 
     add_convert(commands)
+    add_serve_embedded(commands)
     return parser
 
 

@@ -1,0 +1,217 @@
+"""The embedded engine: generation as SGLang's /generate does it, with transformers inside.
+
+For laptops, CI and tests, where SGLang cannot run. It answers in SGLang's response format
+(`protocol.py`): logprobs of the sampled tokens under the sampling distribution
+(softmax(logits / temperature)), the top-K of that distribution, and, for MoE models, the
+experts each MoE router chose for every token it was fed, encoded as SGLang encodes them.
+One request at a time, with a KV cache: fast enough for the tiny recipes.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dppo_megatron.rollout.protocol import encode_routed_experts
+
+GREEDY_TEMPERATURE = 1e-5  # below this, SGLang samples greedily
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (answered with HTTP 400 and this message)."""
+
+
+class EmbeddedEngine:
+    def __init__(self, model_path: str | Path, *, dtype: torch.dtype = torch.float32,
+                 enable_routed_experts: bool = False, seed: int = 0):
+        self.dtype = dtype
+        self.enable_routed_experts = enable_routed_experts
+        self.generator = torch.Generator().manual_seed(seed)
+        self.lock = threading.Lock()  # one forward at a time; weight updates wait for it
+        self.weight_version = "0"
+        self.aborted: set = set()  # rids to stop at the next token; None in it aborts all
+        self._load(model_path)
+
+    # --- weights ------------------------------------------------------------------------
+
+    def _load(self, model_path: str | Path) -> None:
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
+        config = model.config
+        self.model_path = str(model_path)
+        self.model = model
+        self.vocab_size = config.vocab_size
+        self.num_layers = config.num_hidden_layers
+        self.experts_per_token = getattr(config, "num_experts_per_tok", 0) or 0
+        try:
+            eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        except OSError:
+            eos = config.eos_token_id
+        self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        self._routes: dict[int, list[torch.Tensor]] = {}
+        if self.enable_routed_experts:
+            self._hook_routers()
+
+    def _hook_routers(self) -> None:
+        if not self.experts_per_token:
+            raise RequestError(f"{self.model_path}: routed experts need a MoE model")
+        for index, layer in enumerate(self.model.model.layers):
+            router = getattr(layer.mlp, "gate", None)
+            if router is None or not hasattr(router, "top_k"):
+                continue  # a dense layer: its rows stay zero, as in SGLang
+
+            def keep(module, inputs, output, index=index):
+                self._routes.setdefault(index, []).append(output[2].detach().to(torch.int32))
+
+            router.register_forward_hook(keep)
+
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> None:
+        """Load new weights (an HF directory). The model is rebuilt from the directory, so the
+        engine runs exactly what transformers would load from it."""
+        with self.lock:
+            self._load(model_path)
+            self.weight_version = str(weight_version) if weight_version is not None else \
+                str(int(self.weight_version) + 1 if self.weight_version.isdigit() else 1)
+
+    # --- generation ---------------------------------------------------------------------
+
+    def generate(self, body: dict) -> dict | list[dict]:
+        """Serve one /generate body (single prompt or a batch), SGLang response format."""
+        input_ids = body.get("input_ids")
+        if input_ids is None:
+            raise RequestError("input_ids is required (this engine takes token ids, not text)")
+        batched = bool(input_ids) and isinstance(input_ids[0], list)
+        prompts = input_ids if batched else [input_ids]
+        rids = body.get("rid")
+        rids = rids if isinstance(rids, list) else [rids] * len(prompts)
+        params = body.get("sampling_params") or {}
+        if isinstance(params, list):
+            raise RequestError("per-prompt sampling_params lists are not supported; send one dict")
+        topk = int(body.get("top_logprobs_num") or 0)
+        with_routes = bool(body.get("return_routed_experts"))
+        if with_routes and not self.enable_routed_experts:
+            raise RequestError("return_routed_experts needs the server flag --enable-return-routed-experts")
+        outputs = [self._generate_one(list(prompt), rid, params, topk, with_routes) for prompt, rid in zip(prompts, rids)]
+        return outputs if batched else outputs[0]
+
+    @torch.no_grad()
+    def _generate_one(self, prompt: list[int], rid, params: dict, topk: int, with_routes: bool) -> dict:
+        from transformers import DynamicCache
+
+        if not prompt or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            raise RequestError(f"input_ids must be a non-empty list of token ids in [0, {self.vocab_size})")
+        sampling = _Sampling.from_json(params, self.eos_token_ids)
+        generator = self.generator
+        if sampling.seed is not None:
+            generator = torch.Generator().manual_seed(sampling.seed)
+        with self.lock:
+            self._routes.clear()
+            cache = DynamicCache()
+            feed = torch.tensor([prompt])
+            output_ids, token_logprobs, top_entries = [], [], []
+            finish = {"type": "length", "length": sampling.max_new_tokens}
+            for _ in range(sampling.max_new_tokens):
+                if rid in self.aborted or None in self.aborted:
+                    self.aborted.discard(rid)
+                    finish = {"type": "abort", "message": "aborted by /abort_request", "status_code": 499}
+                    break
+                logits = self.model(input_ids=feed, past_key_values=cache, use_cache=True).logits[0, -1].float()
+                token, logprobs = sampling.choose(logits, generator)
+                output_ids.append(token)
+                token_logprobs.append([float(logprobs[token]), token, None])
+                if topk:
+                    values, ids = logprobs.topk(topk)
+                    top_entries.append([[float(v), int(i), None] for v, i in zip(values, ids)])
+                if token in sampling.stop_ids:
+                    finish = {"type": "stop", "matched": token}
+                    break
+                feed = torch.tensor([[token]])
+            routes = self._collect_routes(len(prompt) + len(output_ids) - 1) if with_routes else None
+        meta = {
+            "id": rid, "finish_reason": finish, "prompt_tokens": len(prompt),
+            "completion_tokens": len(output_ids), "cached_tokens": 0, "weight_version": self.weight_version,
+            "output_token_logprobs": token_logprobs,
+        }
+        if topk:
+            meta["output_top_logprobs"] = top_entries
+        if routes is not None:
+            meta["routed_experts"] = encode_routed_experts(routes)
+        return {"output_ids": output_ids, "meta_info": meta}
+
+    def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
+        """Stop a running request (or all of them) at its next token."""
+        self.aborted.add(None if abort_all else rid)
+
+    def _collect_routes(self, rows: int) -> np.ndarray:
+        """[rows, layers, k] int32 from every forward of this request: the prompt, then one
+        row per fed token (the last sampled token was never fed)."""
+        routes = np.zeros((rows, self.num_layers, self.experts_per_token), dtype=np.int32)
+        for layer, chunks in self._routes.items():
+            routes[:, layer] = torch.cat(chunks)[:rows].numpy()
+        return routes
+
+
+class _Sampling:
+    """SGLang's sampling parameters, as this engine applies them."""
+
+    def __init__(self, max_new_tokens, temperature, top_p, top_k, min_p, stop_ids, seed):
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.top_k, self.min_p, self.stop_ids, self.seed = top_k, min_p, stop_ids, seed
+
+    @classmethod
+    def from_json(cls, params: dict, eos_token_ids: set[int]) -> "_Sampling":
+        def number(name, default, kind=float):
+            value = params.get(name, default)
+            try:
+                return kind(value) if value is not None else default
+            except (TypeError, ValueError):
+                raise RequestError(f"sampling_params.{name} must be a number, got {value!r}") from None
+
+        unknown = set(params) - _KNOWN_SAMPLING_PARAMS
+        if unknown:
+            raise RequestError(f"unknown sampling_params {sorted(unknown)}")
+        max_new_tokens = number("max_new_tokens", 128, int)
+        if max_new_tokens < 1:
+            raise RequestError(f"sampling_params.max_new_tokens must be >= 1, got {max_new_tokens}")
+        top_p = number("top_p", 1.0)
+        if not 0 < top_p <= 1:
+            raise RequestError(f"sampling_params.top_p must be in (0, 1], got {top_p}")
+        if number("n", 1, int) != 1:
+            raise RequestError("sampling_params.n > 1 is not supported; send the prompt n times")
+        if params.get("stop"):
+            raise RequestError("sampling_params.stop (strings) is not supported; use stop_token_ids")
+        stop_ids = set(params.get("stop_token_ids") or [])
+        if not params.get("ignore_eos", False):
+            stop_ids |= eos_token_ids
+        seed = params.get("sampling_seed")
+        return cls(max_new_tokens, number("temperature", 1.0), top_p, number("top_k", -1, int),
+                   number("min_p", 0.0), stop_ids, None if seed is None else int(seed))
+
+    def choose(self, logits: torch.Tensor, generator: torch.Generator) -> tuple[int, torch.Tensor]:
+        """The next token, and the log-probabilities of the sampling distribution
+        softmax(logits / T) (before top-k / top-p / min-p truncation, as SGLang reports them)."""
+        if self.temperature < GREEDY_TEMPERATURE:
+            logprobs = torch.log_softmax(logits, dim=-1)
+            return int(logprobs.argmax()), logprobs
+        logprobs = torch.log_softmax(logits / self.temperature, dim=-1)
+        probs = logprobs.exp()
+        if self.top_k > 0:
+            kth = probs.topk(min(self.top_k, probs.numel())).values[-1]
+            probs = torch.where(probs >= kth, probs, 0.0)
+        if self.top_p < 1.0:
+            ordered, order = probs.sort(descending=True)
+            outside = ordered.cumsum(0) - ordered > self.top_p * ordered.sum()
+            probs = probs.scatter(0, order, torch.where(outside, 0.0, ordered))
+        if self.min_p > 0:
+            probs = torch.where(probs >= self.min_p * probs.max(), probs, 0.0)
+        return int(torch.multinomial(probs, 1, generator=generator)), logprobs
+
+
+_KNOWN_SAMPLING_PARAMS = {
+    "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "ignore_eos",
+    "skip_special_tokens", "no_stop_trim", "n", "sampling_seed", "spaces_between_special_tokens",
+}

@@ -1,0 +1,144 @@
+"""`dppo-megatron serve-embedded`: the embedded engine behind SGLang's HTTP endpoints.
+
+Binds 127.0.0.1 by default. Malformed requests get 400 with the reason, in SGLang's error
+shape ({"error": {"message": ...}}).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from dppo_megatron.rollout.engine import EmbeddedEngine, RequestError
+
+log = logging.getLogger(__name__)
+
+
+def make_server(engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 30000) -> ThreadingHTTPServer:
+    handler = type("EngineHandler", (_Handler,), {"engine": engine})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    engine: EmbeddedEngine
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):  # route access logs through logging, quietly
+        log.debug("%s - %s", self.address_string(), format % args)
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _send(self, status: int, payload) -> None:
+        data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain" if isinstance(payload, str) else "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str) -> None:
+        self._send(status, {"error": {"message": message}})
+
+    def _body(self) -> dict | None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b"{}"
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError as error:
+            self._error(HTTPStatus.BAD_REQUEST, f"request body is not JSON: {error}")
+            return None
+        if not isinstance(body, dict):
+            self._error(HTTPStatus.BAD_REQUEST, "request body must be a JSON object")
+            return None
+        return body
+
+    # --- endpoints ------------------------------------------------------------------------
+
+    def do_GET(self):
+        self._route(get=True)
+
+    def do_POST(self):
+        self._route(get=False)
+
+    def _route(self, get: bool) -> None:
+        path = self.path.split("?", 1)[0]
+        engine = self.engine
+        if path == "/health":
+            return self._send(HTTPStatus.OK, "OK")
+        if path == "/health_generate":
+            try:
+                engine.generate({"input_ids": [0], "sampling_params": {"max_new_tokens": 1}})
+            except Exception as error:  # noqa: BLE001 - any failure means unhealthy
+                return self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"generation failed: {error}")
+            return self._send(HTTPStatus.OK, "OK")
+        if path == "/model_info":
+            return self._send(HTTPStatus.OK, {"model_path": engine.model_path, "is_generation": True,
+                                              "weight_version": engine.weight_version})
+        if path == "/server_info":
+            return self._send(HTTPStatus.OK, {
+                "model_path": engine.model_path, "weight_version": engine.weight_version,
+                "dtype": str(engine.dtype).removeprefix("torch."), "engine": "dppo-megatron embedded",
+                "enable_return_routed_experts": engine.enable_routed_experts,
+            })
+        if path == "/flush_cache":
+            return self._send(HTTPStatus.OK, "Cache flushed.")  # no prefix cache to flush
+        if get:
+            return self._error(HTTPStatus.NOT_FOUND, f"no GET endpoint {path}")
+        body = self._body()
+        if body is None:
+            return None
+        if path == "/generate":
+            if body.get("stream"):
+                return self._error(HTTPStatus.BAD_REQUEST, "stream=true is not supported by the embedded engine")
+            try:
+                return self._send(HTTPStatus.OK, engine.generate(body))
+            except RequestError as error:
+                return self._error(HTTPStatus.BAD_REQUEST, str(error))
+        if path == "/update_weights_from_disk":
+            model_path = body.get("model_path")
+            if not model_path:
+                return self._send(HTTPStatus.BAD_REQUEST, {"success": False, "message": "model_path is required"})
+            try:
+                engine.update_weights_from_disk(model_path, body.get("weight_version"))
+            except (OSError, ValueError) as error:
+                return self._send(HTTPStatus.BAD_REQUEST, {"success": False, "message": f"failed to load {model_path}: {error}"})
+            return self._send(HTTPStatus.OK, {"success": True, "message": f"loaded {model_path}",
+                                              "weight_version": engine.weight_version})
+        if path == "/abort_request":
+            engine.abort(body.get("rid"), bool(body.get("abort_all")))
+            return self._send(HTTPStatus.OK, {"success": True})
+        return self._error(HTTPStatus.NOT_FOUND, f"no POST endpoint {path}")
+
+
+# --- command line -------------------------------------------------------------------------
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve-embedded", help="serve a HF model behind SGLang's HTTP protocol (CPU engine)")
+    p.add_argument("--model-path", required=True, help="Hugging Face model directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--enable-return-routed-experts", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--seed", type=int, default=0, help="seed of requests without sampling_seed")
+    p.set_defaults(handler=_serve)
+
+
+def _serve(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    engine = EmbeddedEngine(args.model_path, dtype=getattr(torch, args.dtype),
+                            enable_routed_experts=args.enable_return_routed_experts, seed=args.seed)
+    server = make_server(engine, args.host, args.port)
+    print(f"embedded engine serving {args.model_path} on http://{args.host}:{server.server_port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

@@ -1,0 +1,162 @@
+"""`dppo-megatron serve-embedded` over HTTP: SGLang's protocol, answers that agree with
+transformers, weight updates from disk, and clear 400s."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from dppo_megatron.launch_utils import free_port
+from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams, generate_request, parse_generate_response
+from tests.tiny_models import make_moe
+
+ROUTING = RoutingShape(num_layers=2, experts_per_token=2, num_experts=4)
+PROMPT = [5, 17, 42, 99]
+
+
+def post(url: str, path: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def get(url: str, path: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url + path, timeout=60) as response:
+        return response.status, response.read().decode()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return make_moe(root / "v0", seed=0), make_moe(root / "v1", seed=1)
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    port = free_port()
+    exe = shutil.which("dppo-megatron")
+    command = ([exe] if exe else [sys.executable, "-m", "dppo_megatron"]) + [
+        "serve-embedded", "--model-path", str(models[0]), "--port", str(port), "--enable-return-routed-experts"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    try:
+        while True:
+            try:
+                if get(url, "/health")[0] == 200:
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"server did not start: {proc.stdout.read().decode()[-3000:]}") from None
+                time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def teacher_forced(model_dir, prompt, response, temperature):
+    """log softmax(logits / T) of each response token, and each MoE layer's router choices,
+    from one plain transformers forward over prompt + response[:-1]."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    routes = {}
+    for index, layer in enumerate(model.model.layers):
+        router = getattr(layer.mlp, "gate", None)
+        if router is not None and hasattr(router, "top_k"):
+            router.register_forward_hook(lambda m, i, out, index=index: routes.__setitem__(index, out[2].numpy()))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response[:-1]])).logits[0].float()
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)[len(prompt) - 1 :]
+    return logprobs.gather(1, torch.tensor(response)[:, None]).squeeze(1), routes
+
+
+def generate(url, rid="r", prompt=PROMPT, **params):
+    body = generate_request(rid, prompt, SamplingParams(**params), topk=5, return_routed_experts=True)
+    status, answer = post(url, "/generate", body)
+    assert status == 200, answer
+    return parse_generate_response(answer, rid=rid, prompt_ids=prompt, server=url, topk=5, routing=ROUTING)
+
+
+def test_answers_agree_with_transformers_on_the_same_weights(server, models):
+    sample = generate(server, max_new_tokens=10, temperature=0.8, sampling_seed=3)
+    expected, routes = teacher_forced(models[0], PROMPT, sample.response_ids, 0.8)
+    assert (expected - torch.tensor(sample.logprobs)).abs().max() < 1e-5
+    assert sample.routed_experts.shape == (len(PROMPT) + len(sample.response_ids) - 1, 2, 2)
+    for layer, chosen in routes.items():
+        np.testing.assert_array_equal(sample.routed_experts[:, layer], chosen)
+    assert not sample.routed_experts[:, 1].any()  # layer 1 is dense: its rows stay zero
+
+
+def test_the_same_seed_gives_the_same_sample(server):
+    first = generate(server, max_new_tokens=8, sampling_seed=11)
+    second = generate(server, max_new_tokens=8, sampling_seed=11)
+    assert first.response_ids == second.response_ids and first.logprobs == second.logprobs
+
+
+def test_stop_token_ends_generation(server):
+    sample = generate(server, max_new_tokens=8, temperature=0.0)
+    stop = sample.response_ids[2]
+    stopped = generate(server, max_new_tokens=8, temperature=0.0, stop_token_ids=(stop,))
+    assert stopped.finish_reason == "stop" and stopped.response_ids[-1] == stop
+    assert len(stopped.response_ids) == sample.response_ids.index(stop) + 1
+
+
+def test_a_batch_returns_one_answer_per_prompt(server):
+    body = {"rid": ["a", "b"], "input_ids": [PROMPT, PROMPT[:2]], "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 3}}
+    status, answers = post(server, "/generate", body)
+    assert status == 200 and [a["meta_info"]["id"] for a in answers] == ["a", "b"]
+    assert [a["meta_info"]["prompt_tokens"] for a in answers] == [4, 2]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"{not json", "not JSON"),
+        ({"text": "hello"}, "input_ids is required"),
+        ({"input_ids": [5, 100000]}, "token ids in \\[0, 300\\)"),
+        ({"input_ids": [5], "sampling_params": {"bogus": 1}}, "unknown sampling_params \\['bogus'\\]"),
+        ({"input_ids": [5], "sampling_params": {"temperature": "hot"}}, "temperature must be a number"),
+        ({"input_ids": [5], "sampling_params": {"n": 2}}, "n > 1 is not supported"),
+        ({"input_ids": [5], "stream": True}, "stream=true is not supported"),
+    ],
+)
+def test_malformed_requests_get_400_with_the_reason(server, body, message):
+    status, answer = post(server, "/generate", body)
+    assert status == 400
+    assert __import__("re").search(message, answer["error"]["message"])
+
+
+def test_health_and_info_endpoints(server, models):
+    assert get(server, "/health_generate") == (200, "OK")
+    info = json.loads(get(server, "/server_info")[1])
+    assert info["enable_return_routed_experts"] is True and info["dtype"] == "float32"
+
+
+def test_weight_update_from_disk_serves_the_new_weights(server, models):
+    before = generate(server, max_new_tokens=6, sampling_seed=5)
+    status, answer = post(server, "/update_weights_from_disk", {"model_path": str(models[1]), "weight_version": "42"})
+    assert status == 200 and answer["success"] and answer["weight_version"] == "42"
+    assert json.loads(get(server, "/model_info")[1])["weight_version"] == "42"
+    after = generate(server, max_new_tokens=6, sampling_seed=5)
+    assert after.weight_version == "42" and after.logprobs != before.logprobs
+    expected, _ = teacher_forced(models[1], PROMPT, after.response_ids, 1.0)
+    assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
+    status, answer = post(server, "/update_weights_from_disk", {"model_path": "/nonexistent"})
+    assert status == 400 and not answer["success"] and "/nonexistent" in answer["message"]
+    post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "43"})
