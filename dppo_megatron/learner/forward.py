@@ -24,12 +24,14 @@ def run_schedule(
     loss_func: Callable[[dict, torch.Tensor], tuple],
     *,
     forward_only: bool,
+    before_forward: Callable[[dict], None] | None = None,
 ) -> list:
     """Run every micro-batch (dicts with at least `tokens` [b, s]) through forward (and
     backward unless `forward_only`) on every pipeline stage. `loss_func(batch, output)` runs on
     the last stage with the vocab-parallel logits [b, s, V/TP] and returns what Megatron's
-    schedule expects: (loss, metrics) or (loss, num_tokens, metrics). Returns the metrics of
-    each micro-batch on the last stage (empty elsewhere)."""
+    schedule expects: (loss, metrics) or (loss, num_tokens, metrics). `before_forward(batch)`
+    runs on every stage just before each micro-batch's forward. Returns the metrics of each
+    micro-batch on the last stage (empty elsewhere)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     device = model_device(model)
@@ -37,6 +39,8 @@ def run_schedule(
 
     def forward_step(data_iterator, chunk):
         batch = next(data_iterator)
+        if before_forward is not None:
+            before_forward(batch)
         tokens = batch["tokens"].to(device)
         seq_len = tokens.shape[1]
         positions = torch.arange(seq_len, device=device).expand_as(tokens)

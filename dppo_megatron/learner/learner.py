@@ -13,6 +13,7 @@ from dppo_megatron.convert.qwen3_arch import Qwen3Arch
 from dppo_megatron.learner.forward import run_schedule
 from dppo_megatron.learner.model import ModelOptions, build_model
 from dppo_megatron.learner.parallel import ParallelLayout
+from dppo_megatron.learner.routing_replay import RoutingReplay
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class MicroBatch:
     advantages: torch.Tensor  # [b] per response
     topk_ids: torch.Tensor | None = None  # [b, s, K] the engine's top-K ids per position
     topk_logprobs: torch.Tensor | None = None  # [b, s, K]
+    routed_experts: torch.Tensor | None = None  # [b, s, layers, k] the engine's experts; -1 = none
 
     def as_dict(self) -> dict:
         return {"tokens": self.tokens, "batch": self}
@@ -80,6 +82,7 @@ class Learner:
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=layout.use_distributed_optimizer,
         )
+        self.routing = RoutingReplay(model, replay=model_options.routing_replay) if arch.is_moe else None
         self.model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
         bf16 = model_options.dtype == torch.bfloat16
         self.optimizer = get_megatron_optimizer(
@@ -139,6 +142,9 @@ class Learner:
         metrics["grad_norm"] = grad_norm
         metrics["lr"] = lr
         metrics["skipped_update"] = float(not updated)
+        agreement = self.routing.agreement() if self.routing is not None else None
+        if agreement is not None:
+            metrics["routing_agreement"] = agreement
         return metrics
 
     def optimizer_step(self, micro_batches: list[dict], loss_func) -> tuple[list[dict], float, bool]:
@@ -148,12 +154,29 @@ class Learner:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.module.train()
-        per_micro_batch = run_schedule(self.model, micro_batches, loss_func, forward_only=False)
+        per_micro_batch = self._run(micro_batches, loss_func, forward_only=False)
         updated, grad_norm, _ = self.optimizer.step()
         if updated:
             self.scheduler.step(increment=1)
         self.step += 1
         return per_micro_batch, float(grad_norm) if grad_norm is not None else float("nan"), bool(updated)
+
+    def _run(self, micro_batches: list[dict], loss_func, *, forward_only: bool) -> list:
+        """Megatron's schedule, with each micro-batch's engine routes handed to the routers
+        (replayed under R3, compared otherwise)."""
+        if self.routing is None:
+            return run_schedule(self.model, micro_batches, loss_func, forward_only=forward_only)
+
+        def routes(batch: dict) -> None:
+            mb = batch.get("batch")
+            self.routing.before_forward(mb.routed_experts if mb is not None else None)
+
+        self.routing.start()
+        try:
+            return run_schedule(self.model, micro_batches, loss_func, forward_only=forward_only,
+                                before_forward=routes)
+        finally:
+            self.routing.after_step()
 
     def _policy_loss(self, batch: MicroBatch, logits: torch.Tensor, denominator: torch.Tensor):
         loss_config = self.loss_config
@@ -257,7 +280,7 @@ class Learner:
             return torch.zeros((), device=logits.device), {"logprob": logprob}
 
         self.module.eval()
-        results = run_schedule(self.model, [mb.as_dict() for mb in micro_batches], keep, forward_only=True)
+        results = self._run([mb.as_dict() for mb in micro_batches], keep, forward_only=True)
         return [r["logprob"] for r in results] if ps.is_pipeline_last_stage() else []
 
 
