@@ -160,3 +160,33 @@ def test_weight_update_from_disk_serves_the_new_weights(server, models):
     status, answer = post(server, "/update_weights_from_disk", {"model_path": "/nonexistent"})
     assert status == 400 and not answer["success"] and "/nonexistent" in answer["message"]
     post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "43"})
+
+
+def test_disk_weight_sync_serves_the_learners_new_weights(server, models, tmp_path):
+    from dppo_megatron.rollout.weight_sync import DiskWeightSync, WeightSyncError
+    from tests.distributed import run_torchrun
+    from tests.tiny_models import hf_logits, parity_tokens
+
+    sync = DiskWeightSync(tmp_path / "sync", keep=1)
+    stale = sync.version_dir(6)
+    stale.mkdir(parents=True)
+    before = generate(server, max_new_tokens=6, sampling_seed=5)
+    worker = str(__import__("pathlib").Path(__file__).parent / "workers" / "weight_sync_export.py")
+    run_torchrun(worker, 2, str(tmp_path), "2", "2", str(models[0]), str(tmp_path / "sync"), "7")
+    published = sync.version_dir(7)
+    # What was published is what the learner holds after its step (TP=2 + EP=2, experts and all).
+    learner_logits = torch.load(tmp_path / "learner_logits.pt")
+    assert (hf_logits(published, parity_tokens()) - learner_logits).abs().max() <= 1e-4
+
+    sync.publish([server], 7)
+    after = generate(server, max_new_tokens=6, sampling_seed=5)
+    assert after.weight_version == "7" and after.logprobs != before.logprobs
+    expected, _ = teacher_forced(published, PROMPT, after.response_ids, 1.0)
+    assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
+    assert not stale.exists() and published.exists()  # keep=1: older versions are removed
+
+    with pytest.raises(WeightSyncError, match="version 8 has not been written"):
+        sync.publish([server], 8)
+    with pytest.raises(WeightSyncError, match="http://127.0.0.1:9: unreachable"):
+        sync.publish(["http://127.0.0.1:9"], 7)
+    post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "0"})

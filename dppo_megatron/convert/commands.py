@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dppo_megatron.convert.hf_io import CheckpointError, HFCheckpointWriter, open_matching_checkpoint
-from dppo_megatron.convert.mapping import hf_tensor_names
+from dppo_megatron.convert.hf_io import CheckpointError, open_matching_checkpoint
 from dppo_megatron.convert.qwen3_arch import Qwen3Arch
 from dppo_megatron.learner.checkpoint import HF_CONFIG_FILE
 
@@ -133,19 +132,11 @@ def _load_model(ckpt: str, hf_config: str | None, layout: Layout, dtype: torch.d
 
 
 def mcore_to_hf(ckpt: str, out: str, hf_config: str | None, layout: Layout) -> Path:
-    from dppo_megatron.learner.weights import iter_hf_tensors
+    from dppo_megatron.learner.weights import save_hf
 
     model, arch, config = _load_model(ckpt, hf_config, layout)
-    dtype = hf_dtype(config)
-    writer = HFCheckpointWriter(out) if dist.get_rank() == 0 else None
-    total = len(hf_tensor_names(arch))
-    report = _progress("write")
-    for done, (name, tensor) in enumerate(iter_hf_tensors(model, arch), start=1):
-        writer.add(name, tensor.to(dtype))
-        report(done, total)
-    if writer is not None:
-        writer.close(config=config, side_files_from=hf_config)
-    dist.barrier()
+    save_hf(model, arch, out, config=config, dtype=hf_dtype(config), side_files_from=hf_config,
+            progress=_progress("write"))
     _say(f"wrote Hugging Face checkpoint {out}")
     return Path(out)
 

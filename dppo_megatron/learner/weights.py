@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dppo_megatron.convert.hf_io import CheckpointError, open_matching_checkpoint
-from dppo_megatron.convert.mapping import TensorMap, tensor_map, to_hf, to_megatron
+from dppo_megatron.convert.hf_io import CheckpointError, HFCheckpointWriter, open_matching_checkpoint
+from dppo_megatron.convert.mapping import TensorMap, hf_tensor_names, tensor_map, to_hf, to_megatron
 from dppo_megatron.convert.qwen3_arch import Qwen3Arch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -158,3 +158,19 @@ def iter_hf_tensors(model, arch: Qwen3Arch) -> Iterator[tuple[str, torch.Tensor]
         full = gather_full(shards, entry, param.dtype, param.device)
         if full is not None:
             yield from to_hf(entry, full, arch)
+
+
+def save_hf(model, arch: Qwen3Arch, out, *, config: dict, dtype: torch.dtype, side_files_from=None,
+            progress: Callable[[int, int], None] | None = None):
+    """Write the model as a Hugging Face checkpoint (sharded safetensors, index, config.json)
+    into `out`, atomically, from rank 0. A collective: every rank calls it. Returns the
+    directory on rank 0, None elsewhere."""
+    writer = HFCheckpointWriter(out) if dist.get_rank() == 0 else None
+    total = len(hf_tensor_names(arch))
+    for done, (name, tensor) in enumerate(iter_hf_tensors(model, arch), start=1):
+        writer.add(name, tensor.to(dtype))
+        if progress is not None:
+            progress(done, total)
+    written = writer.close(config=config, side_files_from=side_files_from) if writer is not None else None
+    dist.barrier()
+    return written
