@@ -1,0 +1,177 @@
+"""Spreading /generate requests over many SGLang servers (or embedded engines).
+
+Each request goes to the live server with the fewest requests in flight, under a per-server
+concurrency bound and a timeout. Connection errors, timeouts, 5xx, malformed JSON and aborted
+requests are retried with backoff, on another server when there is one; a server that fails
+`failures_before_dead` times in a row is marked dead and handed to `restart` (the server
+manager), and takes requests again once that returns. A 4xx is the request's fault and a
+well-formed answer that breaks the protocol (say, no routes under R3) stops the run: neither
+is retried. Every request yields exactly one sample, in the order given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dppo_megatron.rollout.protocol import (
+    ProtocolError, RequestAborted, RoutingShape, Sample, SamplingParams, error_message, generate_request,
+    parse_generate_response,
+)
+
+log = logging.getLogger(__name__)
+RETRIED_4XX = (408, 429)  # timeouts and throttling: the server's state, not the request's fault
+
+
+class RolloutError(RuntimeError):
+    """Rollouts cannot go on: a request was refused, or no server could serve it."""
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    request_timeout: float = 1800.0  # seconds for one /generate answer (long responses take long)
+    max_in_flight_per_server: int = 256
+    max_attempts: int = 6
+    backoff_seconds: float = 0.5  # doubled after each failed attempt of a request
+    max_backoff_seconds: float = 15.0
+    failures_before_dead: int = 3
+    wait_for_servers_seconds: float = 600.0  # with every server dead, how long to wait for restarts
+
+
+@dataclass(frozen=True)
+class Request:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    topk: int = 0
+    routing: RoutingShape | None = None  # R3: routes of this shape are required
+
+
+@dataclass
+class _Server:
+    url: str
+    semaphore: asyncio.Semaphore
+    in_flight: int = 0
+    failures: int = 0
+    dead: bool = False
+    reviving: asyncio.Task | None = field(default=None, repr=False)
+
+
+class RolloutClient:
+    def __init__(self, servers: list[str], config: ClientConfig = ClientConfig(), *,
+                 restart: Callable[[str], None] | None = None):
+        if not servers:
+            raise ValueError("no rollout servers given")
+        self.urls = [url.rstrip("/") for url in servers]
+        self.config = config
+        self.restart = restart
+        self._servers: list[_Server] | None = None
+
+    def dead_servers(self) -> list[str]:
+        return [s.url for s in self._servers or [] if s.dead]
+
+    def generate_sync(self, requests: list[Request]) -> list[Sample]:
+        return asyncio.run(self.generate(requests))
+
+    async def generate(self, requests: list[Request]) -> list[Sample]:
+        import aiohttp
+
+        if self._servers is None:  # semaphores belong to the running event loop
+            self._servers = [_Server(url, asyncio.Semaphore(self.config.max_in_flight_per_server))
+                             for url in self.urls]
+        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            tasks = [asyncio.create_task(self._serve(session, request)) for request in requests]
+            try:
+                return await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                raise
+
+    async def _serve(self, session, request: Request) -> Sample:
+        body = generate_request(request.rid, request.prompt_ids, request.params, topk=request.topk,
+                                return_routed_experts=request.routing is not None)
+        backoff = self.config.backoff_seconds
+        last_failure, last_server = "", None
+        for attempt in range(1, self.config.max_attempts + 1):
+            server = await self._pick(exclude=last_server)
+            last_server = server
+            failure = await self._attempt(session, server, body, request)
+            if isinstance(failure, Sample):
+                return failure
+            last_failure = f"{server.url}: {failure}"
+            log.warning("request %s attempt %d failed on %s", request.rid, attempt, last_failure)
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, self.config.max_backoff_seconds)
+        raise RolloutError(f"request {request.rid} failed {self.config.max_attempts} times; last: {last_failure}")
+
+    async def _attempt(self, session, server: _Server, body: dict, request: Request) -> Sample | str:
+        """One try: the sample, or why it failed in a way worth retrying."""
+        import aiohttp
+
+        async with server.semaphore:
+            server.in_flight += 1
+            try:
+                async with session.post(server.url + "/generate", json=body) as response:
+                    status, text = response.status, await response.text()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+                return self._failed(server, f"connection error: {type(error).__name__}: {error}")
+            finally:
+                server.in_flight -= 1
+        if status != 200:
+            message = error_message(status, text)
+            if 400 <= status < 500 and status not in RETRIED_4XX:
+                raise RolloutError(f"{server.url} refused request {request.rid}: {message}")
+            return self._failed(server, message)
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            return self._failed(server, f"malformed JSON: {text[:200]!r}")
+        try:
+            sample = parse_generate_response(answer, rid=request.rid, prompt_ids=request.prompt_ids,
+                                             server=server.url, topk=request.topk, routing=request.routing)
+        except RequestAborted as aborted:
+            return self._failed(server, str(aborted), counts=False)
+        except ProtocolError as error:
+            raise RolloutError(str(error)) from None
+        server.failures = 0
+        return sample
+
+    def _failed(self, server: _Server, reason: str, counts: bool = True) -> str:
+        if counts:
+            server.failures += 1
+            if server.failures >= self.config.failures_before_dead and not server.dead:
+                server.dead = True
+                log.error("rollout server %s marked dead after %d failures: %s", server.url, server.failures, reason)
+                if self.restart is not None:
+                    server.reviving = asyncio.create_task(self._revive(server))
+        return reason
+
+    async def _revive(self, server: _Server) -> None:
+        try:
+            await asyncio.to_thread(self.restart, server.url)
+        except Exception as error:  # noqa: BLE001 - a failed restart leaves the server dead
+            log.error("restarting %s failed: %s", server.url, error)
+            return
+        server.failures, server.dead = 0, False
+        log.warning("rollout server %s restarted", server.url)
+
+    async def _pick(self, exclude: _Server | None) -> _Server:
+        """The live server with the fewest requests in flight (another one than `exclude` when
+        possible); waits for a restart when every server is dead."""
+        waited = 0.0
+        while True:
+            alive = [s for s in self._servers if not s.dead]
+            if alive:
+                others = [s for s in alive if s is not exclude] or alive
+                return min(others, key=lambda s: s.in_flight)
+            restarting = any(s.reviving is not None and not s.reviving.done() for s in self._servers)
+            if waited >= self.config.wait_for_servers_seconds or not restarting:
+                raise RolloutError("every rollout server is dead: " + ", ".join(s.url for s in self._servers))
+            await asyncio.sleep(0.2)
+            waited += 0.2

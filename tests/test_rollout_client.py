@@ -1,0 +1,137 @@
+"""The multi-server client and the server manager: spreading, exactly-once answers, a server
+killed mid-batch restarted, misbehaving servers retried then marked dead, R3 without routes
+stopping the run."""
+
+import json
+import os
+import signal
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from dppo_megatron.launch_utils import free_port
+from dppo_megatron.rollout.client import ClientConfig, Request, RolloutClient, RolloutError
+from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams
+from dppo_megatron.rollout.servers import ServerManager, ServerSpec, server_command
+from tests.tiny_models import make_moe
+
+FAST = ClientConfig(backoff_seconds=0.05, max_backoff_seconds=0.2, failures_before_dead=2, max_attempts=8,
+                    wait_for_servers_seconds=120)
+ROUTING = RoutingShape(num_layers=2, experts_per_token=2, num_experts=4)
+
+
+def requests(count: int, max_new_tokens: int = 6, routing=ROUTING) -> list[Request]:
+    return [Request(rid=f"q{i}", prompt_ids=[5 + i, 17, 42], params=SamplingParams(max_new_tokens=max_new_tokens,
+                    sampling_seed=i), topk=3, routing=routing) for i in range(count)]
+
+
+def test_sglang_command_line_from_a_spec():
+    spec = ServerSpec(model_path="/models/Qwen3-30B-A3B", port=30001, tp=4, dp=2, ep=4, mem_fraction=0.8,
+                      routed_experts=True, dtype="bfloat16", gpus=(4, 5, 6, 7))
+    assert server_command(spec) == [
+        sys.executable, "-m", "sglang.launch_server", "--model-path", "/models/Qwen3-30B-A3B",
+        "--host", "127.0.0.1", "--port", "30001", "--tp-size", "4", "--dp-size", "2", "--ep-size", "4",
+        "--mem-fraction-static", "0.8", "--skip-tokenizer-init", "--dtype", "bfloat16",
+        "--enable-return-routed-experts",
+    ]
+    assert spec.url == "http://127.0.0.1:30001"
+    assert "--enable-return-routed-experts" not in server_command(ServerSpec(model_path="m", port=1))
+
+
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory):
+    root = tmp_path_factory.mktemp("servers")
+    model = make_moe(root / "hf")
+    specs = [ServerSpec(model_path=str(model), port=free_port(), engine="embedded", routed_experts=True)
+             for _ in range(2)]
+    with ServerManager(specs, root / "logs", health_timeout=120) as running:
+        yield running
+
+
+def test_requests_are_spread_over_servers_and_each_answered_once(manager):
+    client = RolloutClient(manager.urls, FAST)
+    samples = client.generate_sync(requests(8))
+    assert [s.rid for s in samples] == [f"q{i}" for i in range(8)]
+    assert {s.server for s in samples} == set(manager.urls)
+    assert all(s.routed_experts.shape == (3 + len(s.response_ids) - 1, 2, 2) for s in samples)
+
+
+def test_a_server_killed_mid_batch_is_restarted_and_the_batch_completes(manager):
+    victim = manager.urls[0]
+    client = RolloutClient(manager.urls, FAST, restart=manager.restart)
+    before = manager.restarts[victim]
+    timer = threading.Timer(0.5, lambda: os.killpg(manager.processes[victim].pid, signal.SIGKILL))
+    timer.start()
+    samples = client.generate_sync(requests(12, max_new_tokens=40))
+    timer.join()
+    assert [s.rid for s in samples] == [f"q{i}" for i in range(12)]  # nothing lost, nothing twice
+    assert all(s.finish_reason in ("stop", "length") for s in samples)
+    # The dead server was restarted (in the background, while the other one served).
+    deadline = __import__("time").monotonic() + 120
+    while manager.restarts[victim] == before and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.2)
+    assert manager.restarts[victim] == before + 1
+    assert RolloutClient([victim], FAST).generate_sync(requests(1))[0].server == victim
+
+
+class _Misbehaving(BaseHTTPRequestHandler):
+    mode = "garbage"
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.mode == "error":
+            status, payload = 500, b'{"error": {"message": "CUDA out of memory"}}'
+        elif self.mode == "garbage":
+            status, payload = 200, b"{not json"
+        else:  # a well-formed answer without the routes that were asked for
+            status, payload = 200, json.dumps({"output_ids": [7], "meta_info": {
+                "finish_reason": {"type": "length", "length": 1},
+                "output_token_logprobs": [[-1.0, 7, None]], "output_top_logprobs": [[[-1.0, 7, None]] * 3],
+            }}).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def misbehaving():
+    servers = []
+
+    def start(mode: str) -> str:
+        handler = type("Handler", (_Misbehaving,), {"mode": mode})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["garbage", "error"])
+def test_malformed_json_and_500_are_retried_then_the_server_marked_dead(manager, misbehaving, mode):
+    bad = misbehaving(mode)
+    client = RolloutClient([bad, manager.urls[1]], FAST)
+    samples = client.generate_sync(requests(6))
+    assert [s.rid for s in samples] == [f"q{i}" for i in range(6)]
+    assert {s.server for s in samples} == {manager.urls[1]}
+    assert client.dead_servers() == [bad]
+
+
+def test_with_only_broken_servers_the_run_stops_naming_them(misbehaving):
+    bad = misbehaving("error")
+    with pytest.raises(RolloutError, match=f"every rollout server is dead: {bad}"):
+        RolloutClient([bad], FAST).generate_sync(requests(2))
+
+
+def test_missing_routes_under_r3_stop_the_run_naming_the_server(misbehaving):
+    bad = misbehaving("no-routes")
+    with pytest.raises(RolloutError, match=f"server {bad}, request q0: routing replay is on but the response has no"):
+        RolloutClient([bad], FAST).generate_sync(requests(1))
