@@ -135,3 +135,13 @@ def test_missing_routes_under_r3_stop_the_run_naming_the_server(misbehaving):
     bad = misbehaving("no-routes")
     with pytest.raises(RolloutError, match=f"server {bad}, request q0: routing replay is on but the response has no"):
         RolloutClient([bad], FAST).generate_sync(requests(1))
+
+
+def test_one_client_serves_step_after_step(manager):
+    """A trainer keeps its client: each step runs in a new event loop (generate_sync)."""
+    from dataclasses import replace
+
+    client = RolloutClient(manager.urls, replace(FAST, max_in_flight_per_server=1))  # contended
+    for _ in range(3):
+        samples = client.generate_sync(requests(5))
+        assert [s.rid for s in samples] == [f"q{i}" for i in range(5)]

@@ -79,9 +79,16 @@ class RolloutClient:
     async def generate(self, requests: list[Request]) -> list[Sample]:
         import aiohttp
 
-        if self._servers is None:  # semaphores belong to the running event loop
-            self._servers = [_Server(url, asyncio.Semaphore(self.config.max_in_flight_per_server))
-                             for url in self.urls]
+        if self._servers is None:
+            self._servers = [_Server(url, asyncio.Semaphore(1)) for url in self.urls]
+        # Each call may run in a new event loop (generate_sync): the semaphores and restart
+        # tasks of the last one are gone. Dead servers stay dead, and get a new restart.
+        for server in self._servers:
+            server.semaphore = asyncio.Semaphore(self.config.max_in_flight_per_server)
+            server.in_flight = 0
+            server.reviving = None
+            if server.dead and self.restart is not None:
+                server.reviving = asyncio.create_task(self._revive(server))
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
