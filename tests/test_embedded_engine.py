@@ -134,6 +134,7 @@ def test_a_batch_returns_one_answer_per_prompt(server):
         ({"input_ids": [5], "sampling_params": {"temperature": "hot"}}, "temperature must be a number"),
         ({"input_ids": [5], "sampling_params": {"n": 2}}, "n > 1 is not supported"),
         ({"input_ids": [5], "stream": True}, "stream=true is not supported"),
+        ({"rid": ["a"], "input_ids": [[5], [6]]}, "1 rids for 2 prompts"),
     ],
 )
 def test_malformed_requests_get_400_with_the_reason(server, body, message):

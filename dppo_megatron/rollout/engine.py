@@ -88,6 +88,8 @@ class EmbeddedEngine:
         prompts = input_ids if batched else [input_ids]
         rids = body.get("rid")
         rids = rids if isinstance(rids, list) else [rids] * len(prompts)
+        if len(rids) != len(prompts):
+            raise RequestError(f"{len(rids)} rids for {len(prompts)} prompts")
         params = body.get("sampling_params") or {}
         if isinstance(params, list):
             raise RequestError("per-prompt sampling_params lists are not supported; send one dict")
