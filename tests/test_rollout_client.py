@@ -62,11 +62,14 @@ def test_a_server_killed_mid_batch_is_restarted_and_the_batch_completes(manager)
     victim = manager.urls[0]
     client = RolloutClient(manager.urls, FAST, restart=manager.restart)
     before = manager.restarts[victim]
+    # Each engine serves one request at a time: 12 queued requests of 150 tokens keep the
+    # victim busy for seconds, so the kill lands mid-batch on any machine.
     timer = threading.Timer(0.5, lambda: os.killpg(manager.processes[victim].pid, signal.SIGKILL))
     timer.start()
-    samples = client.generate_sync(requests(12, max_new_tokens=40))
+    samples = client.generate_sync(requests(24, max_new_tokens=150))
     timer.join()
-    assert [s.rid for s in samples] == [f"q{i}" for i in range(12)]  # nothing lost, nothing twice
+    assert [s.rid for s in samples] == [f"q{i}" for i in range(24)]  # nothing lost, nothing twice
+    assert sum(s.server == victim for s in samples) < 12  # its queued requests went elsewhere
     assert all(s.finish_reason in ("stop", "length") for s in samples)
     # The dead server was restarted (in the background, while the other one served).
     deadline = __import__("time").monotonic() + 120
