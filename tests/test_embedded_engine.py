@@ -191,3 +191,21 @@ def test_disk_weight_sync_serves_the_learners_new_weights(server, models, tmp_pa
     with pytest.raises(WeightSyncError, match="http://127.0.0.1:9: unreachable"):
         sync.publish(["http://127.0.0.1:9"], 7)
     post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "0"})
+
+
+def test_distributed_weight_sync_over_gloo_serves_the_learners_new_weights(server, models, tmp_path):
+    from dppo_megatron.launch_utils import free_port
+    from tests.distributed import run_torchrun
+
+    worker = str(__import__("pathlib").Path(__file__).parent / "workers" / "weight_sync_distributed.py")
+    run_torchrun(worker, 2, str(tmp_path), "2", "2", str(models[0]), server, str(free_port()), "9")
+    sent = json.loads((tmp_path / "sent.json").read_text())["bytes"]
+    assert sent > 64 * 1024  # several buckets
+    after = generate(server, max_new_tokens=6, sampling_seed=5)
+    assert after.weight_version == "9"
+    expected, _ = teacher_forced(tmp_path / "reference", PROMPT, after.response_ids, 1.0)
+    assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
+    status, answer = post(server, "/update_weights_from_distributed",
+                          {"names": ["x"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "dppo-weights"})
+    assert status == 400 and "no weight update group" in answer["message"]  # closed after the sync
+    post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "0"})

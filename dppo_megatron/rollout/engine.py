@@ -9,6 +9,7 @@ One request at a time, with a KV cache: fast enough for the tiny recipes.
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from dppo_megatron.rollout.protocol import encode_routed_experts
 
 GREEDY_TEMPERATURE = 1e-5  # below this, SGLang samples greedily
+_EXPERT_NAME = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.(gate|up|down)_proj\.weight$")
 
 
 class RequestError(ValueError):
@@ -33,6 +35,7 @@ class EmbeddedEngine:
         self.lock = threading.Lock()  # one forward at a time; weight updates wait for it
         self.weight_version = "0"
         self.aborted: set = set()  # rids to stop at the next token; None in it aborts all
+        self.groups: dict = {}  # weight update process groups by name
         self._load(model_path)
 
     # --- weights ------------------------------------------------------------------------
@@ -76,6 +79,70 @@ class EmbeddedEngine:
             self._load(model_path)
             self.weight_version = str(weight_version) if weight_version is not None else \
                 str(int(self.weight_version) + 1 if self.weight_version.isdigit() else 1)
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                  world_size: int, group_name: str, backend: str = "gloo") -> None:
+        """Join a weight sender's process group (the sender is rank 0)."""
+        from dppo_megatron.rollout.weight_sync import weight_update_group
+
+        if backend != "gloo":
+            raise RequestError(f"the embedded engine joins gloo groups only, not {backend!r}")
+        self.groups[group_name] = weight_update_group(master_address, int(master_port), int(rank_offset),
+                                                      int(world_size), group_name)
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                        group_name: str, weight_version: str | None = None) -> None:
+        """Receive each tensor by broadcast from rank 0, in list order, then load them. The
+        request is checked before receiving, so the sender is never left hanging mid-bucket."""
+        from dppo_megatron.rollout.weight_sync import broadcast_from_first
+
+        group = self.groups.get(group_name)
+        if group is None:
+            raise RequestError(f"no weight update group {group_name!r}; call /init_weights_update_group first")
+        if not (len(names) == len(dtypes) == len(shapes)):
+            raise RequestError(f"{len(names)} names, {len(dtypes)} dtypes and {len(shapes)} shapes")
+        try:
+            kinds = [getattr(torch, str(d).removeprefix("torch.")) for d in dtypes]
+        except AttributeError as error:
+            raise RequestError(f"unknown dtype in {dtypes}: {error}") from None
+        received = {}
+        for name, kind, shape in zip(names, kinds, shapes):
+            tensor = torch.empty([int(n) for n in shape], dtype=kind)
+            broadcast_from_first(group, tensor)
+            received[name] = tensor
+        with self.lock:
+            self._load_hf_tensors(received)
+            if weight_version is not None:
+                self.weight_version = str(weight_version)
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        self.groups.pop(group_name, None)
+
+    def _load_hf_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors named as in a HF checkpoint into the model. Transformers keeps Qwen3-MoE
+        experts fused ([E, 2 * ffn, h] gate_up_proj, [E, h, ffn] down_proj); the checkpoint has
+        them per expert."""
+        params = dict(self.model.named_parameters())
+        unknown = []
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                expert = _EXPERT_NAME.match(name)
+                if expert is not None:
+                    prefix, index, which = expert.group(1), int(expert.group(2)), expert.group(3)
+                    if which == "down":
+                        params[prefix + "down_proj"][index].copy_(tensor)
+                    else:
+                        fused = params[prefix + "gate_up_proj"][index]
+                        half = fused.shape[0] // 2
+                        (fused[:half] if which == "gate" else fused[half:]).copy_(tensor)
+                elif name in params:
+                    params[name].copy_(tensor)
+                elif name == "lm_head.weight" and self.model.config.tie_word_embeddings:
+                    params["model.embed_tokens.weight"].copy_(tensor)
+                else:
+                    unknown.append(name)
+        if unknown:
+            raise RequestError(f"unknown weight names: {unknown[:8]}")
 
     # --- generation ---------------------------------------------------------------------
 

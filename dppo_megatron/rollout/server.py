@@ -110,10 +110,30 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(HTTPStatus.BAD_REQUEST, {"success": False, "message": f"failed to load {model_path}: {error}"})
             return self._send(HTTPStatus.OK, {"success": True, "message": f"loaded {model_path}",
                                               "weight_version": engine.weight_version})
+        if path in ("/init_weights_update_group", "/update_weights_from_distributed", "/destroy_weights_update_group"):
+            return self._weights_over_group(path, body)
         if path == "/abort_request":
             engine.abort(body.get("rid"), bool(body.get("abort_all")))
             return self._send(HTTPStatus.OK, {"success": True})
         return self._error(HTTPStatus.NOT_FOUND, f"no POST endpoint {path}")
+
+
+    def _weights_over_group(self, path: str, body: dict) -> None:
+        engine = self.engine
+        try:
+            if path == "/init_weights_update_group":
+                engine.init_weights_update_group(body["master_address"], body["master_port"], body["rank_offset"],
+                                                 body["world_size"], body["group_name"], body.get("backend", "gloo"))
+            elif path == "/update_weights_from_distributed":
+                engine.update_weights_from_distributed(body["names"], body["dtypes"], body["shapes"],
+                                                       body["group_name"], body.get("weight_version"))
+            else:
+                engine.destroy_weights_update_group(body["group_name"])
+        except KeyError as missing:
+            return self._send(HTTPStatus.BAD_REQUEST, {"success": False, "message": f"missing field {missing}"})
+        except (RequestError, RuntimeError, ValueError) as error:
+            return self._send(HTTPStatus.BAD_REQUEST, {"success": False, "message": str(error)})
+        return self._send(HTTPStatus.OK, {"success": True, "message": "ok", "weight_version": engine.weight_version})
 
 
 # --- command line -------------------------------------------------------------------------

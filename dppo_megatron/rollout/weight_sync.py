@@ -1,20 +1,28 @@
-"""Publishing new weights to rollout servers through a shared directory.
+"""Publishing new weights to rollout servers.
 
-The learner writes each version as a Hugging Face checkpoint (atomically, see
-`learner.weights.save_hf`) into `root/v000012/`; `DiskWeightSync.publish` then tells every
-server to load it (SGLang's /update_weights_from_disk, with the version as weight_version)
-and removes versions older than the last `keep`. The directory must be visible to the
-servers (a shared filesystem on clusters).
+- Disk: the learner writes each version as a Hugging Face checkpoint (atomically, see
+  `learner.weights.save_hf`) into `root/v000012/`; `DiskWeightSync.publish` tells every server
+  to load it (SGLang's /update_weights_from_disk, with the version as weight_version) and
+  removes versions older than the last `keep`. The directory must be visible to the servers.
+- Distributed: `DistributedWeightSync` forms a process group with the servers
+  (/init_weights_update_group; the sender is rank 0) and broadcasts tensors in HF names, in
+  buckets, each announced by /update_weights_from_distributed.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import shutil
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from dppo_megatron.rollout.protocol import error_message
 
@@ -67,3 +75,121 @@ class DiskWeightSync:
         for path in versions:
             if int(path.name[1:]) <= newest - self.keep:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def weight_update_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
+                        *, backend: str = "gloo", timeout: float = 600.0):
+    """A process group of its own (not torch.distributed's default one) between a weight
+    sender (rank 0, which hosts the store) and rollout server ranks."""
+    wait = datetime.timedelta(seconds=timeout)
+    store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=wait)
+    prefixed = dist.PrefixStore(group_name, store)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(prefixed, rank, world_size, wait)
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(prefixed, rank, world_size)
+    raise ValueError(f"unknown backend {backend!r}; choose gloo or nccl")
+
+
+def broadcast_from_first(group, tensor: torch.Tensor) -> None:
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    group.broadcast([tensor], options).wait()
+
+
+def _post(server: str, path: str, body: dict, timeout: float) -> dict:
+    request = urllib.request.Request(server.rstrip("/") + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        text = error.read().decode(errors="replace")
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            answer = {}
+        return {"success": False, "message": answer.get("message") or error_message(error.code, text)}
+    except (urllib.error.URLError, OSError) as error:
+        return {"success": False, "message": f"unreachable ({error})"}
+
+
+class DistributedWeightSync:
+    """Broadcast weights to servers through a process group, the sender as rank 0. Each
+    server takes `tp` ranks (its TP workers), from rank 1 on, in the order given."""
+
+    def __init__(self, servers: list[str], *, master_address: str, master_port: int,
+                 group_name: str = "dppo-weights", backend: str = "gloo", server_tp: list[int] | None = None,
+                 bucket_bytes: int = 512 * 1024**2, timeout: float = 600.0):
+        self.servers = servers
+        self.master_address, self.master_port = master_address, master_port
+        self.group_name, self.backend = group_name, backend
+        self.server_tp = server_tp or [1] * len(servers)
+        self.bucket_bytes, self.timeout = bucket_bytes, timeout
+        self.group = None
+
+    def _on_every_server(self, path: str, bodies: list[dict], work=None) -> None:
+        """POST to every server (in threads) while `work` runs here; raise naming failures."""
+        answers: list[dict] = [{}] * len(self.servers)
+
+        def call(index: int) -> None:
+            answers[index] = _post(self.servers[index], path, bodies[index], self.timeout)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(self.servers))]
+        for thread in threads:
+            thread.start()
+        try:
+            if work is not None:
+                work()
+        finally:
+            for thread in threads:
+                thread.join()
+        failures = [f"{server}: {answer.get('message', answer)}" for server, answer in zip(self.servers, answers)
+                    if not answer.get("success", False)]
+        if failures:
+            raise WeightSyncError(f"{path} failed: " + "; ".join(failures))
+
+    def connect(self) -> None:
+        world_size = 1 + sum(self.server_tp)
+        offsets = [1 + sum(self.server_tp[:i]) for i in range(len(self.servers))]
+        bodies = [{"master_address": self.master_address, "master_port": self.master_port, "rank_offset": offset,
+                   "world_size": world_size, "group_name": self.group_name, "backend": self.backend}
+                  for offset in offsets]
+
+        def join() -> None:
+            self.group = weight_update_group(self.master_address, self.master_port, 0, world_size,
+                                             self.group_name, backend=self.backend, timeout=self.timeout)
+
+        self._on_every_server("/init_weights_update_group", bodies, join)
+
+    def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """Send every (HF name, tensor), bucket by bucket. Returns the bytes sent."""
+        if self.group is None:
+            raise WeightSyncError("connect() first")
+        sent, bucket, size = 0, [], 0
+        for name, tensor in named_tensors:
+            bucket.append((name, tensor.detach().contiguous()))
+            size += tensor.numel() * tensor.element_size()
+            if size >= self.bucket_bytes:
+                sent += self._send(bucket, version)
+                bucket, size = [], 0
+        if bucket:
+            sent += self._send(bucket, version)
+        return sent
+
+    def _send(self, bucket: list[tuple[str, torch.Tensor]], version: int) -> int:
+        body = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
+                "weight_version": str(version), "flush_cache": True}
+
+        def broadcast() -> None:
+            for _, tensor in bucket:
+                broadcast_from_first(self.group, tensor)
+
+        self._on_every_server("/update_weights_from_distributed", [body] * len(self.servers), broadcast)
+        return sum(t.numel() * t.element_size() for _, t in bucket)
+
+    def close(self) -> None:
+        if self.group is not None:
+            self._on_every_server("/destroy_weights_update_group", [{"group_name": self.group_name}] * len(self.servers))
+            self.group = None

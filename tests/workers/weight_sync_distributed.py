@@ -1,0 +1,50 @@
+"""Rank program: one DPPO step, then broadcast the weights to a rollout server from rank 0.
+
+argv: OUT_DIR TP EP HF_DIR SERVER_URL MASTER_PORT VERSION. Also writes the same weights to
+OUT_DIR/reference (HF format) for comparison with what the server then serves."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from learner_train import toy_micro_batches  # noqa: E402
+
+from dppo_megatron.convert.qwen3_arch import Qwen3Arch  # noqa: E402
+from dppo_megatron.learner.learner import Learner, LossConfig, OptimizerConfig  # noqa: E402
+from dppo_megatron.learner.model import ModelOptions  # noqa: E402
+from dppo_megatron.learner.parallel import ParallelLayout, init_parallel  # noqa: E402
+from dppo_megatron.learner.weights import iter_hf_tensors, load_hf_weights, save_hf  # noqa: E402
+from dppo_megatron.rollout.weight_sync import DistributedWeightSync  # noqa: E402
+
+
+def main(out_dir, tp, ep, hf_dir, server, master_port, version) -> None:
+    from megatron.core import parallel_state as ps
+
+    arch = Qwen3Arch.from_hf(hf_dir)
+    layout = ParallelLayout(tp=int(tp), ep=int(ep))
+    init_parallel(layout, arch)
+    learner = Learner(arch, layout, ModelOptions(), OptimizerConfig(lr=1e-3), LossConfig())
+    load_hf_weights(learner.module, arch, hf_dir)
+    learner.train_step(toy_micro_batches(hf_dir, arch, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()))
+    tensors = iter_hf_tensors(learner.module, arch)  # a collective: every rank runs it through
+    if dist.get_rank() == 0:
+        sync = DistributedWeightSync([server], master_address="127.0.0.1", master_port=int(master_port),
+                                     bucket_bytes=64 * 1024)
+        sync.connect()
+        sent = sync.publish(tensors, int(version))
+        sync.close()
+        Path(out_dir, "sent.json").write_text(json.dumps({"bytes": sent}))
+    else:
+        for _ in tensors:
+            pass
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    save_hf(learner.module, arch, Path(out_dir) / "reference", config=config, dtype=torch.float32)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
