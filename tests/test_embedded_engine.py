@@ -199,7 +199,7 @@ def test_distributed_weight_sync_over_gloo_serves_the_learners_new_weights(serve
 
     worker = str(__import__("pathlib").Path(__file__).parent / "workers" / "weight_sync_distributed.py")
     run_torchrun(worker, 2, str(tmp_path), "2", "2", str(models[0]), server, str(free_port()), "9")
-    sent = json.loads((tmp_path / "sent.json").read_text())["bytes"]
+    sent = json.loads((tmp_path / "sent-rank0.json").read_text())["bytes"]
     assert sent > 64 * 1024  # several buckets
     after = generate(server, max_new_tokens=6, sampling_seed=5)
     assert after.weight_version == "9"
@@ -208,4 +208,27 @@ def test_distributed_weight_sync_over_gloo_serves_the_learners_new_weights(serve
     status, answer = post(server, "/update_weights_from_distributed",
                           {"names": ["x"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "dppo-weights"})
     assert status == 400 and "no weight update group" in answer["message"]  # closed after the sync
+    post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "0"})
+
+
+@pytest.mark.parametrize("tp, ep", [("1", "2"), ("2", "2")])
+def test_experts_are_sent_by_the_ep_rank_that_owns_them(server, models, tmp_path, tp, ep):
+    from dppo_megatron.convert.mapping import hf_tensor_names
+    from dppo_megatron.convert.qwen3_arch import Qwen3Arch
+    from dppo_megatron.launch_utils import free_port
+    from tests.distributed import run_torchrun
+
+    worker = str(__import__("pathlib").Path(__file__).parent / "workers" / "weight_sync_distributed.py")
+    base_port = free_port()
+    run_torchrun(worker, 2, str(tmp_path), tp, ep, str(models[0]), server, str(base_port), "11", "owners")
+    sent = {rank: json.loads((tmp_path / f"sent-rank{rank}.json").read_text())["names"] for rank in (0, 1)}
+    experts = {rank: {n for n in names if ".mlp.experts." in n} for rank, names in sent.items()}
+    assert experts[0] and experts[1] and not experts[0] & experts[1]  # each expert from one rank
+    assert all(".mlp.experts." in n for n in sent[1])  # rank 1 sends only its own experts
+    everything = set(hf_tensor_names(Qwen3Arch.from_hf(models[0])))
+    assert set(sent[0]) | set(sent[1]) == everything and len(sent[0]) + len(sent[1]) == len(everything)
+    after = generate(server, max_new_tokens=6, sampling_seed=5)
+    assert after.weight_version == "11"
+    expected, _ = teacher_forced(tmp_path / "reference", PROMPT, after.response_ids, 1.0)
+    assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
     post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "0"})

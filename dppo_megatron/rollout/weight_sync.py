@@ -167,7 +167,9 @@ class DistributedWeightSync:
         if self.group is None:
             raise WeightSyncError("connect() first")
         sent, bucket, size = 0, [], 0
+        self.sent_names: list[str] = []
         for name, tensor in named_tensors:
+            self.sent_names.append(name)
             bucket.append((name, tensor.detach().contiguous()))
             size += tensor.numel() * tensor.element_size()
             if size >= self.bucket_bytes:

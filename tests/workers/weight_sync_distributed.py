@@ -1,6 +1,8 @@
 """Rank program: one DPPO step, then broadcast the weights to a rollout server from rank 0.
 
-argv: OUT_DIR TP EP HF_DIR SERVER_URL MASTER_PORT VERSION. Also writes the same weights to
+argv: OUT_DIR TP EP HF_DIR SERVER_URL MASTER_PORT VERSION [MODE]. MODE "rank0" (default): rank 0
+gathers and sends everything; "owners": each expert is sent by the rank that holds it, each
+sending rank in a group of its own (port MASTER_PORT + rank). Also writes the same weights to
 OUT_DIR/reference (HF format) for comparison with what the server then serves."""
 
 import json
@@ -18,11 +20,13 @@ from dppo_megatron.convert.qwen3_arch import Qwen3Arch  # noqa: E402
 from dppo_megatron.learner.learner import Learner, LossConfig, OptimizerConfig  # noqa: E402
 from dppo_megatron.learner.model import ModelOptions  # noqa: E402
 from dppo_megatron.learner.parallel import ParallelLayout, init_parallel  # noqa: E402
-from dppo_megatron.learner.weights import iter_hf_tensors, load_hf_weights, save_hf  # noqa: E402
+from dppo_megatron.learner.weights import (  # noqa: E402
+    iter_hf_tensors, iter_hf_tensors_by_owner, load_hf_weights, save_hf, sends_weights,
+)
 from dppo_megatron.rollout.weight_sync import DistributedWeightSync  # noqa: E402
 
 
-def main(out_dir, tp, ep, hf_dir, server, master_port, version) -> None:
+def main(out_dir, tp, ep, hf_dir, server, master_port, version, mode="rank0") -> None:
     from megatron.core import parallel_state as ps
 
     arch = Qwen3Arch.from_hf(hf_dir)
@@ -31,14 +35,18 @@ def main(out_dir, tp, ep, hf_dir, server, master_port, version) -> None:
     learner = Learner(arch, layout, ModelOptions(), OptimizerConfig(lr=1e-3), LossConfig())
     load_hf_weights(learner.module, arch, hf_dir)
     learner.train_step(toy_micro_batches(hf_dir, arch, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()))
-    tensors = iter_hf_tensors(learner.module, arch)  # a collective: every rank runs it through
-    if dist.get_rank() == 0:
-        sync = DistributedWeightSync([server], master_address="127.0.0.1", master_port=int(master_port),
-                                     bucket_bytes=64 * 1024)
+    rank = dist.get_rank()
+    if mode == "owners":
+        tensors, sending = iter_hf_tensors_by_owner(learner.module, arch), sends_weights(arch)
+    else:
+        tensors, sending = iter_hf_tensors(learner.module, arch), rank == 0
+    if sending:  # every rank runs the iterator through: it is a collective
+        sync = DistributedWeightSync([server], master_address="127.0.0.1", master_port=int(master_port) + rank,
+                                     group_name=f"dppo-weights-r{rank}", bucket_bytes=64 * 1024)
         sync.connect()
         sent = sync.publish(tensors, int(version))
         sync.close()
-        Path(out_dir, "sent.json").write_text(json.dumps({"bytes": sent}))
+        Path(out_dir, f"sent-rank{rank}.json").write_text(json.dumps({"bytes": sent, "names": sync.sent_names}))
     else:
         for _ in tensors:
             pass
