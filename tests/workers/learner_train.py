@@ -88,3 +88,16 @@ def main(out_dir: str, tp: str, pp: str, ep: str, mode: str, threshold: str, ste
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+
+
+def stepped_learner(hf_dir: str, tp: str, ep: str) -> tuple[Learner, Qwen3Arch]:
+    """A learner at this layout, loaded from hf_dir, after one DPPO step on the toy batch."""
+    from megatron.core import parallel_state as ps
+
+    arch = Qwen3Arch.from_hf(hf_dir)
+    layout = ParallelLayout(tp=int(tp), ep=int(ep))
+    init_parallel(layout, arch)
+    learner = Learner(arch, layout, ModelOptions(), OptimizerConfig(lr=1e-3), LossConfig())
+    load_hf_weights(learner.module, arch, hf_dir)
+    learner.train_step(toy_micro_batches(hf_dir, arch, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()))
+    return learner, arch

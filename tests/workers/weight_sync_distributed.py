@@ -14,27 +14,16 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from learner_train import toy_micro_batches  # noqa: E402
+from learner_train import stepped_learner  # noqa: E402
 
-from dppo_megatron.convert.qwen3_arch import Qwen3Arch  # noqa: E402
-from dppo_megatron.learner.learner import Learner, LossConfig, OptimizerConfig  # noqa: E402
-from dppo_megatron.learner.model import ModelOptions  # noqa: E402
-from dppo_megatron.learner.parallel import ParallelLayout, init_parallel  # noqa: E402
 from dppo_megatron.learner.weights import (  # noqa: E402
-    iter_hf_tensors, iter_hf_tensors_by_owner, load_hf_weights, save_hf, sends_weights,
+    iter_hf_tensors, iter_hf_tensors_by_owner, save_hf, sends_weights,
 )
 from dppo_megatron.rollout.weight_sync import DistributedWeightSync  # noqa: E402
 
 
 def main(out_dir, tp, ep, hf_dir, server, master_port, version, mode="rank0") -> None:
-    from megatron.core import parallel_state as ps
-
-    arch = Qwen3Arch.from_hf(hf_dir)
-    layout = ParallelLayout(tp=int(tp), ep=int(ep))
-    init_parallel(layout, arch)
-    learner = Learner(arch, layout, ModelOptions(), OptimizerConfig(lr=1e-3), LossConfig())
-    load_hf_weights(learner.module, arch, hf_dir)
-    learner.train_step(toy_micro_batches(hf_dir, arch, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()))
+    learner, arch = stepped_learner(hf_dir, tp, ep)
     rank = dist.get_rank()
     if mode == "owners":
         tensors, sending = iter_hf_tensors_by_owner(learner.module, arch), sends_weights(arch)
