@@ -3,6 +3,7 @@ transformers, weight updates from disk, and clear 400s."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,7 +142,7 @@ def test_a_batch_returns_one_answer_per_prompt(server):
 def test_malformed_requests_get_400_with_the_reason(server, body, message):
     status, answer = post(server, "/generate", body)
     assert status == 400
-    assert __import__("re").search(message, answer["error"]["message"])
+    assert re.search(message, answer["error"]["message"])
 
 
 def test_health_and_info_endpoints(server, models):
@@ -172,7 +174,7 @@ def test_disk_weight_sync_serves_the_learners_new_weights(server, models, tmp_pa
     stale = sync.version_dir(6)
     stale.mkdir(parents=True)
     before = generate(server, max_new_tokens=6, sampling_seed=5)
-    worker = str(__import__("pathlib").Path(__file__).parent / "workers" / "weight_sync_export.py")
+    worker = str(Path(__file__).parent / "workers" / "weight_sync_export.py")
     run_torchrun(worker, 2, str(tmp_path), "2", "2", str(models[0]), str(tmp_path / "sync"), "7")
     published = sync.version_dir(7)
     # What was published is what the learner holds after its step (TP=2 + EP=2, experts and all).
@@ -197,7 +199,7 @@ def test_distributed_weight_sync_over_gloo_serves_the_learners_new_weights(serve
     from dppo_megatron.launch_utils import free_port
     from tests.distributed import run_torchrun
 
-    worker = str(__import__("pathlib").Path(__file__).parent / "workers" / "weight_sync_distributed.py")
+    worker = str(Path(__file__).parent / "workers" / "weight_sync_distributed.py")
     run_torchrun(worker, 2, str(tmp_path), "2", "2", str(models[0]), server, str(free_port()), "9")
     sent = json.loads((tmp_path / "sent-rank0.json").read_text())["bytes"]
     assert sent > 64 * 1024  # several buckets
@@ -218,7 +220,7 @@ def test_experts_are_sent_by_the_ep_rank_that_owns_them(server, models, tmp_path
     from dppo_megatron.launch_utils import free_port
     from tests.distributed import run_torchrun
 
-    worker = str(__import__("pathlib").Path(__file__).parent / "workers" / "weight_sync_distributed.py")
+    worker = str(Path(__file__).parent / "workers" / "weight_sync_distributed.py")
     base_port = free_port()
     run_torchrun(worker, 2, str(tmp_path), tp, ep, str(models[0]), server, str(base_port), "11", "owners")
     sent = {rank: json.loads((tmp_path / f"sent-rank{rank}.json").read_text())["names"] for rank in (0, 1)}

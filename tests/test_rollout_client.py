@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -72,9 +73,9 @@ def test_a_server_killed_mid_batch_is_restarted_and_the_batch_completes(manager)
     assert sum(s.server == victim for s in samples) < 12  # its queued requests went elsewhere
     assert all(s.finish_reason in ("stop", "length") for s in samples)
     # The dead server was restarted (in the background, while the other one served).
-    deadline = __import__("time").monotonic() + 120
-    while manager.restarts[victim] == before and __import__("time").monotonic() < deadline:
-        __import__("time").sleep(0.2)
+    deadline = time.monotonic() + 120
+    while manager.restarts[victim] == before and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert manager.restarts[victim] == before + 1
     assert RolloutClient([victim], FAST).generate_sync(requests(1))[0].server == victim
 

@@ -1,6 +1,7 @@
 """The SGLang /generate protocol on recorded-format fixtures (written from
 shared/reference/sglang-protocol.md)."""
 
+import base64
 import copy
 
 import numpy as np
@@ -112,7 +113,7 @@ def test_routes_are_not_required_when_r3_is_off():
 
 def test_routes_round_trip_through_sglangs_encoding():
     encoded = encode_routed_experts(ROUTES)
-    raw = np.frombuffer(__import__("base64").b64decode(encoded), "<i4")  # as the reference decodes it
+    raw = np.frombuffer(base64.b64decode(encoded), "<i4")  # as the reference decodes it
     np.testing.assert_array_equal(raw.reshape(-1, 2, 2), ROUTES)
     np.testing.assert_array_equal(decode_routed_experts(encoded, ROUTING, rows=4), ROUTES)
 
