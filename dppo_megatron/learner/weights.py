@@ -149,15 +149,30 @@ def gather_full(shards: dict[str, LocalShard], entry: TensorMap, dtype: torch.dt
     return None
 
 
-def iter_hf_tensors(model, arch: Qwen3Arch) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every HF tensor of the model, whole, yielded on rank 0; on other ranks the generator
-    must still be run to the end (it takes part in the collectives) and yields nothing."""
+def iter_hf_tensors(model, arch: Qwen3Arch, *, experts_from_owners: bool = False
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every HF tensor of the model, whole, yielded on global rank 0. With
+    `experts_from_owners` (weight sync), experts instead come whole from the rank that holds
+    them (its first expert data-parallel replica; expert-TP shards joined within their
+    group), so that no expert crosses the network twice. A collective: every rank runs the
+    generator to the end, whether or not it yields anything."""
+    from megatron.core import parallel_state as ps
+
     shards = local_shards(model)
     param = next(unwrap(model).parameters())
+    sends_experts = ps.get_expert_data_parallel_rank() == 0 and ps.get_expert_tensor_parallel_rank() == 0
     for entry in tensor_map(arch):
-        full = gather_full(shards, entry, param.dtype, param.device)
-        if full is not None:
-            yield from to_hf(entry, full, arch)
+        if experts_from_owners and ".mlp.experts." in entry.megatron:
+            shard = shards.get(entry.megatron)
+            if shard is None:
+                continue  # another EP rank's expert, or another pipeline stage's layer
+            full = shard.assemble()  # a collective within the expert-TP group
+            if sends_experts:
+                yield from to_hf(entry, full, arch)
+        else:
+            full = gather_full(shards, entry, param.dtype, param.device)
+            if full is not None:
+                yield from to_hf(entry, full, arch)
 
 
 def save_hf(model, arch: Qwen3Arch, out, *, config: dict, dtype: torch.dtype, side_files_from=None,
@@ -176,33 +191,8 @@ def save_hf(model, arch: Qwen3Arch, out, *, config: dict, dtype: torch.dtype, si
     return written
 
 
-def iter_hf_tensors_by_owner(model, arch: Qwen3Arch) -> Iterator[tuple[str, torch.Tensor]]:
-    """This rank's share of the model for the rollout servers, so that no expert crosses the
-    network twice: every non-expert tensor whole on global rank 0 (gathered as in
-    `iter_hf_tensors`), and every expert whole on the rank that holds it (its first expert
-    data-parallel replica; expert-TP shards joined within their group). A collective: every
-    rank runs it to the end."""
-    from megatron.core import parallel_state as ps
-
-    shards = local_shards(model)
-    param = next(unwrap(model).parameters())
-    sends_experts = ps.get_expert_data_parallel_rank() == 0 and ps.get_expert_tensor_parallel_rank() == 0
-    for entry in tensor_map(arch):
-        if ".mlp.experts." in entry.megatron:
-            shard = shards.get(entry.megatron)
-            if shard is None:
-                continue  # another EP rank's expert, or another pipeline stage's layer
-            full = shard.assemble()  # a collective within the expert-TP group
-            if sends_experts:
-                yield from to_hf(entry, full, arch)
-        else:
-            full = gather_full(shards, entry, param.dtype, param.device)
-            if full is not None:
-                yield from to_hf(entry, full, arch)
-
-
 def sends_weights(arch: Qwen3Arch) -> bool:
-    """Whether this rank has tensors to send in `iter_hf_tensors_by_owner`."""
+    """Whether this rank has tensors to send in `iter_hf_tensors(..., experts_from_owners=True)`."""
     from megatron.core import parallel_state as ps
 
     if dist.get_rank() == 0:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from learner_train import stepped_learner  # noqa: E402
 
 from dppo_megatron.learner.weights import (  # noqa: E402
-    iter_hf_tensors, iter_hf_tensors_by_owner, save_hf, sends_weights,
+    iter_hf_tensors, save_hf, sends_weights,
 )
 from dppo_megatron.rollout.weight_sync import DistributedWeightSync  # noqa: E402
 
@@ -26,7 +26,7 @@ def main(out_dir, tp, ep, hf_dir, server, master_port, version, mode="rank0") ->
     learner, arch = stepped_learner(hf_dir, tp, ep)
     rank = dist.get_rank()
     if mode == "owners":
-        tensors, sending = iter_hf_tensors_by_owner(learner.module, arch), sends_weights(arch)
+        tensors, sending = iter_hf_tensors(learner.module, arch, experts_from_owners=True), sends_weights(arch)
     else:
         tensors, sending = iter_hf_tensors(learner.module, arch), rank == 0
     if sending:  # every rank runs the iterator through: it is a collective
