@@ -18,7 +18,6 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,25 +49,9 @@ class DiskWeightSync:
             raise WeightSyncError(f"version {version} has not been written: no {path / 'config.json'}")
         body = {"model_path": str(path.resolve()), "weight_version": str(version),
                 "flush_cache": True, "abort_all_requests": False}
-        with ThreadPoolExecutor(max_workers=max(1, len(servers))) as pool:
-            failures = [f for f in pool.map(lambda server: self._update(server, body), servers) if f]
-        if failures:
-            raise WeightSyncError(f"weight version {version} from {path}: " + "; ".join(failures))
+        _post_to_all(servers, "/update_weights_from_disk", [body] * len(servers), self.timeout,
+                     context=f"weight version {version} from {path}")
         self._clean(version)
-
-    def _update(self, server: str, body: dict) -> str | None:
-        request = urllib.request.Request(server.rstrip("/") + "/update_weights_from_disk",
-                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                answer = json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as error:
-            return f"{server}: {error_message(error.code, error.read().decode(errors='replace'))}"
-        except (urllib.error.URLError, OSError) as error:
-            return f"{server}: unreachable ({error})"
-        if not answer.get("success", False):
-            return f"{server}: {answer.get('message', answer)}"
-        return None
 
     def _clean(self, newest: int) -> None:
         versions = sorted(p for p in self.root.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit())
@@ -114,6 +97,30 @@ def _post(server: str, path: str, body: dict, timeout: float) -> dict:
         return {"success": False, "message": f"unreachable ({error})"}
 
 
+def _post_to_all(servers: list[str], path: str, bodies: list[dict], timeout: float, *, work=None,
+                 context: str | None = None) -> None:
+    """POST `bodies[i]` to `servers[i]`, all at once in threads, while `work` (say, the
+    broadcasts the servers wait for) runs here; raise naming every server that failed."""
+    answers: list[dict] = [{}] * len(servers)
+
+    def call(index: int) -> None:
+        answers[index] = _post(servers[index], path, bodies[index], timeout)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(servers))]
+    for thread in threads:
+        thread.start()
+    try:
+        if work is not None:
+            work()
+    finally:
+        for thread in threads:
+            thread.join()
+    failures = [f"{server}: {answer.get('message', answer)}" for server, answer in zip(servers, answers)
+                if not answer.get("success", False)]
+    if failures:
+        raise WeightSyncError(f"{context or path + ' failed'}: " + "; ".join(failures))
+
+
 class DistributedWeightSync:
     """Broadcast weights to servers through a process group, the sender as rank 0. Each
     server takes `tp` ranks (its TP workers), from rank 1 on, in the order given."""
@@ -128,27 +135,6 @@ class DistributedWeightSync:
         self.bucket_bytes, self.timeout = bucket_bytes, timeout
         self.group = None
 
-    def _on_every_server(self, path: str, bodies: list[dict], work=None) -> None:
-        """POST to every server (in threads) while `work` runs here; raise naming failures."""
-        answers: list[dict] = [{}] * len(self.servers)
-
-        def call(index: int) -> None:
-            answers[index] = _post(self.servers[index], path, bodies[index], self.timeout)
-
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(self.servers))]
-        for thread in threads:
-            thread.start()
-        try:
-            if work is not None:
-                work()
-        finally:
-            for thread in threads:
-                thread.join()
-        failures = [f"{server}: {answer.get('message', answer)}" for server, answer in zip(self.servers, answers)
-                    if not answer.get("success", False)]
-        if failures:
-            raise WeightSyncError(f"{path} failed: " + "; ".join(failures))
-
     def connect(self) -> None:
         world_size = 1 + sum(self.server_tp)
         offsets = [1 + sum(self.server_tp[:i]) for i in range(len(self.servers))]
@@ -160,7 +146,7 @@ class DistributedWeightSync:
             self.group = weight_update_group(self.master_address, self.master_port, 0, world_size,
                                              self.group_name, backend=self.backend, timeout=self.timeout)
 
-        self._on_every_server("/init_weights_update_group", bodies, join)
+        _post_to_all(self.servers, "/init_weights_update_group", bodies, self.timeout, work=join)
 
     def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """Send every (HF name, tensor), bucket by bucket. Returns the bytes sent."""
@@ -188,10 +174,12 @@ class DistributedWeightSync:
             for _, tensor in bucket:
                 broadcast_from_first(self.group, tensor)
 
-        self._on_every_server("/update_weights_from_distributed", [body] * len(self.servers), broadcast)
+        _post_to_all(self.servers, "/update_weights_from_distributed", [body] * len(self.servers), self.timeout,
+                     work=broadcast)
         return sum(t.numel() * t.element_size() for _, t in bucket)
 
     def close(self) -> None:
         if self.group is not None:
-            self._on_every_server("/destroy_weights_update_group", [{"group_name": self.group_name}] * len(self.servers))
+            _post_to_all(self.servers, "/destroy_weights_update_group",
+                         [{"group_name": self.group_name}] * len(self.servers), self.timeout)
             self.group = None
