@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from dppo_megatron.algo import needs_topk, policy_loss, token_stats
 from dppo_megatron.convert.qwen3_arch import Qwen3Arch
-from dppo_megatron.learner.forward import run_schedule
+from dppo_megatron.learner.forward import model_device, run_schedule
 from dppo_megatron.learner.model import ModelOptions, build_model
 from dppo_megatron.learner.parallel import ParallelLayout
 from dppo_megatron.learner.routing_replay import RoutingReplay
@@ -234,7 +234,7 @@ class Learner:
             local = sum(int(mb.response_mask[:, 1:].sum()) for mb in micro_batches)
         else:
             local = sum(mb.tokens.shape[0] for mb in micro_batches)
-        count = torch.tensor([float(local)], device=_device(self.module))
+        count = torch.tensor([float(local)], device=model_device(self.module))
         dist.all_reduce(count, group=ps.get_data_parallel_group())
         return count.clamp(min=1)[0]
 
@@ -244,7 +244,7 @@ class Learner:
         and divided by the summed count."""
         from megatron.core import parallel_state as ps
 
-        device = _device(self.module)
+        device = model_device(self.module)
         names = list(METRIC_WEIGHTS) + list(SUMMED_METRICS)
         sums = torch.zeros(len(names), dtype=torch.float64, device=device)
         maxima = torch.full((len(MAX_METRICS),), -float("inf"), dtype=torch.float64, device=device)
@@ -282,7 +282,3 @@ class Learner:
         self.module.eval()
         results = self._run([mb.as_dict() for mb in micro_batches], keep, forward_only=True)
         return [r["logprob"] for r in results] if ps.is_pipeline_last_stage() else []
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
