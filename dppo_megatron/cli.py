@@ -19,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     from dppo_megatron.convert.commands import add_parser as add_convert
     from dppo_megatron.rollout.server import add_parser as add_serve_embedded
+    from dppo_megatron.train_command import add_parser as add_train
 
+    add_train(commands)
     add_convert(commands)
     add_serve_embedded(commands)
     return parser
@@ -30,7 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     # the expected CPU path, not news for every command.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come after options (`train R.yaml --run-dir D loss.mode=grpo`),
+    # which argparse alone does not take for a positional list.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     if args.command is None:
         parser.print_help()
         return 0

@@ -36,12 +36,13 @@ def step_dir_name(step: int) -> str:
 
 
 def save_checkpoint(root: str | Path, learner, trainer_state: dict | None = None,
-                    hf_config: dict | None = None) -> Path:
-    """Save collectively (every rank calls it). Returns the checkpoint directory."""
+                    hf_config: dict | None = None, *, name_step: int | None = None) -> Path:
+    """Save collectively (every rank calls it). Returns the checkpoint directory, named after
+    `name_step` (the trainer's step) or else the learner's optimizer step."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
-    final = root / step_dir_name(learner.step)
+    final = root / step_dir_name(learner.step if name_step is None else name_step)
     partial = root / (final.name + ".partial")
     rank = dist.get_rank()
     if rank == 0:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dppo_megatron.algo import needs_topk, policy_loss, token_stats
+from dppo_megatron.algo import needs_old_logprob, needs_topk, policy_loss, token_stats
 from dppo_megatron.convert.qwen3_arch import Qwen3Arch
 from dppo_megatron.learner.forward import model_device, run_schedule
 from dppo_megatron.learner.model import ModelOptions, build_model
@@ -63,6 +63,7 @@ class MicroBatch:
     topk_ids: torch.Tensor | None = None  # [b, s, K] the engine's top-K ids per position
     topk_logprobs: torch.Tensor | None = None  # [b, s, K]
     routed_experts: torch.Tensor | None = None  # [b, s, layers, k] the engine's experts; -1 = none
+    old_logprobs: torch.Tensor | None = None  # [b, s] log pi_old, for the *_recompute ablations
 
     def as_dict(self) -> dict:
         return {"tokens": self.tokens, "batch": self}
@@ -126,6 +127,9 @@ class Learner:
         loss_config = self.loss_config
         if needs_topk(loss_config.mode) and any(mb.topk_ids is None for mb in micro_batches):
             raise ValueError(f"loss mode {loss_config.mode!r} needs the rollout engine's top-K logprobs")
+        if needs_old_logprob(loss_config.mode) and ps.is_pipeline_last_stage() and any(
+                mb.old_logprobs is None for mb in micro_batches):
+            raise ValueError(f"loss mode {loss_config.mode!r} needs old_logprobs (Learner.logprobs before the update)")
         denominator = self._global_denominator(micro_batches)
         # Megatron divides each micro-batch loss by their number and averages gradients over
         # DP; the loss is already normalised by the global count, so undo both.
@@ -182,12 +186,13 @@ class Learner:
         loss_config = self.loss_config
         mask = batch.response_mask[:, 1:].to(logits.device)
         stats = self._token_stats(logits, batch, with_topk=needs_topk(loss_config.mode))
+        old = batch.old_logprobs[:, 1:].to(logits.device).float() if batch.old_logprobs is not None else None
         loss, metrics = policy_loss(
             stats.logprob, batch.rollout_logprobs[:, 1:].to(logits.device).float(),
             batch.advantages.to(logits.device), mask, mode=loss_config.mode, low=loss_config.low,
             high=loss_config.high, ratio_cap=loss_config.ratio_cap, aggregation=loss_config.aggregation,
             max_response_len=loss_config.max_response_len, denominator=denominator,
-            topk_tv=stats.topk_tv, topk_kl=stats.topk_kl,
+            topk_tv=stats.topk_tv, topk_kl=stats.topk_kl, old_logprob=old,
         )
         entropy = stats.entropy.detach()
         metrics["entropy"] = torch.where(mask, entropy, 0.0).sum() / mask.sum().clamp(min=1)

@@ -1,8 +1,9 @@
 """Spreading /generate requests over many SGLang servers (or embedded engines).
 
-Each request goes to the live server with the fewest requests in flight, under a per-server
+Requests travel in batches of up to `requests_per_call` (consecutive requests that want the
+same extras), one /generate call each. Each call goes to the live server with the fewest requests in flight, under a per-server
 concurrency bound and a timeout. Connection errors, timeouts, 5xx, malformed JSON and aborted
-requests are retried with backoff, on another server when there is one; a server that fails
+requests are retried with backoff (the whole call), on another server when there is one; a server that fails
 `failures_before_dead` times in a row is marked dead and handed to `restart` (the server
 manager), and takes requests again once that returns. A 4xx is the request's fault and a
 well-formed answer that breaks the protocol (say, no routes under R3) stops the run: neither
@@ -39,6 +40,7 @@ class ClientConfig:
     max_backoff_seconds: float = 15.0
     failures_before_dead: int = 3
     wait_for_servers_seconds: float = 600.0  # with every server dead, how long to wait for restarts
+    requests_per_call: int = 1  # requests batched into one /generate call
 
 
 @dataclass(frozen=True)
@@ -92,33 +94,52 @@ class RolloutClient:
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            tasks = [asyncio.create_task(self._serve(session, request)) for request in requests]
+            tasks = [asyncio.create_task(self._serve(session, chunk)) for chunk in self._chunks(requests)]
             try:
-                return await asyncio.gather(*tasks)
+                return [sample for chunk in await asyncio.gather(*tasks) for sample in chunk]
             except BaseException:
                 for task in tasks:
                     task.cancel()
                 raise
 
-    async def _serve(self, session, request: Request) -> Sample:
-        body = generate_request(request.rid, request.prompt_ids, request.params, topk=request.topk,
-                                return_routed_experts=request.routing is not None)
+    def _chunks(self, requests: list[Request]) -> list[list[Request]]:
+        """Consecutive requests with the same top-K and routing wishes, at most
+        requests_per_call per chunk: the order of the samples stays the order of the requests."""
+        chunks: list[list[Request]] = []
+        size = max(1, self.config.requests_per_call)
+        for request in requests:
+            last = chunks[-1] if chunks else None
+            if last and len(last) < size and (last[0].topk, last[0].routing) == (request.topk, request.routing):
+                last.append(request)
+            else:
+                chunks.append([request])
+        return chunks
+
+    async def _serve(self, session, chunk: list[Request]) -> list[Sample]:
+        first = chunk[0]
+        if len(chunk) == 1:
+            body = generate_request(first.rid, first.prompt_ids, first.params, topk=first.topk,
+                                    return_routed_experts=first.routing is not None)
+        else:
+            body = generate_request([r.rid for r in chunk], [r.prompt_ids for r in chunk], [r.params for r in chunk],
+                                    topk=first.topk, return_routed_experts=first.routing is not None)
+        name = first.rid if len(chunk) == 1 else f"{first.rid} (+{len(chunk) - 1} batched)"
         backoff = self.config.backoff_seconds
         last_failure, last_server = "", None
         for attempt in range(1, self.config.max_attempts + 1):
             server = await self._pick(exclude=last_server)
             last_server = server
-            failure = await self._attempt(session, server, body, request)
-            if isinstance(failure, Sample):
+            failure = await self._attempt(session, server, body, chunk)
+            if isinstance(failure, list):
                 return failure
             last_failure = f"{server.url}: {failure}"
-            log.warning("request %s attempt %d failed on %s", request.rid, attempt, last_failure)
+            log.warning("request %s attempt %d failed on %s", name, attempt, last_failure)
             await asyncio.sleep(backoff)
             backoff = min(2 * backoff, self.config.max_backoff_seconds)
-        raise RolloutError(f"request {request.rid} failed {self.config.max_attempts} times; last: {last_failure}")
+        raise RolloutError(f"request {name} failed {self.config.max_attempts} times; last: {last_failure}")
 
-    async def _attempt(self, session, server: _Server, body: dict, request: Request) -> Sample | str:
-        """One try: the sample, or why it failed in a way worth retrying."""
+    async def _attempt(self, session, server: _Server, body: dict, chunk: list[Request]) -> list[Sample] | str:
+        """One try: the samples, or why it failed in a way worth retrying."""
         import aiohttp
 
         async with server.semaphore:
@@ -133,21 +154,26 @@ class RolloutClient:
         if status != 200:
             message = error_message(status, text)
             if 400 <= status < 500 and status not in RETRIED_4XX:
-                raise RolloutError(f"{server.url} refused request {request.rid}: {message}")
+                raise RolloutError(f"{server.url} refused request {chunk[0].rid}: {message}")
             return self._failed(server, message)
         try:
             answer = json.loads(text)
         except ValueError:
             return self._failed(server, f"malformed JSON: {text[:200]!r}")
+        answers = [answer] if len(chunk) == 1 else answer
+        if not isinstance(answers, list) or len(answers) != len(chunk):
+            raise RolloutError(f"{server.url}: a batch of {len(chunk)} requests got {type(answer).__name__} back")
+        samples = []
         try:
-            sample = parse_generate_response(answer, rid=request.rid, prompt_ids=request.prompt_ids,
-                                             server=server.url, topk=request.topk, routing=request.routing)
+            for request, item in zip(chunk, answers):
+                samples.append(parse_generate_response(item, rid=request.rid, prompt_ids=request.prompt_ids,
+                                                       server=server.url, topk=request.topk, routing=request.routing))
         except RequestAborted as aborted:
             return self._failed(server, str(aborted), counts=False)
         except ProtocolError as error:
             raise RolloutError(str(error)) from None
         server.failures = 0
-        return sample
+        return samples
 
     def _failed(self, server: _Server, reason: str, counts: bool = True) -> str:
         if counts:

@@ -147,7 +147,9 @@ class EmbeddedEngine:
     # --- generation ---------------------------------------------------------------------
 
     def generate(self, body: dict) -> dict | list[dict]:
-        """Serve one /generate body (single prompt or a batch), SGLang response format."""
+        """Serve one /generate body (single prompt or a batch), SGLang response format. Prompts
+        of a batch that have the same length run together, one row each (no padding, so a
+        row's numbers do not depend on its neighbours)."""
         input_ids = body.get("input_ids")
         if input_ids is None:
             raise RequestError("input_ids is required (this engine takes token ids, not text)")
@@ -158,69 +160,102 @@ class EmbeddedEngine:
         if len(rids) != len(prompts):
             raise RequestError(f"{len(rids)} rids for {len(prompts)} prompts")
         params = body.get("sampling_params") or {}
-        if isinstance(params, list):
-            raise RequestError("per-prompt sampling_params lists are not supported; send one dict")
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise RequestError(f"{len(params)} sampling_params for {len(prompts)} prompts")
         topk = int(body.get("top_logprobs_num") or 0)
         with_routes = bool(body.get("return_routed_experts"))
         if with_routes and not self.enable_routed_experts:
             raise RequestError("return_routed_experts needs the server flag --enable-return-routed-experts")
-        outputs = [self._generate_one(list(prompt), rid, params, topk, with_routes) for prompt, rid in zip(prompts, rids)]
+        for prompt in prompts:
+            if not prompt or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+                raise RequestError(f"input_ids must be non-empty lists of token ids in [0, {self.vocab_size})")
+        samplings = [_Sampling.from_json(p or {}, self.eos_token_ids) for p in params]
+        outputs: list = [None] * len(prompts)
+        by_length: dict[int, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            by_length.setdefault(len(prompt), []).append(index)
+        for rows in by_length.values():
+            for row, output in zip(rows, self._generate_rows([list(prompts[i]) for i in rows], [rids[i] for i in rows],
+                                                             [samplings[i] for i in rows], topk, with_routes)):
+                outputs[row] = output
         return outputs if batched else outputs[0]
 
     @torch.no_grad()
-    def _generate_one(self, prompt: list[int], rid, params: dict, topk: int, with_routes: bool) -> dict:
+    def _generate_rows(self, prompts: list[list[int]], rids: list, samplings: list["_Sampling"], topk: int,
+                       with_routes: bool) -> list[dict]:
+        """Generate for prompts of one length together, with a KV cache; each row samples with
+        its own generator and stops on its own."""
         from transformers import DynamicCache
 
-        if not prompt or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
-            raise RequestError(f"input_ids must be a non-empty list of token ids in [0, {self.vocab_size})")
-        sampling = _Sampling.from_json(params, self.eos_token_ids)
-        generator = self.generator
-        if sampling.seed is not None:
-            generator = torch.Generator().manual_seed(sampling.seed)
+        rows = len(prompts)
+        generators = [torch.Generator().manual_seed(s.seed) if s.seed is not None else self.generator
+                      for s in samplings]
+        output_ids = [[] for _ in range(rows)]
+        token_logprobs = [[] for _ in range(rows)]
+        top_entries = [[] for _ in range(rows)]
+        finish = [{"type": "length", "length": s.max_new_tokens} for s in samplings]
+        running = [True] * rows
         with self.lock:
             self._routes.clear()
             cache = DynamicCache()
-            feed = torch.tensor([prompt])
-            output_ids, token_logprobs, top_entries = [], [], []
-            finish = {"type": "length", "length": sampling.max_new_tokens}
-            for _ in range(sampling.max_new_tokens):
-                if rid in self.aborted or None in self.aborted:
-                    self.aborted.discard(rid)
-                    finish = {"type": "abort", "message": "aborted by /abort_request", "status_code": 499}
+            feed = torch.tensor(prompts)
+            for _ in range(max(s.max_new_tokens for s in samplings)):
+                for row in range(rows):
+                    if running[row] and (rids[row] in self.aborted or None in self.aborted):
+                        self.aborted.discard(rids[row])
+                        finish[row] = {"type": "abort", "message": "aborted by /abort_request", "status_code": 499}
+                        running[row] = False
+                if not any(running):
                     break
-                logits = self.model(input_ids=feed, past_key_values=cache, use_cache=True).logits[0, -1].float()
-                token, logprobs = sampling.choose(logits, generator)
-                output_ids.append(token)
-                token_logprobs.append([float(logprobs[token]), token, None])
-                if topk:
-                    values, ids = logprobs.topk(topk)
-                    top_entries.append([[float(v), int(i), None] for v, i in zip(values, ids)])
-                if token in sampling.stop_ids:
-                    finish = {"type": "stop", "matched": token}
-                    break
-                feed = torch.tensor([[token]])
-            routes = self._collect_routes(len(prompt) + len(output_ids) - 1) if with_routes else None
-        meta = {
-            "id": rid, "finish_reason": finish, "prompt_tokens": len(prompt),
-            "completion_tokens": len(output_ids), "cached_tokens": 0, "weight_version": self.weight_version,
-            "output_token_logprobs": token_logprobs,
-        }
-        if topk:
-            meta["output_top_logprobs"] = top_entries
-        if routes is not None:
-            meta["routed_experts"] = encode_routed_experts(routes)
-        return {"output_ids": output_ids, "meta_info": meta}
+                logits = self.model(input_ids=feed, past_key_values=cache, use_cache=True).logits[:, -1].float()
+                next_tokens = []
+                for row in range(rows):
+                    if not running[row]:
+                        next_tokens.append(0)  # fed but never read: the row is done
+                        continue
+                    sampling = samplings[row]
+                    token, logprobs = sampling.choose(logits[row], generators[row])
+                    next_tokens.append(token)
+                    output_ids[row].append(token)
+                    token_logprobs[row].append([float(logprobs[token]), token, None])
+                    if topk:
+                        values, ids = logprobs.topk(topk)
+                        top_entries[row].append([[float(v), int(i), None] for v, i in zip(values, ids)])
+                    if token in sampling.stop_ids:
+                        finish[row] = {"type": "stop", "matched": token}
+                        running[row] = False
+                    elif len(output_ids[row]) >= sampling.max_new_tokens:
+                        running[row] = False
+                feed = torch.tensor(next_tokens).unsqueeze(1)
+            routes = self._collect_routes(rows) if with_routes else None
+        outputs = []
+        for row in range(rows):
+            meta = {
+                "id": rids[row], "finish_reason": finish[row], "prompt_tokens": len(prompts[row]),
+                "completion_tokens": len(output_ids[row]), "cached_tokens": 0, "weight_version": self.weight_version,
+                "output_token_logprobs": token_logprobs[row],
+            }
+            if topk:
+                meta["output_top_logprobs"] = top_entries[row]
+            if routes is not None:
+                length = len(prompts[row]) + len(output_ids[row]) - 1
+                meta["routed_experts"] = encode_routed_experts(routes[row, :length])
+            outputs.append({"output_ids": output_ids[row], "meta_info": meta})
+        return outputs
 
     def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
         """Stop a running request (or all of them) at its next token."""
         self.aborted.add(None if abort_all else rid)
 
     def _collect_routes(self, rows: int) -> np.ndarray:
-        """[rows, layers, k] int32 from every forward of this request: the prompt, then one
-        row per fed token (the last sampled token was never fed)."""
-        routes = np.zeros((rows, self.num_layers, self.experts_per_token), dtype=np.int32)
+        """[rows, positions, layers, k] int32 from every forward of this batch: the prompts, then
+        one position per fed token (a row's last sampled token was never fed)."""
+        positions = sum(chunk.shape[0] for chunk in next(iter(self._routes.values()), [])) // rows
+        routes = np.zeros((rows, positions, self.num_layers, self.experts_per_token), dtype=np.int32)
         for layer, chunks in self._routes.items():
-            routes[:, layer] = torch.cat(chunks)[:rows].numpy()
+            per_forward = [chunk.view(rows, -1, self.experts_per_token) for chunk in chunks]
+            routes[:, :, layer] = torch.cat(per_forward, dim=1).numpy()
         return routes
 
 

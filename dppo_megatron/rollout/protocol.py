@@ -56,13 +56,16 @@ class RoutingShape:
     num_experts: int
 
 
-def generate_request(rid: str, input_ids: list[int], params: SamplingParams, *, topk: int = 0,
+def generate_request(rid: str | list[str], input_ids: list[int] | list[list[int]],
+                     params: SamplingParams | list[SamplingParams], *, topk: int = 0,
                      return_routed_experts: bool = False) -> dict:
-    """The JSON body of one /generate request."""
+    """The JSON body of one /generate request: one prompt, or a batch (lists of rids, prompts
+    and sampling params; the server answers with a list in the same order)."""
+    batched = isinstance(rid, list)
     body = {
         "rid": rid,
-        "input_ids": list(input_ids),
-        "sampling_params": params.to_json(),
+        "input_ids": [list(ids) for ids in input_ids] if batched else list(input_ids),
+        "sampling_params": [p.to_json() for p in params] if batched else params.to_json(),
         "return_logprob": True,
     }
     if topk:

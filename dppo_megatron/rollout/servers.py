@@ -8,10 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dppo_megatron.launch_utils import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +104,13 @@ class ServerManager:
         command = server_command(spec)
         log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
         log_file.flush()
+        # Own session (stopped as a group), and killed with the trainer if that dies first. The
+        # kernel ties that to the launching thread, so only launches from the main thread get it
+        # (restarts run on the client's worker threads, which come and go).
+        on_main_thread = threading.current_thread() is threading.main_thread()
         self.processes[url] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                               start_new_session=True)
+                                               start_new_session=True,
+                                               preexec_fn=die_with_parent if on_main_thread else None)
         log_file.close()
         log.info("started %s server %s (pid %d)", spec.engine, url, self.processes[url].pid)
 

@@ -1,0 +1,171 @@
+"""The recipe schema: one typed dataclass per section. Each field's `help` is its documentation
+(docs/recipes.md is generated from it); `check` in `validate.py` holds the rules that span
+fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dppo_megatron.algo.policy_loss import AGGREGATIONS
+from dppo_megatron.algo.trust_region import TRUST_REGIONS
+
+LOSS_MODES = tuple(TRUST_REGIONS)
+
+
+def doc(help: str, default=None, **kwargs):
+    """A field with its documentation."""
+    if "default_factory" in kwargs:
+        return field(metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class RandomInit:
+    architecture: Literal["qwen3", "qwen3_moe"] = doc("dense Qwen3 or Qwen3-MoE", "qwen3_moe")
+    hidden_size: int = doc("model width", 64)
+    num_layers: int = doc("decoder layers", 2)
+    num_attention_heads: int = doc("query heads", 4)
+    num_key_value_heads: int = doc("key/value heads (GQA)", 2)
+    head_dim: int = doc("width of one head", 16)
+    intermediate_size: int = doc("dense MLP width", 128)
+    moe_intermediate_size: int = doc("expert MLP width (MoE)", 64)
+    num_experts: int = doc("experts per MoE layer (MoE)", 4)
+    num_experts_per_tok: int = doc("experts each token is routed to (MoE)", 2)
+    mlp_only_layers: list[int] = doc("layers with a dense MLP inside a MoE model", default_factory=list)
+    init_std: float = doc("std of the random weights", 0.02)
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = doc("Hugging Face checkpoint directory (or hub id, resolved where the job runs)")
+    random_init: RandomInit | None = doc("build a tiny model with random weights instead (CPU recipes); "
+                                         "its vocabulary is the tokenizer's")
+    tokenizer: str | None = doc("tokenizer directory or hub id; default: model.path; `toy-digits` makes "
+                                "the toy tasks' word-level tokenizer locally")
+    dtype: Literal["float32", "bfloat16"] = doc("learner parameter dtype", "bfloat16")
+
+
+@dataclass
+class LearnerConfig:
+    nodes: int = doc("learner nodes", 1)
+    ranks_per_node: int = doc("learner processes per node: GPUs per node, or CPU processes", 8)
+    tp: int = doc("tensor parallel size (sequence parallel is on with it)", 1)
+    pp: int = doc("pipeline parallel size", 1)
+    ep: int = doc("expert parallel size", 1)
+    etp: int = doc("expert tensor parallel size", 1)
+    distributed_optimizer: bool = doc("shard optimizer state over data-parallel ranks", True)
+    recompute: bool = doc("recompute activations in the backward (full layers)", False)
+    micro_batch_size: int = doc("sequences per micro-batch", 1)
+    transformer_engine: bool = doc("use TransformerEngine layers when it is installed and a GPU is present", True)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc("peak learning rate", 1e-6)
+    min_lr: float = doc("learning rate at the end of the decay", 0.0)
+    warmup_steps: int = doc("optimizer steps of linear warm-up", 0)
+    decay_style: Literal["constant", "linear", "cosine"] = doc("decay after warm-up, over the run", "constant")
+    weight_decay: float = doc("AdamW weight decay", 0.0)
+    adam_beta1: float = doc("Adam beta1", 0.9)
+    adam_beta2: float = doc("Adam beta2", 0.999)
+    adam_eps: float = doc("Adam epsilon", 1e-8)
+    clip_grad: float = doc("gradient-norm clip (0: off)", 1.0)
+
+
+@dataclass
+class LossSection:
+    mode: Literal[LOSS_MODES] = doc("trust region / policy loss (see docs/algorithm.md)", "dppo_binary_tv")
+    low: float = doc("threshold for A < 0 tokens (TV 0.15, KL 0.05, clip 0.2)", 0.15)
+    high: float = doc("threshold for A > 0 tokens (TV 0.15, KL 0.05, clip-higher 0.28)", 0.15)
+    ratio_cap: float | None = doc("cap of the importance weight pi/mu (null: none)", 10.0)
+    aggregation: Literal[AGGREGATIONS] = doc("how token losses are averaged; seq-mean-token-sum-norm is Dr.GRPO",
+                                             "token-mean")
+    normalize_std: bool = doc("divide group advantages by the group's std (GRPO); false is Dr.GRPO", False)
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["sglang", "embedded"] = doc("SGLang servers (GPU) or the embedded engine (CPU)", "sglang")
+    r3: bool = doc("rollout routing replay: engines return routes, the learner replays them (MoE)", False)
+    n: int = doc("responses per prompt (the group of group advantages)", 16)
+    max_new_tokens: int = doc("longest response, in tokens", 8192)
+    temperature: float = doc("sampling temperature", 1.0)
+    top_p: float = doc("nucleus sampling (1: off)", 1.0)
+    top_k: int = doc("sample from the k most likely tokens (-1: off)", -1)
+    topk_logprobs: int = doc("K: the engine's top-K logprobs per token (needed by dppo_topk_* modes)", 20)
+    servers: int = doc("rollout servers", 1)
+    server_tp: int = doc("tensor parallel size inside one server", 1)
+    server_dp: int = doc("data parallel replicas inside one server", 1)
+    server_ep: int = doc("expert parallel size inside one server", 1)
+    nodes: int = doc("nodes for rollout servers (0: share the learner nodes)", 0)
+    gpus_per_node: int = doc("GPUs per rollout node", 8)
+    mem_fraction: float = doc("SGLang --mem-fraction-static", 0.85)
+    dtype: Literal["auto", "float32", "bfloat16"] = doc("engine dtype (auto: the checkpoint's)", "auto")
+    host: str = doc("interface servers bind to", "127.0.0.1")
+    base_port: int = doc("port of the first server; the others count up", 30000)
+    weight_sync: Literal["disk", "distributed"] = doc("how new weights reach the servers", "disk")
+    requests_per_call: int = doc("requests batched into one /generate call", 16)
+    request_timeout: float = doc("seconds for one /generate answer", 1800.0)
+    max_in_flight_per_server: int = doc("concurrent /generate calls per server", 64)
+    extra_args: list[str] = doc("extra command-line arguments for every server", default_factory=list)
+
+
+@dataclass
+class ToyData:
+    task: Literal["reverse_digits"] = doc("the toy task", "reverse_digits")
+    digits: int = doc("digits per prompt", 3)
+    train_rows: int = doc("training prompts", 1000)
+    eval_rows: int = doc("held-out prompts", 64)
+
+
+@dataclass
+class DataConfig:
+    train: str | None = doc("training prompts: a .jsonl or .parquet file")
+    eval: str | None = doc("held-out prompts for evaluation (same fields)")
+    generate: ToyData | None = doc("generate a toy task's train/eval files into the run directory")
+    prompt_key: str = doc("field with the prompt: a string, or a list of chat messages; dots reach inside", "prompt")
+    answer_key: str = doc("field with the reference answer; dots reach inside", "answer")
+    chat_template: bool = doc("apply the tokenizer's chat template when it has one", True)
+    max_prompt_len: int = doc("longer prompts are skipped (with a count in the log)", 2048)
+    shuffle: bool = doc("shuffle prompts each epoch (seeded by trainer.seed)", True)
+
+
+@dataclass
+class RewardConfig:
+    kind: Literal["math", "reverse_digits"] = doc("math: math-verify on the boxed answer; reverse_digits: toy", "math")
+    timeout: float = doc("seconds allowed to score one response", 5.0)
+    overlong: Literal["keep", "drop", "penalty"] = doc("responses cut at max_new_tokens: train on them, drop "
+                                                       "them, or DAPO's soft penalty", "keep")
+    overlong_buffer: int = doc("penalty: tokens before max_new_tokens where the penalty ramps up", 0)
+    overlong_penalty: float = doc("penalty: reward lost at max_new_tokens", 1.0)
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = doc("training steps (one rollout batch each)", 100)
+    prompts_per_step: int = doc("prompts per rollout batch", 256)
+    mini_batches: int = doc("optimizer steps per rollout batch", 1)
+    seed: int = doc("seed of data order, sampling and model init", 1234)
+    dynamic_sampling: bool = doc("drop groups whose rewards are all equal (no signal)", False)
+    save_every: int = doc("checkpoint every N steps (0: only on exit)", 10)
+    keep_checkpoints: int = doc("complete checkpoints kept", 2)
+    eval_every: int = doc("evaluate every N steps (0: never)", 0)
+    eval_n: int = doc("responses per held-out prompt: mean reward and avg@k", 4)
+    export_every: int = doc("write an HF checkpoint every N steps (0: never)", 0)
+    run_dir: str | None = doc("run directory (default runs/<name>-<timestamp>)")
+    tensorboard: bool = doc("write TensorBoard events", True)
+    wandb_project: str | None = doc("log to this wandb project (needs wandb installed)")
+
+
+@dataclass
+class Recipe:
+    name: str = doc("recipe name (used for the run directory)", "run")
+    model: ModelConfig = doc("the policy model", default_factory=ModelConfig)
+    learner: LearnerConfig = doc("Megatron learner layout", default_factory=LearnerConfig)
+    optim: OptimConfig = doc("optimizer and schedule", default_factory=OptimConfig)
+    loss: LossSection = doc("policy loss", default_factory=LossSection)
+    rollout: RolloutConfig = doc("rollout servers and sampling", default_factory=RolloutConfig)
+    data: DataConfig = doc("prompt datasets", default_factory=DataConfig)
+    reward: RewardConfig = doc("rewards", default_factory=RewardConfig)
+    trainer: TrainerConfig = doc("the loop", default_factory=TrainerConfig)

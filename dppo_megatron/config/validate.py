@@ -1,0 +1,317 @@
+"""Loading a recipe all the way to a checked `Recipe`, and what `dppo-megatron validate` prints:
+the process layout and a per-GPU memory estimate."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dppo_megatron.algo.trust_region import needs_topk
+from dppo_megatron.config.known_models import known_config
+from dppo_megatron.config.loading import RecipeError, apply_overrides, build, read_yaml
+from dppo_megatron.config.schema import Recipe
+from dppo_megatron.convert.qwen3_arch import ArchError, Qwen3Arch
+from dppo_megatron.data.toy import TOY_TOKENIZER, toy_vocab_size
+from dppo_megatron.learner.parallel import ParallelLayout
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: bool = False) -> Recipe:
+    """Read, merge, override, convert and check. Raises RecipeError listing every problem.
+    `check_files`: also require local files (datasets, model) to exist, as `train` does."""
+    data = apply_overrides(read_yaml(path), list(overrides))
+    problems: list[str] = []
+    recipe = build(Recipe, data, "", problems)
+    if not problems:
+        problems += check(recipe, check_files=check_files)
+    if problems:
+        raise RecipeError(problems, str(path))
+    return recipe
+
+
+def recipe_arch(recipe: Recipe) -> Qwen3Arch:
+    """The policy's architecture: from random_init, a local config.json, or the table of known
+    Qwen3 models. Raises ArchError when none applies."""
+    model = recipe.model
+    if model.random_init is not None:
+        return Qwen3Arch.from_hf(random_init_config(recipe))
+    if model.path and (Path(model.path) / "config.json").is_file():
+        return Qwen3Arch.from_hf(model.path)
+    config = known_config(model.path or "")
+    if config is None:
+        raise ArchError(f"model.path {model.path!r}: no config.json there and not a known Qwen3 model")
+    return Qwen3Arch.from_hf(config)
+
+
+def random_init_config(recipe: Recipe) -> dict:
+    """The transformers config.json of model.random_init."""
+    init = recipe.model.random_init
+    moe = init.architecture == "qwen3_moe"
+    if recipe.model.tokenizer != TOY_TOKENIZER:
+        raise ArchError("model.random_init needs model.tokenizer: toy-digits (its vocabulary sizes the model)")
+    config = {
+        "architectures": ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"],
+        "model_type": "qwen3_moe" if moe else "qwen3",
+        "vocab_size": toy_vocab_size(), "hidden_size": init.hidden_size, "num_hidden_layers": init.num_layers,
+        "num_attention_heads": init.num_attention_heads, "num_key_value_heads": init.num_key_value_heads,
+        "head_dim": init.head_dim, "intermediate_size": init.intermediate_size, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": False,
+        "initializer_range": init.init_std, "eos_token_id": 1, "pad_token_id": 0, "bos_token_id": None,
+    }
+    if moe:
+        config.update(num_experts=init.num_experts, num_experts_per_tok=init.num_experts_per_tok,
+                      moe_intermediate_size=init.moe_intermediate_size, norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=list(init.mlp_only_layers), router_aux_loss_coef=0.0,
+                      output_router_logits=False)
+    return config
+
+
+def learner_world_size(recipe: Recipe) -> int:
+    return recipe.learner.nodes * recipe.learner.ranks_per_node
+
+
+def parallel_layout(recipe: Recipe) -> ParallelLayout:
+    learner = recipe.learner
+    return ParallelLayout(tp=learner.tp, pp=learner.pp, ep=learner.ep, etp=learner.etp,
+                          use_distributed_optimizer=learner.distributed_optimizer)
+
+
+def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
+    """Rules that span fields. Each problem names its key path."""
+    problems = []
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            problems.append(message)
+
+    model, learner, rollout, trainer = recipe.model, recipe.learner, recipe.rollout, recipe.trainer
+    loss, data, reward, optim = recipe.loss, recipe.data, recipe.reward, recipe.optim
+    for path, value in [("learner.nodes", learner.nodes), ("learner.ranks_per_node", learner.ranks_per_node),
+                        ("learner.tp", learner.tp), ("learner.pp", learner.pp), ("learner.ep", learner.ep),
+                        ("learner.etp", learner.etp), ("learner.micro_batch_size", learner.micro_batch_size),
+                        ("rollout.max_new_tokens", rollout.max_new_tokens), ("rollout.servers", rollout.servers),
+                        ("rollout.server_tp", rollout.server_tp), ("rollout.server_dp", rollout.server_dp),
+                        ("rollout.server_ep", rollout.server_ep), ("rollout.requests_per_call", rollout.requests_per_call),
+                        ("rollout.max_in_flight_per_server", rollout.max_in_flight_per_server),
+                        ("rollout.gpus_per_node", rollout.gpus_per_node), ("trainer.steps", trainer.steps),
+                        ("trainer.prompts_per_step", trainer.prompts_per_step),
+                        ("trainer.mini_batches", trainer.mini_batches), ("trainer.keep_checkpoints", trainer.keep_checkpoints),
+                        ("trainer.eval_n", trainer.eval_n), ("data.max_prompt_len", data.max_prompt_len)]:
+        need(value >= 1, f"{path}: must be >= 1, got {value}")
+    for path, value in [("trainer.save_every", trainer.save_every), ("trainer.eval_every", trainer.eval_every),
+                        ("trainer.export_every", trainer.export_every), ("rollout.nodes", rollout.nodes),
+                        ("optim.warmup_steps", optim.warmup_steps), ("optim.weight_decay", optim.weight_decay),
+                        ("optim.clip_grad", optim.clip_grad), ("optim.min_lr", optim.min_lr),
+                        ("reward.overlong_buffer", reward.overlong_buffer), ("rollout.topk_logprobs", rollout.topk_logprobs)]:
+        need(value >= 0, f"{path}: must be >= 0, got {value}")
+    need(rollout.n >= 2, f"rollout.n: group advantages need at least 2 responses per prompt, got {rollout.n}")
+    need(optim.lr > 0, f"optim.lr: must be > 0, got {optim.lr}")
+    need(optim.min_lr <= optim.lr, f"optim.min_lr ({optim.min_lr}) must not exceed optim.lr ({optim.lr})")
+    need(0 <= optim.adam_beta1 < 1 and 0 <= optim.adam_beta2 < 1, "optim.adam_beta1/adam_beta2: must be in [0, 1)")
+    need(rollout.temperature > 0, f"rollout.temperature: must be > 0, got {rollout.temperature}")
+    need(0 < rollout.top_p <= 1, f"rollout.top_p: must be in (0, 1], got {rollout.top_p}")
+    need(rollout.top_k == -1 or rollout.top_k >= 1, f"rollout.top_k: -1 (off) or >= 1, got {rollout.top_k}")
+    need(0 < rollout.mem_fraction <= 1, f"rollout.mem_fraction: must be in (0, 1], got {rollout.mem_fraction}")
+    need(1 <= rollout.base_port <= 65535 - rollout.servers, f"rollout.base_port: {rollout.base_port} leaves no room "
+                                                           f"for {rollout.servers} servers")
+    need(loss.low > 0 and loss.high > 0, f"loss.low/loss.high: thresholds must be > 0, got {loss.low}/{loss.high}")
+    need(loss.ratio_cap is None or loss.ratio_cap >= 1, f"loss.ratio_cap: null or >= 1, got {loss.ratio_cap}")
+    if needs_topk(loss.mode):
+        need(rollout.topk_logprobs >= 1, f"loss.mode {loss.mode} compares top-K distributions: "
+                                         "rollout.topk_logprobs must be >= 1")
+
+    # The model.
+    need((model.path is None) != (model.random_init is None),
+         "model: give exactly one of model.path (a checkpoint) and model.random_init (a tiny random model)")
+    if model.random_init is not None:
+        need(model.tokenizer == TOY_TOKENIZER, f"model.tokenizer: model.random_init needs {TOY_TOKENIZER!r}")
+    if model.tokenizer is None and model.path is None:
+        problems.append("model.tokenizer: needed when there is no model.path")
+    arch = None
+    if not problems:
+        try:
+            arch = recipe_arch(recipe)
+        except ArchError as error:
+            problems.append(f"model.path: {error}")
+        if check_files and model.path and not (Path(model.path) / "config.json").is_file():
+            problems.append(f"model.path: {model.path} is not a local Hugging Face checkpoint (no config.json)")
+    if arch is not None:
+        need(not rollout.r3 or arch.is_moe, "rollout.r3: routing replay needs a MoE model; "
+                                            f"{model.path or 'model.random_init'} is dense")
+        need(learner.ep == 1 or arch.is_moe, f"learner.ep: {learner.ep} needs a MoE model")
+        problems += [f"learner: {p}" for p in parallel_layout(recipe).problems(learner_world_size(recipe), arch)]
+
+    # Batches.
+    world = learner_world_size(recipe)
+    dp = world // (learner.tp * learner.pp) if world % (learner.tp * learner.pp) == 0 else 0
+    responses = trainer.prompts_per_step * rollout.n
+    if trainer.mini_batches >= 1 and dp:
+        need(responses % trainer.mini_batches == 0,
+             f"trainer.mini_batches: {responses} responses per step (prompts_per_step x rollout.n) do not split "
+             f"into {trainer.mini_batches} mini-batches")
+        need(responses // trainer.mini_batches >= dp,
+             f"trainer.mini_batches: a mini-batch of {responses // trainer.mini_batches} responses cannot feed "
+             f"{dp} data-parallel ranks")
+
+    # Rollout servers and their GPUs.
+    if rollout.engine == "sglang":
+        gpus = rollout.servers * rollout.server_tp * rollout.server_dp
+        if rollout.nodes:
+            room, where = rollout.nodes * rollout.gpus_per_node, f"rollout.nodes x rollout.gpus_per_node = {rollout.nodes * rollout.gpus_per_node}"
+        else:
+            room, where = world, f"the learner's {world} GPUs (rollout.nodes: 0 colocates)"
+        need(gpus <= room, f"rollout.servers: {rollout.servers} servers x server_tp {rollout.server_tp} x server_dp "
+                           f"{rollout.server_dp} = {gpus} GPUs, more than {where}")
+        need(rollout.server_tp * rollout.server_dp <= rollout.gpus_per_node,
+             f"rollout.server_tp x server_dp = {rollout.server_tp * rollout.server_dp} GPUs do not fit one node of "
+             f"{rollout.gpus_per_node}")
+        need(rollout.server_ep <= rollout.server_tp * rollout.server_dp,
+             f"rollout.server_ep: {rollout.server_ep} exceeds the server's {rollout.server_tp * rollout.server_dp} GPUs")
+
+    # Data and rewards.
+    if data.generate is not None:
+        need(data.train is None and data.eval is None, "data.generate: makes its own train/eval files; "
+                                                       "leave data.train and data.eval unset")
+        need(reward.kind == data.generate.task, f"reward.kind: data.generate.task {data.generate.task} is scored "
+                                                f"by reward.kind: {data.generate.task}")
+        need(model.tokenizer == TOY_TOKENIZER, f"model.tokenizer: toy tasks need {TOY_TOKENIZER!r}")
+        need(data.generate.digits >= 1 and data.generate.train_rows >= 1, "data.generate: digits and train_rows must be >= 1")
+    else:
+        need(data.train is not None, "data.train: a prompt file is required (or data.generate for a toy task)")
+        if check_files:
+            for key in ("train", "eval"):
+                path = getattr(data, key)
+                need(path is None or Path(path).is_file(), f"data.{key}: no such file {path}")
+    if trainer.eval_every:
+        need(data.eval is not None or data.generate is not None,
+             "trainer.eval_every: evaluation needs held-out prompts in data.eval")
+    if reward.overlong == "penalty":
+        need(0 < reward.overlong_buffer < rollout.max_new_tokens,
+             f"reward.overlong_buffer: the penalty needs 0 < buffer < rollout.max_new_tokens ({rollout.max_new_tokens}), "
+             f"got {reward.overlong_buffer}")
+    return problems
+
+
+# --- what `validate` prints ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per learner GPU for the states that scale with the model (activations excluded)."""
+
+    weights: float
+    grads: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+
+def parameter_counts(arch: Qwen3Arch) -> tuple[int, int]:
+    """(dense parameters, expert parameters) of the whole model."""
+    h, hd = arch.hidden_size, arch.head_dim
+    attention = h * hd * (2 * arch.num_attention_heads + 2 * arch.num_key_value_heads) + 2 * h + 2 * hd
+    dense = arch.padded_vocab_size * h * (1 if arch.tie_word_embeddings else 2) + h
+    experts = 0
+    for layer in range(arch.num_layers):
+        dense += attention
+        if arch.is_moe_layer(layer):
+            dense += h * arch.num_experts
+            experts += arch.num_experts * 3 * h * arch.moe_intermediate_size
+        else:
+            dense += 3 * h * arch.intermediate_size
+    return dense, experts
+
+
+def memory_estimate(recipe: Recipe, arch: Qwen3Arch) -> MemoryEstimate:
+    learner = recipe.learner
+    world = learner_world_size(recipe)
+    dense, experts = parameter_counts(arch)
+    dense_local = dense / (learner.tp * learner.pp)
+    expert_local = experts / (learner.ep * learner.etp * learner.pp)
+    dense_dp = world // (learner.tp * learner.pp)
+    expert_dp = world // (learner.ep * learner.etp * learner.pp)
+    bf16 = recipe.model.dtype == "bfloat16"
+    weight_bytes = 2 if bf16 else 4
+    # Adam moments in fp32, plus fp32 master weights when training in bf16; gradients are
+    # reduced in fp32 (Megatron's main_grad).
+    optimizer_bytes = 12 if bf16 else 8
+    shard_dense = dense_dp if learner.distributed_optimizer else 1
+    shard_expert = expert_dp if learner.distributed_optimizer else 1
+    return MemoryEstimate(
+        weights=(dense_local + expert_local) * weight_bytes,
+        grads=(dense_local + expert_local) * 4,
+        optimizer=optimizer_bytes * (dense_local / shard_dense + expert_local / shard_expert),
+    )
+
+
+def rank_coordinates(recipe: Recipe) -> list[dict]:
+    """Each learner rank's place in Megatron's grids (order tp-cp-ep-dp-pp, TP fastest)."""
+    learner = recipe.learner
+    world = learner_world_size(recipe)
+    dp = world // (learner.tp * learner.pp)
+    edp = world // (learner.ep * learner.etp * learner.pp)
+    rows = []
+    for rank in range(world):
+        rows.append(dict(rank=rank, node=rank // learner.ranks_per_node, tp=rank % learner.tp,
+                         dp=(rank // learner.tp) % dp, pp=rank // (learner.tp * dp),
+                         ep=(rank // learner.etp) % learner.ep, edp=(rank // (learner.etp * learner.ep)) % edp))
+    return rows
+
+
+def describe(recipe: Recipe, resolved: dict) -> str:
+    """The text of `dppo-megatron validate`."""
+    import yaml
+
+    arch = recipe_arch(recipe)
+    learner, rollout = recipe.learner, recipe.rollout
+    world = learner_world_size(recipe)
+    lines = ["# resolved recipe", yaml.safe_dump(resolved, sort_keys=False).rstrip(), "", "# model"]
+    dense, experts = parameter_counts(arch)
+    lines.append(f"{arch.architecture}: {(dense + experts) / 1e9:.2f}B parameters ({experts / 1e9:.2f}B in experts), "
+                 f"{arch.num_layers} layers, vocab {arch.vocab_size} (padded {arch.padded_vocab_size})")
+    lines += ["", f"# learner: {world} ranks on {learner.nodes} node(s); TP {learner.tp} (sequence parallel "
+              f"{'on' if learner.tp > 1 else 'off'}), PP {learner.pp}, EP {learner.ep}, ETP {learner.etp}, "
+              f"DP {world // (learner.tp * learner.pp)}"]
+    rows = rank_coordinates(recipe)
+    shown = rows if len(rows) <= 32 else rows[:16] + rows[-4:]
+    lines.append("rank  node  tp  pp  dp  ep  expert-dp")
+    for i, row in enumerate(shown):
+        if len(rows) > 32 and i == 16:
+            lines.append(f"  ... {len(rows) - 20} more ranks ...")
+        lines.append(f"{row['rank']:>4}  {row['node']:>4}  {row['tp']:>2}  {row['pp']:>2}  {row['dp']:>2}  "
+                     f"{row['ep']:>2}  {row['edp']:>9}")
+    lines += ["", f"# rollout: {rollout.servers} {rollout.engine} server(s), R3 {'on' if rollout.r3 else 'off'}, "
+              f"weight sync {rollout.weight_sync}"]
+    for index, server in enumerate(server_layout(recipe)):
+        lines.append(f"server {index}: {server}")
+    estimate = memory_estimate(recipe, arch)
+    gib = 1024**3
+    lines += ["", "# memory per learner GPU (weights, fp32 gradients, optimizer; activations not included)",
+              f"weights {estimate.weights / gib:.2f} GiB, gradients {estimate.grads / gib:.2f} GiB, "
+              f"optimizer {estimate.optimizer / gib:.2f} GiB, total {estimate.total / gib:.2f} GiB"]
+    return "\n".join(lines)
+
+
+def server_layout(recipe: Recipe) -> list[str]:
+    rollout = recipe.rollout
+    per_server = rollout.server_tp * rollout.server_dp
+    out = []
+    for index in range(rollout.servers):
+        port = rollout.base_port + index
+        if rollout.engine == "embedded":
+            out.append(f"embedded engine on {rollout.host}:{port} (CPU)")
+            continue
+        first = index * per_server
+        node, gpu = divmod(first, rollout.gpus_per_node)
+        where = f"rollout node {node}" if rollout.nodes else f"learner node {node}"
+        out.append(f"sglang on {where}, GPUs {gpu}-{gpu + per_server - 1}, port {port}, "
+                   f"tp {rollout.server_tp} dp {rollout.server_dp} ep {rollout.server_ep}")
+    return out
+
+
+def resolved_json(recipe: Recipe) -> str:
+    from dataclasses import asdict
+
+    return json.dumps(asdict(recipe), indent=2)
