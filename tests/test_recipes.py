@@ -1,0 +1,147 @@
+"""Recipes: every shipped one validates; `defaults:` and overrides resolve as documented; each
+rule refuses a bad recipe with the key path."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dppo_megatron.config import RecipeError, load_recipe
+from dppo_megatron.config.validate import memory_estimate, parameter_counts, rank_coordinates, recipe_arch
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+QUICKSTART = RECIPES / "tiny" / "quickstart.yaml"
+SHIPPED = sorted(RECIPES.rglob("*.yaml"))
+
+
+def test_the_expected_recipes_are_shipped():
+    names = {str(p.relative_to(RECIPES)) for p in SHIPPED}
+    for expected in ["qwen3-30b-a3b/dppo-binary-tv.yaml", "qwen3-30b-a3b/dppo-binary-kl.yaml",
+                     "qwen3-30b-a3b/dppo-topk-kl.yaml", "qwen3-30b-a3b/grpo-clip-higher.yaml",
+                     "qwen3-30b-a3b/cispo.yaml", "qwen3-235b-a22b/dppo-binary-tv.yaml",
+                     "qwen3-8b-base/dppo-binary-tv.yaml", "qwen3-4b-base/dppo-binary-tv.yaml", "tiny/quickstart.yaml"]:
+        assert expected in names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_shipped_recipe_validates(path):
+    result = subprocess.run([sys.executable, "-m", "dppo_megatron", "validate", str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "# learner:" in result.stdout and "# memory per learner GPU" in result.stdout
+
+
+def test_30b_recipes_follow_the_published_setup_with_r3_off():
+    for name, mode, low, high in [("dppo-binary-tv", "dppo_binary_tv", 0.15, 0.15),
+                                  ("dppo-binary-kl", "dppo_binary_kl", 0.05, 0.05),
+                                  ("dppo-topk-kl", "dppo_topk_kl", 0.05, 0.05),
+                                  ("grpo-clip-higher", "grpo", 0.2, 0.28), ("cispo", "cispo", 0.2, 0.28)]:
+        recipe = load_recipe(RECIPES / "qwen3-30b-a3b" / f"{name}.yaml")
+        assert (recipe.loss.mode, recipe.loss.low, recipe.loss.high) == (mode, low, high)
+        assert recipe.rollout.r3 is False and recipe.rollout.n == 16
+        assert recipe.trainer.prompts_per_step == 256 and recipe.trainer.mini_batches == 8
+        assert recipe.optim.lr == 1e-6 and recipe.rollout.max_new_tokens == 8192
+        assert recipe.loss.aggregation == "seq-mean-token-sum-norm"
+        assert (recipe.learner.tp, recipe.learner.ep) == (2, 8)
+        assert load_recipe(RECIPES / "qwen3-30b-a3b" / f"{name}.yaml", ["rollout.r3=true"]).rollout.r3 is True
+
+
+def test_overrides_reach_nested_keys_and_parse_yaml_values():
+    recipe = load_recipe(QUICKSTART, ["loss.mode=grpo", "rollout.r3=false", "optim.lr=1e-5", "trainer.steps=7"])
+    assert (recipe.loss.mode, recipe.rollout.r3, recipe.optim.lr, recipe.trainer.steps) == ("grpo", False, 1e-5, 7)
+
+
+def test_defaults_chain_merges_mappings_and_later_files_win(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\nrollout: {n: 4, temperature: 0.7}\n")
+    (tmp_path / "b.yaml").write_text(f"defaults: a.yaml\nrollout: {{n: 6}}\n")
+    (tmp_path / "c.yaml").write_text(f"defaults: [{QUICKSTART}, b.yaml]\nname: c\n")
+    recipe = load_recipe(tmp_path / "c.yaml")
+    assert recipe.name == "c" and recipe.rollout.n == 6 and recipe.rollout.temperature == 0.7
+    assert recipe.rollout.engine == "embedded"  # from the quickstart, untouched by a/b
+
+
+def test_defaults_loop_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("defaults: a.yaml\n")
+    with pytest.raises(RecipeError, match="inheritance loop"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+# One bad recipe per rule: (overrides on the quickstart, what the message must say).
+INVALID = {
+    "unknown key": (["loss.mod=grpo"], "loss.mod: unknown key; loss accepts mode, low"),
+    "unknown section": (["trainr.steps=3"], "trainr: unknown key"),
+    "wrong type": (["trainer.steps=many"], "trainer.steps: expected an integer"),
+    "bool type": (["rollout.r3=maybe"], "rollout.r3: expected true or false"),
+    "choice": (["loss.mode=ppo"], "loss.mode: 'ppo' is not allowed; choose one of dppo_binary_tv"),
+    "aggregation choice": (["loss.aggregation=sum"], "loss.aggregation: 'sum' is not allowed"),
+    "engine choice": (["rollout.engine=vllm"], "rollout.engine: 'vllm' is not allowed; choose one of sglang, embedded"),
+    "null": (["trainer.steps=null"], "trainer.steps: must not be null"),
+    "positive": (["trainer.steps=0"], "trainer.steps: must be >= 1"),
+    "group size": (["rollout.n=1"], "rollout.n: group advantages need at least 2"),
+    "lr": (["optim.lr=0"], "optim.lr: must be > 0"),
+    "temperature": (["rollout.temperature=0"], "rollout.temperature: must be > 0"),
+    "top_p": (["rollout.top_p=1.5"], "rollout.top_p: must be in (0, 1]"),
+    "thresholds": (["loss.low=0"], "loss.low/loss.high: thresholds must be > 0"),
+    "ratio cap": (["loss.ratio_cap=0.5"], "loss.ratio_cap: null or >= 1"),
+    "top-K needs K": (["loss.mode=dppo_topk_kl", "rollout.topk_logprobs=0"], "rollout.topk_logprobs must be >= 1"),
+    "model source": (["model.path=/models/x"], "model: give exactly one of model.path"),
+    "r3 on dense": (["model.random_init.architecture=qwen3"], "rollout.r3: routing replay needs a MoE model"),
+    "layout": (["learner.ep=4"], "learner: world size 2 is not a multiple of etp*ep*pp = 1*4*1"),
+    "tp divides heads": (["learner.ep=1", "learner.tp=2", "model.random_init.num_key_value_heads=1"],
+                         "learner: num_key_value_heads (query groups) 1 is not divisible by tp 2"),
+    "mini-batches split": (["trainer.mini_batches=3"], "trainer.mini_batches: 256 responses per step"),
+    "mini-batch feeds DP": (["trainer.prompts_per_step=1", "rollout.n=2", "trainer.mini_batches=2"],
+                            "cannot feed 2 data-parallel ranks"),
+    "toy data needs toy reward": (["reward.kind=math"], "reward.kind: data.generate.task reverse_digits"),
+    "eval needs data": (["data.generate=null", "data.train=x.jsonl", "reward.kind=math"],
+                        "trainer.eval_every: evaluation needs held-out prompts"),
+    "overlong buffer": (["reward.overlong=penalty"], "reward.overlong_buffer: the penalty needs"),
+    "sglang GPUs": (["rollout.engine=sglang", "rollout.servers=4", "rollout.server_tp=8", "rollout.nodes=1"],
+                    "rollout.servers: 4 servers x server_tp 8 x server_dp 1 = 32 GPUs, more than"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(INVALID))
+def test_invalid_recipe_is_refused_naming_the_key(rule):
+    overrides, message = INVALID[rule]
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(QUICKSTART, overrides)
+    assert message in str(caught.value), str(caught.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(QUICKSTART, ["rollout.r3=maybe", "trainer.steps=x"])
+    assert len(caught.value.problems) == 2
+
+
+def test_train_refuses_an_invalid_recipe_before_starting_anything(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "dppo_megatron", "train", str(QUICKSTART), "--run-dir",
+                             str(run_dir), "loss.mode=ppo", "rollout.n=1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "loss.mode: 'ppo' is not allowed" in result.stderr
+    assert not run_dir.exists()
+
+
+def test_train_refuses_missing_dataset_files(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dppo_megatron", "train", str(QUICKSTART), "--run-dir",
+                             str(tmp_path / "run"), "data.generate=null", "reward.kind=math", "trainer.eval_every=0",
+                             f"data.train={tmp_path / 'missing.jsonl'}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "data.train: no such file" in result.stderr
+
+
+def test_memory_estimate_and_rank_grid_for_the_30b_recipe():
+    recipe = load_recipe(RECIPES / "qwen3-30b-a3b" / "dppo-binary-tv.yaml")
+    arch = recipe_arch(recipe)
+    dense, experts = parameter_counts(arch)
+    assert 30.0e9 < dense + experts < 31.0e9 and 28.5e9 < experts < 29.5e9  # Qwen3-30B-A3B: 30.5B
+    estimate = memory_estimate(recipe, arch)
+    # 16 ranks, TP 2 / EP 8, bf16: weights 2 bytes per local parameter, fp32 gradients 4.
+    local = dense / 2 + experts / 8
+    assert estimate.weights == pytest.approx(local * 2) and estimate.grads == pytest.approx(local * 4)
+    rows = rank_coordinates(recipe)
+    assert len(rows) == 16 and rows[3] == dict(rank=3, node=0, tp=1, dp=1, pp=0, ep=3, edp=0)
+    assert rows[9]["node"] == 1 and rows[9]["edp"] == 1
