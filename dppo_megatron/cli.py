@@ -19,9 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     from dppo_megatron.convert.commands import add_parser as add_convert
     from dppo_megatron.rollout.server import add_parser as add_serve_embedded
+    from dppo_megatron.plot import add_parser as add_plot
     from dppo_megatron.train_command import add_parser as add_train
 
     add_train(commands)
+    add_plot(commands)
     add_convert(commands)
     add_serve_embedded(commands)
     return parser

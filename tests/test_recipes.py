@@ -145,3 +145,24 @@ def test_memory_estimate_and_rank_grid_for_the_30b_recipe():
     rows = rank_coordinates(recipe)
     assert len(rows) == 16 and rows[3] == dict(rank=3, node=0, tp=1, dp=1, pp=0, ep=3, edp=0)
     assert rows[9]["node"] == 1 and rows[9]["edp"] == 1
+
+
+def test_sglang_command_line_from_the_30b_recipe_with_r3_on(tmp_path):
+    """One switch, rollout.r3, turns on routes on the server, in the requests and in the learner."""
+    from dppo_megatron.rollout.servers import server_command
+    from dppo_megatron.trainer import learner_configs, server_specs
+
+    recipe = load_recipe(RECIPES / "qwen3-30b-a3b" / "dppo-binary-tv.yaml", ["rollout.r3=true"])
+    specs = server_specs(recipe, tmp_path)
+    assert len(specs) == 4 and [s.port for s in specs] == [30000, 30001, 30002, 30003]
+    assert [s.gpus for s in specs] == [(0, 1, 2, 3), (4, 5, 6, 7), (0, 1, 2, 3), (4, 5, 6, 7)]
+    assert server_command(specs[1]) == [
+        sys.executable, "-m", "sglang.launch_server", "--model-path", "Qwen/Qwen3-30B-A3B-Base",
+        "--host", "0.0.0.0", "--port", "30001", "--tp-size", "4", "--dp-size", "1", "--ep-size", "1",
+        "--mem-fraction-static", "0.8", "--skip-tokenizer-init", "--enable-return-routed-experts",
+    ]
+    options, _, loss = learner_configs(recipe)
+    assert options.routing_replay is True and loss.temperature == recipe.rollout.temperature
+    off = load_recipe(RECIPES / "qwen3-30b-a3b" / "dppo-binary-tv.yaml")
+    assert "--enable-return-routed-experts" not in server_command(server_specs(off, tmp_path)[0])
+    assert learner_configs(off)[0].routing_replay is False

@@ -1,0 +1,85 @@
+"""`dppo-megatron plot RUN_DIR [RUN_DIR ...]`: PNG curves of a run's metrics.jsonl, several
+runs overlaid (for ablations: R3 on/off, DPPO vs GRPO)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dppo_megatron.metrics import read_metrics
+
+# (file name, title, metric names: the first one a run has is drawn)
+CURVES = [
+    ("reward", "mean reward", ["reward/mean"]),
+    ("eval_reward", "held-out mean reward", ["eval/mean_reward"]),
+    ("mismatch", "mismatch |pi - mu| (mean TV on sampled tokens)", ["train/mismatch_tv"]),
+    ("masked_fraction", "masked fraction of response tokens", ["train/masked_frac"]),
+    ("masked_fraction_by_sign", "masked fraction: A>0 solid, A<0 dashed", ["train/masked_frac_pos"]),
+    ("entropy", "policy entropy (nats)", ["train/entropy"]),
+    ("length", "mean response length (tokens)", ["response/length_mean"]),
+    ("kl_k3", "k3 estimate of KL(mu || pi)", ["train/kl_k3"]),
+]
+
+
+def plot_runs(run_dirs: list[Path], out_dir: Path, labels: list[str] | None = None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for index, run_dir in enumerate(run_dirs):
+        metrics = read_metrics(run_dir)
+        if not metrics:
+            raise FileNotFoundError(f"{run_dir}: no metrics.jsonl with any step")
+        runs.append((labels[index] if labels else run_dir.name, metrics))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for file_name, title, names in CURVES:
+        figure, axes = plt.subplots(figsize=(6.4, 4.0))
+        drawn = False
+        for color, (label, metrics) in enumerate(runs):
+            for name in names:
+                points = [(m["step"] + 1, m[name]) for m in metrics if name in m]
+                if points:
+                    axes.plot(*zip(*points), label=label, color=f"C{color}", marker="o" if len(points) < 12 else None)
+                    drawn = True
+                    break
+            if file_name == "masked_fraction_by_sign":
+                points = [(m["step"] + 1, m["train/masked_frac_neg"]) for m in metrics if "train/masked_frac_neg" in m]
+                if points:
+                    axes.plot(*zip(*points), color=f"C{color}", linestyle="--")
+        if drawn:
+            axes.set_title(title)
+            axes.set_xlabel("step")
+            axes.grid(alpha=0.3)
+            axes.legend()
+            figure.tight_layout()
+            path = out_dir / f"{file_name}.png"
+            figure.savefig(path, dpi=100)
+            written.append(path)
+        plt.close(figure)
+    return written
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("plot", help="PNG curves of one or more runs (overlaid)")
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories (with metrics.jsonl)")
+    parser.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/plots of the first run)")
+    parser.add_argument("--labels", nargs="+", help="legend labels, one per run (default: directory names)")
+    parser.set_defaults(handler=_plot)
+
+
+def _plot(args) -> int:
+    if args.labels and len(args.labels) != len(args.run_dirs):
+        print(f"error: {len(args.labels)} labels for {len(args.run_dirs)} runs", file=sys.stderr)
+        return 2
+    out = args.out or args.run_dirs[0] / "plots"
+    try:
+        written = plot_runs(args.run_dirs, out, args.labels)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
