@@ -36,6 +36,17 @@ def add_parser(subparsers) -> None:
                        help="continue the newest run of this recipe under runs/ (or --run-dir) from its last checkpoint")
     train.set_defaults(handler=_train)
 
+    evaluate = subparsers.add_parser(
+        "evaluate", help="score a Hugging Face checkpoint on a recipe's held-out prompts",
+        description="Start the recipe's rollout servers on MODEL and report mean reward, avg@k and pass@k on "
+                    "the held-out prompts (data.eval, or the toy task's held-out set).",
+    )
+    evaluate.add_argument("recipe")
+    evaluate.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. trainer.eval_n=16")
+    evaluate.add_argument("--model", required=True, help="Hugging Face checkpoint directory to evaluate")
+    evaluate.add_argument("--run-dir", help="where logs and eval.json go (default runs/<name>-eval-<timestamp>)")
+    evaluate.set_defaults(handler=_evaluate)
+
     validate = subparsers.add_parser("validate", help="check a recipe; print it resolved, the layout and memory")
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*", help="key.path=value overrides")
@@ -85,6 +96,31 @@ def _train(args) -> int:
     print(f"{'resuming' if resuming else 'starting'} {recipe.name} in {run_dir} on {learner_world_size(recipe)} "
           f"learner rank(s)", flush=True)
     return run_ranks(["-m", "dppo_megatron.trainer", str(run_dir)], learner_world_size(recipe))
+
+
+def _evaluate(args) -> int:
+    import json
+
+    from dppo_megatron.config.validate import recipe_arch
+    from dppo_megatron.rollout.servers import ServerManager
+    from dppo_megatron.trainer import Rollouts, server_specs
+
+    as_model = ["model.random_init=null", f"model.path={Path(args.model).resolve()}"]
+    try:
+        recipe = load_recipe(args.recipe, list(args.overrides) + as_model, check_files=True)
+        if dataset_paths(recipe, Path("."))[1] is None:
+            raise RecipeError(["data.eval: evaluation needs held-out prompts"], args.recipe)
+    except (RecipeError, ArchError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    run_dir = Path(args.run_dir or Path("runs") / f"{recipe.name}-eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    prepare_run_dir(recipe, run_dir)
+    with ServerManager(server_specs(recipe, run_dir), run_dir / "logs") as manager:
+        metrics = Rollouts(recipe, run_dir, recipe_arch(recipe), manager).evaluate()
+    result = {"model": str(args.model), "prompts": recipe.data.eval or "toy held-out set", **metrics}
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def _run_dir(recipe: Recipe, *, resume: bool) -> Path:

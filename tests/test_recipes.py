@@ -166,3 +166,10 @@ def test_sglang_command_line_from_the_30b_recipe_with_r3_on(tmp_path):
     off = load_recipe(RECIPES / "qwen3-30b-a3b" / "dppo-binary-tv.yaml")
     assert "--enable-return-routed-experts" not in server_command(server_specs(off, tmp_path)[0])
     assert learner_configs(off)[0].routing_replay is False
+
+
+def test_recipe_reference_in_docs_is_generated_from_the_schema():
+    from dppo_megatron.config.reference import reference
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
+    assert docs.read_text() == reference(), "regenerate: python -m dppo_megatron.config.reference > docs/recipes.md"

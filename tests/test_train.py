@@ -75,6 +75,20 @@ def test_quickstart_learns_the_toy_task_from_chance_to_mastery(tmp_path):
     assert any((run_dir / "tensorboard").iterdir())
     assert (run_dir / "recipe.yaml").is_file() and (run_dir / "logs").is_dir()
 
+    # The trained checkpoint, exported to HF and evaluated on its own, scores what the last
+    # in-loop evaluation did (same weights, same held-out prompts, same sampling seeds).
+    exported = tmp_path / "exported"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "dppo_megatron", "convert", "mcore-to-hf", "--ckpt",
+                    str(run_dir / "checkpoints"), "--out", str(exported), "--hf-config", str(run_dir / "init_model")],
+                   check=True, capture_output=True, timeout=300, env=env)
+    result = subprocess.run([sys.executable, "-m", "dppo_megatron", "evaluate", str(QUICKSTART), "--model",
+                             str(exported), "--run-dir", str(tmp_path / "eval"), f"rollout.base_port={free_port()}"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert scores["eval/mean_reward"] == pytest.approx(final_eval, abs=1e-6)
+
 
 def test_kill_and_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path):
     settings = ["trainer.steps=10", "trainer.save_every=3", "trainer.eval_every=5"]
