@@ -137,6 +137,8 @@ def test_a_batch_returns_one_answer_per_prompt(server):
         ({"input_ids": [5], "sampling_params": {"n": 2}}, "n > 1 is not supported"),
         ({"input_ids": [5], "stream": True}, "stream=true is not supported"),
         ({"rid": ["a"], "input_ids": [[5], [6]]}, "1 rids for 2 prompts"),
+        ({"input_ids": [5], "top_logprobs_num": 301}, "top_logprobs_num must be in \\[0, 300\\]"),
+        ({"rid": ["a", "b"], "input_ids": [[5], [6]], "sampling_params": [{}]}, "1 sampling_params for 2 prompts"),
     ],
 )
 def test_malformed_requests_get_400_with_the_reason(server, body, message):

@@ -86,6 +86,8 @@ INVALID = {
     "thresholds": (["loss.low=0"], "loss.low/loss.high: thresholds must be > 0"),
     "ratio cap": (["loss.ratio_cap=0.5"], "loss.ratio_cap: null or >= 1"),
     "top-K needs K": (["loss.mode=dppo_topk_kl", "rollout.topk_logprobs=0"], "rollout.topk_logprobs must be >= 1"),
+    "K within the vocabulary": (["loss.mode=dppo_topk_kl", "rollout.topk_logprobs=20"],
+                                "rollout.topk_logprobs: 20 is more than the vocabulary (15 tokens)"),
     "model source": (["model.path=/models/x"], "model: give exactly one of model.path"),
     "r3 on dense": (["model.random_init.architecture=qwen3"], "rollout.r3: routing replay needs a MoE model"),
     "layout": (["learner.ep=4"], "learner: world size 2 is not a multiple of etp*ep*pp = 1*4*1"),

@@ -15,7 +15,8 @@ from dppo_megatron.launch_utils import free_port
 from dppo_megatron.learner.checkpoint import latest_checkpoint
 from dppo_megatron.metrics import read_metrics
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "quickstart.yaml"
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "tiny" / "quickstart.yaml"
 
 
 def start_train(run_dir: Path, *overrides: str, recipe: Path | None = QUICKSTART) -> subprocess.Popen:
@@ -58,10 +59,24 @@ def comparable(metrics: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in metrics]
 
 
+def readme_main_command() -> list[str]:
+    """The README's main set-up command, after its install step."""
+    from tests.test_readme import readme_commands
+
+    main = next(c for c in readme_commands() if c.startswith("pip install") and "pytest" not in c)
+    return main.split("&&", 1)[1].split()
+
+
+def test_readme_main_command_trains_the_quickstart():
+    assert readme_main_command() == ["dppo-megatron", "train", "recipes/tiny/quickstart.yaml"]
+
+
 def test_quickstart_learns_the_toy_task_from_chance_to_mastery(tmp_path):
+    """The README's main command (run from the repository root, into a temporary run dir)."""
     run_dir = tmp_path / "quickstart"
     started = time.monotonic()
-    code = finish(start_train(run_dir), run_dir, timeout=600)
+    _, _, recipe = readme_main_command()
+    code = finish(start_train(run_dir, recipe=REPO / recipe), run_dir, timeout=600)
     elapsed = time.monotonic() - started
     assert code == 0, log_tail(run_dir)
     metrics = read_metrics(run_dir)

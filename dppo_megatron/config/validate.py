@@ -139,6 +139,8 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
         need(not rollout.r3 or arch.is_moe, "rollout.r3: routing replay needs a MoE model; "
                                             f"{model.path or 'model.random_init'} is dense")
         need(learner.ep == 1 or arch.is_moe, f"learner.ep: {learner.ep} needs a MoE model")
+        need(not needs_topk(loss.mode) or rollout.topk_logprobs <= arch.vocab_size,
+             f"rollout.topk_logprobs: {rollout.topk_logprobs} is more than the vocabulary ({arch.vocab_size} tokens)")
         problems += [f"learner: {p}" for p in parallel_layout(recipe).problems(learner_world_size(recipe), arch)]
 
     # Batches.

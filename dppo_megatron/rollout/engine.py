@@ -164,6 +164,8 @@ class EmbeddedEngine:
         if len(params) != len(prompts):
             raise RequestError(f"{len(params)} sampling_params for {len(prompts)} prompts")
         topk = int(body.get("top_logprobs_num") or 0)
+        if not 0 <= topk <= self.vocab_size:
+            raise RequestError(f"top_logprobs_num must be in [0, {self.vocab_size}] (the vocabulary), got {topk}")
         with_routes = bool(body.get("return_routed_experts"))
         if with_routes and not self.enable_routed_experts:
             raise RequestError("return_routed_experts needs the server flag --enable-return-routed-experts")

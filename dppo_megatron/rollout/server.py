@@ -100,6 +100,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(HTTPStatus.OK, engine.generate(body))
             except RequestError as error:
                 return self._error(HTTPStatus.BAD_REQUEST, str(error))
+            except Exception as error:  # noqa: BLE001 - answer, do not drop the connection
+                log.exception("generation failed")
+                return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"generation failed: {type(error).__name__}: {error}")
         if path == "/update_weights_from_disk":
             model_path = body.get("model_path")
             if not model_path:
