@@ -77,10 +77,16 @@ def server_specs(recipe: Recipe, run_dir: Path) -> list[ServerSpec]:
         specs.append(ServerSpec(
             model_path=str(model_dir(recipe, run_dir)), port=rollout.base_port + index, engine=rollout.engine,
             host=rollout.host, tp=rollout.server_tp, dp=rollout.server_dp, ep=rollout.server_ep,
-            mem_fraction=rollout.mem_fraction, routed_experts=rollout.r3,
+            mem_fraction=rollout.mem_fraction, routed_experts=wants_routes(recipe),
             dtype=None if rollout.dtype == "auto" else rollout.dtype, gpus=gpus, extra_args=tuple(rollout.extra_args),
         ))
     return specs
+
+
+def wants_routes(recipe: Recipe) -> bool:
+    """Whether the engines return routed experts: to replay them (R3), or to measure how often
+    the learner's own routing agrees."""
+    return recipe.rollout.r3 or recipe.rollout.record_routes
 
 
 def learner_configs(recipe: Recipe) -> tuple[ModelOptions, OptimizerConfig, LossConfig]:
@@ -124,7 +130,8 @@ class Rollouts:
         self.reward = reward_function(recipe.reward.kind, timeout=recipe.reward.timeout)
         rollout = recipe.rollout
         self.topk = rollout.topk_logprobs if needs_topk(recipe.loss.mode) else 0
-        self.routing = RoutingShape(arch.num_layers, arch.num_experts_per_tok, arch.num_experts) if rollout.r3 else None
+        self.routing = (RoutingShape(arch.num_layers, arch.num_experts_per_tok, arch.num_experts)
+                        if wants_routes(recipe) else None)
         stop = (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
         self.params = SamplingParams(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                                      top_p=rollout.top_p, top_k=rollout.top_k, stop_token_ids=stop)
@@ -343,7 +350,7 @@ def train(run_dir: Path) -> int:
 
 def _rank_share(plan, dp_rank: int, recipe: Recipe, arch, rollouts: Rollouts) -> list[list]:
     """The micro-batches of one rank (those of its DP rank), per mini-batch."""
-    routing = (arch.num_layers, arch.num_experts_per_tok) if recipe.rollout.r3 else None
+    routing = (arch.num_layers, arch.num_experts_per_tok) if wants_routes(recipe) else None
     return [[micro_batch(samples, pad_multiple=recipe.learner.tp, topk=rollouts.topk, routing=routing)
              for samples in mini[dp_rank]] for mini in plan]
 

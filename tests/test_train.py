@@ -125,8 +125,11 @@ def test_kill_and_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    """Also runs with R3 off but routes recorded: the learner's own routing then differs from
+    the engine's on some token-layer pairs, and the metric says how often."""
     run_dir = tmp_path / "stopped"
-    process = start_train(run_dir, "trainer.steps=1000", "trainer.save_every=0", "trainer.eval_every=0")
+    process = start_train(run_dir, "trainer.steps=1000", "trainer.save_every=0", "trainer.eval_every=0",
+                          "rollout.r3=false", "rollout.record_routes=true")
     wait_for_steps(run_dir, 3, process)
     os.killpg(process.pid, signal.SIGTERM)
     assert finish(process, run_dir, timeout=120) == 0, log_tail(run_dir)
@@ -135,3 +138,5 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert checkpoint is not None and checkpoint.name == f"step_{steps:08d}"
     assert json.loads((checkpoint / "learner_state.json").read_text())["trainer"]["step"] == steps
     assert "stop signal: checkpoint saved" in log_tail(run_dir)
+    agreement = [m["train/routing_agreement"] for m in read_metrics(run_dir)]
+    assert all(0.5 < a < 1.0 for a in agreement), agreement

@@ -88,6 +88,8 @@ class LossSection:
 class RolloutConfig:
     engine: Literal["sglang", "embedded"] = doc("SGLang servers (GPU) or the embedded engine (CPU)", "sglang")
     r3: bool = doc("rollout routing replay: engines return routes, the learner replays them (MoE)", False)
+    record_routes: bool = doc("with r3 off, still fetch the engines' routes to log train/routing_agreement "
+                              "(MoE; costs the transfer of the routes)", False)
     n: int = doc("responses per prompt (the group of group advantages)", 16)
     max_new_tokens: int = doc("longest response, in tokens", 8192)
     temperature: float = doc("sampling temperature", 1.0)

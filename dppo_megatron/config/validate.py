@@ -138,6 +138,7 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
     if arch is not None:
         need(not rollout.r3 or arch.is_moe, "rollout.r3: routing replay needs a MoE model; "
                                             f"{model.path or 'model.random_init'} is dense")
+        need(not rollout.record_routes or arch.is_moe, "rollout.record_routes: routes need a MoE model")
         need(learner.ep == 1 or arch.is_moe, f"learner.ep: {learner.ep} needs a MoE model")
         need(not needs_topk(loss.mode) or rollout.topk_logprobs <= arch.vocab_size,
              f"rollout.topk_logprobs: {rollout.topk_logprobs} is more than the vocabulary ({arch.vocab_size} tokens)")
