@@ -10,6 +10,7 @@ from a checkpoint repeats exactly what the uninterrupted run would have done.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -245,8 +246,6 @@ class WeightPublisher:
 
 
 def train(run_dir: Path) -> int:
-    import json
-
     from megatron.core import parallel_state as ps
 
     recipe = load_recipe(run_dir / RECIPE_FILE)
@@ -291,14 +290,12 @@ def train(run_dir: Path) -> int:
         for step in range(start, trainer.steps):
             started = time.monotonic()
             # 1. Rollout, rewards, advantages (rank 0), and each rank's share of the batch.
-            share, metrics = None, {}
+            metrics, shares = {}, None
             if rank == 0:
                 samples, metrics = rollouts.step(step)
                 plan = plan_step(samples, mini_batches=trainer.mini_batches, dp_size=dp_size,
                                  micro_batch_size=recipe.learner.micro_batch_size)
                 shares = [_rank_share(plan, dp_rank_of[r], recipe, arch, rollouts) for r in range(len(dp_rank_of))]
-            else:
-                shares = None
             received = [None]
             dist.scatter_object_list(received, shares, src=0, group=control)
             share = received[0]
