@@ -116,7 +116,7 @@ def _evaluate(args) -> int:
     run_dir = Path(args.run_dir or Path("runs") / f"{recipe.name}-eval-{time.strftime('%Y%m%d-%H%M%S')}")
     prepare_run_dir(recipe, run_dir)
     with ServerManager(server_specs(recipe, run_dir), run_dir / "logs") as manager:
-        metrics = Rollouts(recipe, run_dir, recipe_arch(recipe), manager).evaluate()
+        metrics = Rollouts(recipe, run_dir, recipe_arch(recipe), manager.urls, manager.restart).evaluate()
     result = {"model": str(args.model), "prompts": recipe.data.eval or "toy held-out set", **metrics}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -38,7 +38,7 @@ from dppo_megatron.rewards import overlong_penalty, reward_function
 from dppo_megatron.rollout.client import ClientConfig, Request, RolloutClient
 from dppo_megatron.rollout.protocol import RoutingShape, Sample, SamplingParams
 from dppo_megatron.rollout.servers import ServerManager, ServerSpec
-from dppo_megatron.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
+from dppo_megatron.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, WeightSyncError
 
 log = logging.getLogger("dppo_megatron.trainer")
 RECIPE_FILE = "recipe.yaml"
@@ -113,7 +113,7 @@ def learner_configs(recipe: Recipe) -> tuple[ModelOptions, OptimizerConfig, Loss
 class Rollouts:
     """Rank 0's side of a step: prompts in, scored samples out."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, arch, manager: ServerManager):
+    def __init__(self, recipe: Recipe, run_dir: Path, arch, urls: list[str], restart=None):
         from transformers import AutoTokenizer
 
         self.recipe = recipe
@@ -136,9 +136,9 @@ class Rollouts:
         stop = (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
         self.params = SamplingParams(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                                      top_p=rollout.top_p, top_k=rollout.top_k, stop_token_ids=stop)
-        self.client = RolloutClient(manager.urls, ClientConfig(
+        self.client = RolloutClient(urls, ClientConfig(
             request_timeout=rollout.request_timeout, max_in_flight_per_server=rollout.max_in_flight_per_server,
-            requests_per_call=rollout.requests_per_call), restart=manager.restart)
+            requests_per_call=rollout.requests_per_call), restart=restart)
 
     def _requests(self, prompts: list[Prompt], n: int, tag: str, seed: int) -> list[Request]:
         requests = []
@@ -176,6 +176,8 @@ class Rollouts:
         if recipe.reward.overlong == "drop":
             keep &= ~truncated
         lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float)
+        # Every sample should come from the weights published after the previous step.
+        stale = [s.weight_version is not None and s.weight_version != str(step) for s in samples]
         metrics = {
             "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "reward/solved_frac": (rewards >= 1.0).float().mean().item(),
@@ -183,6 +185,7 @@ class Rollouts:
             "response/truncated_frac": truncated.float().mean().item(),
             "batch/groups_all_equal_frac": (groups.max(1).values == groups.min(1).values).float().mean().item(),
             "batch/samples_trained": int(keep.sum()),
+            "rollout/stale_frac": sum(stale) / len(samples),
         }
         train = [
             TrainSample(s.prompt_ids, s.response_ids, s.logprobs, float(a), s.topk_ids, s.topk_logprobs, s.routed_experts)
@@ -208,6 +211,8 @@ class WeightPublisher:
     def __init__(self, recipe: Recipe, run_dir: Path, learner: Learner, arch, urls: list[str], hf_config: dict):
         self.recipe, self.learner, self.arch, self.urls, self.hf_config = recipe, learner, arch, urls, hf_config
         self.side_files = model_dir(recipe, run_dir)
+        self.version = 0  # what the servers hold: 0 is the initial model they start from
+        self.restart = None  # rank 0: the server manager's restart, for servers that die
         self.disk = DiskWeightSync(run_dir / "weights") if recipe.rollout.weight_sync == "disk" else None
         self.distributed = None
         if recipe.rollout.weight_sync == "distributed" and sends_weights(arch):
@@ -226,8 +231,15 @@ class WeightPublisher:
             save_hf(self.learner.module, self.arch, self.disk.version_dir(version), config=self.hf_config,
                     dtype=self.learner.module.config.params_dtype, side_files_from=self.side_files)
             if dist.get_rank() == 0:
-                self.disk.publish(self.urls, version)
+                try:
+                    self.disk.publish(self.urls, version)
+                except WeightSyncError as error:
+                    if self.restart is None:
+                        raise
+                    log.warning("%s; restarting the servers that failed and loading again", error)
+                    self._restart_failed(version)
             dist.barrier()
+            self.version = version
             return
         tensors = iter_hf_tensors(self.learner.module, self.arch, experts_from_owners=True)
         if self.distributed is not None:
@@ -236,6 +248,29 @@ class WeightPublisher:
             for _ in tensors:  # the iterator is a collective: every rank runs it through
                 pass
         dist.barrier()
+        self.version = version
+
+    def _restart_failed(self, version: int) -> None:
+        import urllib.request
+
+        for url in self.urls:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=10):
+                    continue
+            except OSError:
+                self.restart(url)
+        self.disk.publish(self.urls, version)
+
+    def bring_up_to_date(self, url: str) -> None:
+        """Rank 0, after a server was restarted (it starts from the initial model): give it the
+        current weights before it serves again."""
+        if self.version == 0:
+            return
+        if self.disk is None:
+            raise WeightSyncError(
+                f"{url} was restarted, and a server cannot rejoin the distributed weight-update group in the middle "
+                "of a run: stopping; the run resumes from its last checkpoint (or use rollout.weight_sync: disk)")
+        self.disk.publish([url], self.version)
 
     def close(self) -> None:
         if self.distributed is not None:
@@ -279,11 +314,18 @@ def train(run_dir: Path) -> int:
         if manager is not None:
             _say(f"starting {len(specs)} {recipe.rollout.engine} server(s); logs in {run_dir / 'logs'}")
             manager.start()
-            rollouts = Rollouts(recipe, run_dir, arch, manager)
+
+            def restart(url: str) -> None:  # called by the client for a dead server
+                manager.restart(url)
+                publisher.bring_up_to_date(url)
+
+            rollouts = Rollouts(recipe, run_dir, arch, manager.urls, restart)
             metrics_log = MetricsLog(run_dir, first_step=start, total_steps=trainer.steps,
                                      tensorboard=trainer.tensorboard, wandb_project=trainer.wandb_project,
                                      run_name=run_dir.name, config=asdict(recipe))
         publisher = WeightPublisher(recipe, run_dir, learner, arch, [s.url for s in specs], hf_config)
+        if manager is not None:
+            publisher.restart = manager.restart
         if start > 0:  # the servers started from the initial weights
             publisher.publish(start)
         saved_at = start

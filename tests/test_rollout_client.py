@@ -149,3 +149,20 @@ def test_one_client_serves_step_after_step(manager):
     for _ in range(3):
         samples = client.generate_sync(requests(5))
         assert [s.rid for s in samples] == [f"q{i}" for i in range(5)]
+
+
+def test_a_port_already_in_use_is_refused_rather_than_health_checked(tmp_path):
+    """Whatever answers on a busy port is not our server: training against it would use
+    someone else's weights."""
+    import socket
+
+    from dppo_megatron.rollout.servers import ServerStartError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        manager = ServerManager([ServerSpec(model_path=str(tmp_path), port=port, engine="embedded")], tmp_path)
+        with pytest.raises(ServerStartError, match=f"port {port} on 127.0.0.1 is already in use"):
+            manager.start()
+        manager.stop()

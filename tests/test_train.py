@@ -22,7 +22,7 @@ QUICKSTART = REPO / "recipes" / "tiny" / "quickstart.yaml"
 def start_train(run_dir: Path, *overrides: str, recipe: Path | None = QUICKSTART) -> subprocess.Popen:
     command = [sys.executable, "-m", "dppo_megatron", "train"] + ([str(recipe)] if recipe else [])
     command += ["--run-dir", str(run_dir), *overrides]
-    if recipe is not None:
+    if recipe is not None and not any(o.startswith("rollout.base_port=") for o in overrides):
         command.append(f"rollout.base_port={free_port()}")
     log = open(run_dir.parent / f"{run_dir.name}.log", "ab")  # noqa: SIM115 - closed with the process
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -140,3 +140,18 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "stop signal: checkpoint saved" in log_tail(run_dir)
     agreement = [m["train/routing_agreement"] for m in read_metrics(run_dir)]
     assert all(0.5 < a < 1.0 for a in agreement), agreement
+
+
+def test_a_rollout_server_killed_mid_run_is_restarted_with_the_current_weights(tmp_path):
+    run_dir, port = tmp_path / "restarted", free_port()
+    process = start_train(run_dir, "trainer.steps=12", "trainer.save_every=0", "trainer.eval_every=0",
+                          f"rollout.base_port={port}")
+    wait_for_steps(run_dir, 4, process)
+    killed = subprocess.run(["pkill", "-9", "-f", f"serve-embedded.*--port {port}"], timeout=10)
+    assert killed.returncode == 0, "no server process found to kill"
+    assert finish(process, run_dir, timeout=300) == 0, log_tail(run_dir)
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(12))
+    # Every step sampled from the weights of the step before it, the restarted server included.
+    assert all(m["rollout/stale_frac"] == 0.0 for m in metrics), [m["rollout/stale_frac"] for m in metrics]
+    assert "restarting http://127.0.0.1:" in (run_dir.parent / "restarted.log").read_text()

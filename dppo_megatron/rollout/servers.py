@@ -8,9 +8,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +75,10 @@ class ServerManager:
         self.health_timeout = health_timeout
         self.processes: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, int] = {url: 0 for url in self.specs}
+        # Every server is started from this one long-lived thread: the kernel ties a child's
+        # parent-death signal to the thread that started it, and restarts are requested from
+        # the client's short-lived worker threads.
+        self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-launcher")
 
     @property
     def urls(self) -> list[str]:
@@ -95,7 +99,14 @@ class ServerManager:
         return self.urls
 
     def _launch(self, url: str) -> None:
+        self._launcher.submit(self._start_process, url).result()
+
+    def _start_process(self, url: str) -> None:
         spec = self.specs[url]
+        if not port_is_free(spec.host, spec.port):
+            # A health check would find whatever answers there: never train against a stranger.
+            raise ServerStartError(f"port {spec.port} on {spec.host} is already in use (another server or run?); "
+                                   f"stop it or choose another rollout.base_port")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_file = open(self.log_dir / f"server-{spec.port}.log", "ab")  # noqa: SIM115 - owned by the process
         env = dict(os.environ)
@@ -104,13 +115,9 @@ class ServerManager:
         command = server_command(spec)
         log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
         log_file.flush()
-        # Own session (stopped as a group), and killed with the trainer if that dies first. The
-        # kernel ties that to the launching thread, so only launches from the main thread get it
-        # (restarts run on the client's worker threads, which come and go).
-        on_main_thread = threading.current_thread() is threading.main_thread()
+        # Own session (stopped as a group), and killed with the trainer if that dies first.
         self.processes[url] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                               start_new_session=True,
-                                               preexec_fn=die_with_parent if on_main_thread else None)
+                                               start_new_session=True, preexec_fn=die_with_parent)
         log_file.close()
         log.info("started %s server %s (pid %d)", spec.engine, url, self.processes[url].pid)
 
@@ -156,3 +163,17 @@ class ServerManager:
     def stop(self) -> None:
         for url in list(self.processes):
             self._kill(url)
+        self._launcher.shutdown(wait=False)
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could bind `host:port` now (with SO_REUSEADDR, as servers do)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
