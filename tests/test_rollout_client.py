@@ -59,6 +59,16 @@ def test_requests_are_spread_over_servers_and_each_answered_once(manager):
     assert all(s.routed_experts.shape == (3 + len(s.response_ids) - 1, 2, 2) for s in samples)
 
 
+def test_hundreds_of_concurrent_calls_are_all_served_and_batching_gives_the_same_samples(manager):
+    """The embedded server's listen backlog takes a client's full concurrency (the default of
+    5 reset connections); and batching calls changes nothing in the samples (per-row seeds)."""
+    many = requests(290, max_new_tokens=2, routing=None)  # prompt ids stay inside the vocabulary (300)
+    single = RolloutClient(manager.urls[:1], ClientConfig(failures_before_dead=1, max_attempts=1)).generate_sync(many)
+    batched = RolloutClient(manager.urls[:1], ClientConfig(requests_per_call=64)).generate_sync(many)
+    assert [s.rid for s in single] == [r.rid for r in many] == [s.rid for s in batched]
+    assert [s.response_ids for s in single] == [s.response_ids for s in batched]
+
+
 def test_a_server_killed_mid_batch_is_restarted_and_the_batch_completes(manager):
     victim = manager.urls[0]
     client = RolloutClient(manager.urls, FAST, restart=manager.restart)

@@ -18,9 +18,15 @@ from dppo_megatron.rollout.engine import EmbeddedEngine, RequestError
 log = logging.getLogger(__name__)
 
 
+class _Server(ThreadingHTTPServer):
+    # The listen backlog: a client opens up to max_in_flight_per_server connections at once,
+    # and the default (5) resets the rest.
+    request_queue_size = 1024
+
+
 def make_server(engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 30000) -> ThreadingHTTPServer:
     handler = type("EngineHandler", (_Handler,), {"engine": engine})
-    server = ThreadingHTTPServer((host, port), handler)
+    server = _Server((host, port), handler)
     server.daemon_threads = True
     return server
 
