@@ -13,39 +13,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from dppo_megatron.config import load_recipe
 from dppo_megatron.launch_utils import free_port
 from dppo_megatron.rollout.client import ClientConfig, Request, RolloutClient
 from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams
+from dppo_megatron.rollout.servers import ServerManager, ServerSpec
 from dppo_megatron.train_command import make_random_model
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "quickstart.yaml"
-
-
-def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "dppo_megatron", "serve-embedded", "--model-path", str(model), "--port",
-               str(port), "--enable-return-routed-experts"]
-    proc = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return proc, url
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()[-2000:]}") from None
-            time.sleep(0.2)
-    raise RuntimeError("server did not start")
 
 
 def main() -> None:
@@ -56,14 +35,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64], help="requests per call")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the server is a subprocess on the same cores
     recipe = load_recipe(QUICKSTART)
     routing = RoutingShape(2, 2, 4)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
         make_random_model(recipe, model)
-        proc, url = start_server(model, Path(tmp) / "server.log")
-        try:
+        spec = ServerSpec(model_path=str(model), port=free_port(), engine="embedded", routed_experts=True)
+        with ServerManager([spec], Path(tmp) / "logs") as manager:
+            url = manager.urls[0]
             prompt = [3, 6, 7, 8, 4]  # "reverse 1 2 3 :"
             for per_call in args.batches:
                 client = RolloutClient([url], ClientConfig(requests_per_call=per_call))
@@ -77,17 +58,13 @@ def main() -> None:
                     if repeat:
                         times.append(time.perf_counter() - start)
                     assert len(samples) == len(requests)
-                tokens = sum(len(s.response_ids) for s in samples)
-                rows.append((per_call, min(times), tokens))
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+                rows.append((per_call, min(times)))
     requests = args.prompts * args.n
     print(f"embedded engine rollout, {requests} requests x <= {args.max_new_tokens} new tokens, routes on; "
           f"{platform.machine()} CPU, {os.cpu_count()} cores, best of {args.repeats}")
     print(f"{'requests per call':>18} | {'seconds':>8} | {'requests/s':>10} | {'speed-up':>8}")
     base = rows[0][1]
-    for per_call, seconds, tokens in rows:
+    for per_call, seconds in rows:
         print(f"{per_call:>18} | {seconds:>8.3f} | {requests / seconds:>10.0f} | {base / seconds:>7.1f}x")
 
 
