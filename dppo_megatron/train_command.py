@@ -19,7 +19,7 @@ from dppo_megatron.config.schema import Recipe
 from dppo_megatron.config.validate import describe, learner_world_size, load_recipe, random_init_config
 from dppo_megatron.convert.qwen3_arch import ArchError
 from dppo_megatron.learner.checkpoint import latest_checkpoint
-from dppo_megatron.trainer import INIT_MODEL_DIR, RECIPE_FILE, dataset_paths
+from dppo_megatron.run_dir import INIT_MODEL_DIR, RECIPE_FILE, STOP_FILE, dataset_paths
 
 EXIT_INVALID = 2
 
@@ -84,15 +84,18 @@ def _train(args) -> int:
     except (RecipeError, ArchError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_INVALID
-    if recipe.learner.nodes > 1:
-        print(f"error: learner.nodes is {recipe.learner.nodes}; `train` runs on this machine only: submit "
-              "multi-node recipes with `dppo-megatron submit`", file=sys.stderr)
+    if recipe.learner.nodes > 1 or recipe.rollout.nodes > 0:
+        print(f"error: the recipe spans {recipe.learner.nodes + recipe.rollout.nodes} nodes (learner.nodes "
+              f"{recipe.learner.nodes} + rollout.nodes {recipe.rollout.nodes}); `train` runs on this machine only: "
+              "submit it with `dppo-megatron submit`, or set learner.nodes=1 rollout.nodes=0 to run learners and "
+              "servers side by side here", file=sys.stderr)
         return EXIT_INVALID
     resuming = latest_checkpoint(run_dir / "checkpoints") is not None
     if args.resume and not resuming:
         print(f"error: --resume: {run_dir} has no complete checkpoint", file=sys.stderr)
         return EXIT_INVALID
     prepare_run_dir(recipe, run_dir)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop asked of an earlier run is not for this one
     print(f"{'resuming' if resuming else 'starting'} {recipe.name} in {run_dir} on {learner_world_size(recipe)} "
           f"learner rank(s)", flush=True)
     return run_ranks(["-m", "dppo_megatron.trainer", str(run_dir)], learner_world_size(recipe))
@@ -102,8 +105,9 @@ def _evaluate(args) -> int:
     import json
 
     from dppo_megatron.config.validate import recipe_arch
+    from dppo_megatron.placement import server_specs
     from dppo_megatron.rollout.servers import ServerManager
-    from dppo_megatron.trainer import Rollouts, server_specs
+    from dppo_megatron.trainer import Rollouts
 
     as_model = ["model.random_init=null", f"model.path={Path(args.model).resolve()}"]
     try:

@@ -34,60 +34,16 @@ from dppo_megatron.learner.model import ModelOptions
 from dppo_megatron.learner.parallel import init_parallel
 from dppo_megatron.learner.weights import iter_hf_tensors, load_hf_weights, save_hf, sends_weights
 from dppo_megatron.metrics import MetricsLog
+from dppo_megatron.placement import JobLayout, server_specs, wants_routes
 from dppo_megatron.rewards import overlong_penalty, reward_function
 from dppo_megatron.rollout.client import ClientConfig, Request, RolloutClient
 from dppo_megatron.rollout.protocol import RoutingShape, Sample, SamplingParams
-from dppo_megatron.rollout.servers import ServerManager, ServerSpec
+from dppo_megatron.rollout.servers import RemoteServers, ServerManager
 from dppo_megatron.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, WeightSyncError
+from dppo_megatron.run_dir import (RECIPE_FILE, STOP_FILE, dataset_paths, model_dir, tokenizer_dir, write_status)
 
 log = logging.getLogger("dppo_megatron.trainer")
-RECIPE_FILE = "recipe.yaml"
-INIT_MODEL_DIR = "init_model"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-# --- where a run keeps things ---------------------------------------------------------------
-
-
-def model_dir(recipe: Recipe, run_dir: Path) -> Path:
-    """The initial weights: the recipe's checkpoint, or the random model made for this run."""
-    return Path(recipe.model.path) if recipe.model.path else run_dir / INIT_MODEL_DIR
-
-
-def tokenizer_dir(recipe: Recipe, run_dir: Path) -> str:
-    if recipe.model.tokenizer and recipe.model.tokenizer != "toy-digits":
-        return recipe.model.tokenizer
-    return str(model_dir(recipe, run_dir))
-
-
-def dataset_paths(recipe: Recipe, run_dir: Path) -> tuple[Path, Path | None]:
-    if recipe.data.generate is not None:
-        return run_dir / "data" / "train.jsonl", run_dir / "data" / "eval.jsonl"
-    return Path(recipe.data.train), Path(recipe.data.eval) if recipe.data.eval else None
-
-
-def server_specs(recipe: Recipe, run_dir: Path) -> list[ServerSpec]:
-    rollout = recipe.rollout
-    per_server = rollout.server_tp * rollout.server_dp
-    specs = []
-    for index in range(rollout.servers):
-        gpus = ()
-        if rollout.engine == "sglang":
-            first = (index * per_server) % rollout.gpus_per_node
-            gpus = tuple(range(first, first + per_server))
-        specs.append(ServerSpec(
-            model_path=str(model_dir(recipe, run_dir)), port=rollout.base_port + index, engine=rollout.engine,
-            host=rollout.host, tp=rollout.server_tp, dp=rollout.server_dp, ep=rollout.server_ep,
-            mem_fraction=rollout.mem_fraction, routed_experts=wants_routes(recipe),
-            dtype=None if rollout.dtype == "auto" else rollout.dtype, gpus=gpus, extra_args=tuple(rollout.extra_args),
-        ))
-    return specs
-
-
-def wants_routes(recipe: Recipe) -> bool:
-    """Whether the engines return routed experts: to replay them (R3), or to measure how often
-    the learner's own routing agrees."""
-    return recipe.rollout.r3 or recipe.rollout.record_routes
 
 
 def learner_configs(recipe: Recipe) -> tuple[ModelOptions, OptimizerConfig, LossConfig]:
@@ -219,9 +175,8 @@ class WeightPublisher:
             from dppo_megatron.launch_utils import free_port
 
             rank = dist.get_rank()
-            address = os.environ.get("MASTER_ADDR", "127.0.0.1")
             self.distributed = DistributedWeightSync(
-                urls, master_address=address, master_port=free_port(), group_name=f"dppo-weights-r{rank}",
+                urls, master_address=_address_for(urls), master_port=free_port(), group_name=f"dppo-weights-r{rank}",
                 backend="nccl" if torch.cuda.is_available() else "gloo",
                 server_tp=[recipe.rollout.server_tp] * len(urls))
             self.distributed.connect()
@@ -277,19 +232,45 @@ class WeightPublisher:
             self.distributed.close()
 
 
+def _address_for(urls: list[str]) -> str:
+    """The address of this rank's host as the servers reach it: a sending rank hosts the store
+    of its own weight-update group, on whichever node it runs."""
+    import socket
+    from urllib.parse import urlparse
+
+    if all(urlparse(url).hostname in ("127.0.0.1", "localhost", "::1") for url in urls):
+        return "127.0.0.1"
+    return socket.getfqdn()
+
+
 # --- the loop -------------------------------------------------------------------------------
 
 
-def train(run_dir: Path) -> int:
+def train(run_dir: Path, job_layout: Path | None = None) -> int:
+    """Train the run in `run_dir`. `job_layout`: a cluster job's layout, whose `serve-node`
+    agents run the servers; without it rank 0 runs them on this machine. status.json says how
+    it went (rank 0 writes it; a failure names its error)."""
+    recipe = load_recipe(run_dir / RECIPE_FILE)
+    progress = {"step": 0}
+    try:
+        return _train(recipe, run_dir, job_layout, progress)
+    except BaseException as error:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            write_status(run_dir, "failed", progress["step"], recipe.trainer.steps,
+                         f"{type(error).__name__}: {error}"[:4000])
+        raise
+
+
+def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dict) -> int:
     from megatron.core import parallel_state as ps
 
-    recipe = load_recipe(run_dir / RECIPE_FILE)
     arch = recipe_arch(recipe)
     layout = parallel_layout(recipe)
     init_parallel(layout, arch, seed=recipe.trainer.seed)
     rank = dist.get_rank()
     control = dist.new_group(backend="gloo")  # python objects and flags, on CPU whatever the backend
-    stop_requested = _catch_stop_signals()
+    stop_requested = _catch_stop_signals(run_dir / STOP_FILE if rank == 0 else None)
+    trainer = recipe.trainer
 
     options, optimizer_config, loss_config = learner_configs(recipe)
     learner = Learner(arch, layout, options, optimizer_config, loss_config)
@@ -306,30 +287,37 @@ def train(run_dir: Path) -> int:
     dist.all_gather_object(dp_rank_of, ps.get_data_parallel_rank(), group=control)
     dp_size = ps.get_data_parallel_world_size()
 
-    specs = server_specs(recipe, run_dir)
-    manager = ServerManager(specs, run_dir / "logs") if rank == 0 else None
+    if job_layout is not None:
+        servers = RemoteServers(JobLayout.load(job_layout).agents)
+    else:
+        servers = ServerManager(server_specs(recipe, run_dir), run_dir / "logs")
     rollouts = metrics_log = publisher = None
-    trainer = recipe.trainer
+    progress["step"] = start
+    if rank == 0:
+        write_status(run_dir, "running", start, trainer.steps)
     try:
-        if manager is not None:
-            _say(f"starting {len(specs)} {recipe.rollout.engine} server(s); logs in {run_dir / 'logs'}")
-            manager.start()
+        if rank == 0:
+            _say(f"starting {len(servers.urls)} {recipe.rollout.engine} server(s); logs in {run_dir / 'logs'}"
+                 if job_layout is None else f"waiting for {len(servers.urls)} {recipe.rollout.engine} server(s) "
+                 f"of the job: {', '.join(servers.urls)}")
+            servers.start()
 
             def restart(url: str) -> None:  # called by the client for a dead server
-                manager.restart(url)
+                servers.restart(url)
                 publisher.bring_up_to_date(url)
 
-            rollouts = Rollouts(recipe, run_dir, arch, manager.urls, restart)
+            rollouts = Rollouts(recipe, run_dir, arch, servers.urls, restart)
             metrics_log = MetricsLog(run_dir, first_step=start, total_steps=trainer.steps,
                                      tensorboard=trainer.tensorboard, wandb_project=trainer.wandb_project,
                                      run_name=run_dir.name, config=asdict(recipe))
-        publisher = WeightPublisher(recipe, run_dir, learner, arch, [s.url for s in specs], hf_config)
-        if manager is not None:
-            publisher.restart = manager.restart
+        publisher = WeightPublisher(recipe, run_dir, learner, arch, servers.urls, hf_config)
+        if rank == 0:
+            publisher.restart = servers.restart
         if start > 0:  # the servers started from the initial weights
             publisher.publish(start)
         saved_at = start
         for step in range(start, trainer.steps):
+            progress["step"] = step
             started = time.monotonic()
             # 1. Rollout, rewards, advantages (rank 0), and each rank's share of the batch.
             metrics, shares = {}, None
@@ -373,9 +361,14 @@ def train(run_dir: Path) -> int:
                 metrics["time/step"] = time.monotonic() - started
                 metrics_log.log(step, metrics)
                 _say(metrics_log.progress(step, metrics))
-            if stop:
-                _say(f"stop signal: checkpoint saved at step {saved_at}; resume with --resume")
+            if stop and step + 1 < trainer.steps:
+                if rank == 0:
+                    (run_dir / STOP_FILE).unlink(missing_ok=True)
+                    write_status(run_dir, "stopped", saved_at, trainer.steps, "stop requested (signal or STOP file)")
+                _say(f"stop requested: checkpoint saved at step {saved_at}; resume with --resume")
                 return 0
+        if rank == 0:
+            write_status(run_dir, "finished", trainer.steps, trainer.steps)
         _say(f"done: {trainer.steps} steps; checkpoints in {checkpoints}")
         return 0
     finally:
@@ -383,8 +376,8 @@ def train(run_dir: Path) -> int:
             publisher.close()
         if metrics_log is not None:
             metrics_log.close()
-        if manager is not None:
-            manager.stop()
+        if rank == 0:
+            servers.stop()
 
 
 def _rank_share(plan, dp_rank: int, recipe: Recipe, arch, rollouts: Rollouts) -> list[list]:
@@ -420,9 +413,9 @@ def _save(root: Path, learner: Learner, step: int, hf_config: dict, keep: int) -
     dist.barrier()
 
 
-def _catch_stop_signals():
-    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit, preemption) ask for a
-    checkpoint at the end of the current step, then a clean exit."""
+def _catch_stop_signals(stop_file: Path | None):
+    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit, preemption), or a STOP file in
+    the run directory, ask for a checkpoint at the end of the current step, then a clean exit."""
     requested = {"signal": None}
 
     def handler(signum, frame):
@@ -430,7 +423,7 @@ def _catch_stop_signals():
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
-    return lambda: requested["signal"] is not None
+    return lambda: requested["signal"] is not None or (stop_file is not None and stop_file.exists())
 
 
 def _agree(flag: bool, group) -> bool:
@@ -453,21 +446,24 @@ def _quiet_libraries() -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch\.distributed|megatron\.)")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m dppo_megatron.trainer RUN_DIR  (under torchrun or srun)", file=sys.stderr)
-        return 2
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dppo_megatron.trainer",
+                                     description="The trainer's ranks (started by torchrun, srun or `dppo-megatron train`).")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--job-layout", type=Path, help="a cluster job's layout: its node agents run the servers")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     try:
-        return train(Path(argv[0]))
+        return train(args.run_dir, args.job_layout)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -101,7 +101,16 @@ INVALID = {
                         "trainer.eval_every: evaluation needs held-out prompts"),
     "overlong buffer": (["reward.overlong=penalty"], "reward.overlong_buffer: the penalty needs"),
     "sglang GPUs": (["rollout.engine=sglang", "rollout.servers=4", "rollout.server_tp=8", "rollout.nodes=1"],
-                    "rollout.servers: 4 servers x server_tp 8 x server_dp 1 = 32 GPUs, more than"),
+                    "rollout.servers: 4 servers of 8 GPUs (server_tp x server_dp) do not fit rollout.nodes 1 x "
+                    "rollout.gpus_per_node 8: room for 1"),
+    # 15 GPUs of 16, but the third server of a node would straddle two nodes.
+    "no server across nodes": (["rollout.engine=sglang", "rollout.servers=5", "rollout.server_tp=3", "rollout.nodes=2"],
+                               "rollout.servers: 5 servers of 3 GPUs (server_tp x server_dp) do not fit rollout.nodes 2"),
+    "shared-node GPUs": (["rollout.engine=sglang", "rollout.servers=3", "rollout.gpus_per_node=2"],
+                         "room for 2"),
+    "slurm time": (["slurm.time=soon"], "slurm.time: 'soon' is not a SLURM time limit"),
+    "slurm env": (["slurm.env={1BAD: x}"], "slurm.env.1BAD: not a valid environment variable name"),
+    "slurm env values": (["slurm.env=[NCCL_DEBUG]"], "slurm.env: expected a mapping, got list"),
 }
 
 
@@ -152,7 +161,8 @@ def test_memory_estimate_and_rank_grid_for_the_30b_recipe():
 def test_sglang_command_line_from_the_30b_recipe_with_r3_on(tmp_path):
     """One switch, rollout.r3, turns on routes on the server, in the requests and in the learner."""
     from dppo_megatron.rollout.servers import server_command
-    from dppo_megatron.trainer import learner_configs, server_specs
+    from dppo_megatron.placement import server_specs
+    from dppo_megatron.trainer import learner_configs
 
     recipe = load_recipe(RECIPES / "qwen3-30b-a3b" / "dppo-binary-tv.yaml", ["rollout.r3=true"])
     specs = server_specs(recipe, tmp_path)

@@ -14,6 +14,7 @@ import pytest
 from dppo_megatron.launch_utils import free_port
 from dppo_megatron.learner.checkpoint import latest_checkpoint
 from dppo_megatron.metrics import read_metrics
+from dppo_megatron.run_dir import read_status
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "tiny" / "quickstart.yaml"
@@ -137,7 +138,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     assert checkpoint is not None and checkpoint.name == f"step_{steps:08d}"
     assert json.loads((checkpoint / "learner_state.json").read_text())["trainer"]["step"] == steps
-    assert "stop signal: checkpoint saved" in log_tail(run_dir)
+    assert "stop requested: checkpoint saved" in log_tail(run_dir)
+    assert read_status(run_dir)["state"] == "stopped" and read_status(run_dir)["step"] == steps
     agreement = [m["train/routing_agreement"] for m in read_metrics(run_dir)]
     assert all(0.5 < a < 1.0 for a in agreement), agreement
 

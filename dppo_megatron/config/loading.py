@@ -128,6 +128,21 @@ def convert(hint, value, path: str, problems: list[str]):
             return _INVALID
         items = [convert(args[0], item, f"{path}[{i}]", problems) for i, item in enumerate(value)]
         return [i for i in items if i is not _INVALID]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {_describe(value)}")
+            return _INVALID
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                problems.append(f"{path}: keys must be strings, got {_describe(key)}")
+                continue
+            if args[1] is str and isinstance(item, (bool, int, float)):
+                item = str(item).lower() if isinstance(item, bool) else str(item)  # `NCCL_DEBUG_SUBSYS: 1`
+            converted = convert(args[1], item, f"{path}.{key}", problems)
+            if converted is not _INVALID:
+                out[key] = converted
+        return out
     if hint is bool:
         if not isinstance(value, bool):
             problems.append(f"{path}: expected true or false, got {_describe(value)}")

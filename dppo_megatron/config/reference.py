@@ -33,6 +33,8 @@ def _type_name(hint) -> str:
         return _type_name(inner[0]) + " or null"
     if origin is list:
         return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
     if dataclasses.is_dataclass(hint):
         return "mapping"
     return hint.__name__
@@ -43,7 +45,9 @@ def _default(field) -> str:
         value = field.default
         return "null" if value is None else f"`{str(value).lower() if isinstance(value, bool) else value}`"
     value = field.default_factory()
-    return "`[]`" if value == [] else "see below"
+    if value in ([], {}):
+        return f"`{value}`"
+    return "see below"
 
 
 def _section(cls, path: str, lines: list[str]) -> None:

@@ -100,8 +100,9 @@ class RolloutConfig:
     server_tp: int = doc("tensor parallel size inside one server", 1)
     server_dp: int = doc("data parallel replicas inside one server", 1)
     server_ep: int = doc("expert parallel size inside one server", 1)
-    nodes: int = doc("nodes for rollout servers (0: share the learner nodes)", 0)
-    gpus_per_node: int = doc("GPUs per rollout node", 8)
+    nodes: int = doc("nodes for rollout servers (0: share the learner nodes, on the GPUs after the learner's)", 0)
+    gpus_per_node: int = doc("GPUs per rollout node; with rollout.nodes 0, the GPUs of each learner node after "
+                             "the learner's own ranks", 8)
     mem_fraction: float = doc("SGLang --mem-fraction-static", 0.85)
     dtype: Literal["auto", "float32", "bfloat16"] = doc("engine dtype (auto: the checkpoint's)", "auto")
     host: str = doc("interface servers bind to", "127.0.0.1")
@@ -161,6 +162,30 @@ class TrainerConfig:
 
 
 @dataclass
+class SlurmConfig:
+    partition: str | None = doc("partition (--partition); default: the cluster's default partition")
+    account: str | None = doc("account charged for the job (--account)")
+    time: str | None = doc("time limit: minutes, HH:MM:SS or D-HH:MM:SS (--time); default: the partition's")
+    gpus_per_node: int = doc("GPUs the job asks for on each node (--gpus-per-node); 0 for a CPU job", 8)
+    cpus_per_node: int | None = doc("CPUs on each node (--cpus-per-task of the one task per node); default: "
+                                    "all of them, with exclusive")
+    exclusive: bool = doc("whole nodes (--exclusive)", True)
+    requeue: bool = doc("after a stop on SLURM's warning signal (time limit, preemption) and its checkpoint, "
+                        "requeue the job, which resumes by itself", True)
+    signal_seconds: int = doc("warn the job this many seconds before its time limit (--signal=B:USR1@N): the "
+                              "trainer checkpoints at the end of its step and exits (0: no warning)", 300)
+    env: dict[str, str] = doc("environment of every process of the job: NCCL settings (NCCL_SOCKET_IFNAME, "
+                              "NCCL_IB_HCA, ...), cache directories", default_factory=dict)
+    setup: list[str] = doc("shell lines the job runs before anything else (module load, source venv/bin/activate)",
+                           default_factory=list)
+    python: str | None = doc("Python interpreter on the nodes; default: the one that runs `submit`")
+    master_port: int = doc("port of the learner's rendezvous on the first learner node", 29500)
+    agent_port: int = doc("port of the server agent (`serve-node`) on each node that runs rollout servers", 29400)
+    sbatch_args: list[str] = doc("more sbatch options, e.g. [--qos=high, --constraint=h100]", default_factory=list)
+    template: str | None = doc("sbatch template to render; default launch/slurm/job.sbatch of this checkout")
+
+
+@dataclass
 class Recipe:
     name: str = doc("recipe name (used for the run directory)", "run")
     model: ModelConfig = doc("the policy model", default_factory=ModelConfig)
@@ -171,3 +196,4 @@ class Recipe:
     data: DataConfig = doc("prompt datasets", default_factory=DataConfig)
     reward: RewardConfig = doc("rewards", default_factory=RewardConfig)
     trainer: TrainerConfig = doc("the loop", default_factory=TrainerConfig)
+    slurm: SlurmConfig = doc("the job `dppo-megatron submit` makes (SLURM clusters)", default_factory=SlurmConfig)

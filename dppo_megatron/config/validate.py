@@ -4,6 +4,7 @@ the process layout and a per-GPU memory estimate."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from dppo_megatron.config.schema import Recipe
 from dppo_megatron.convert.qwen3_arch import ArchError, Qwen3Arch
 from dppo_megatron.data.toy import TOY_TOKENIZER, toy_vocab_size
 from dppo_megatron.learner.parallel import ParallelLayout
+from dppo_megatron.placement import server_placements, server_room
+
+TIME_LIMIT = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|\d+-\d+|UNLIMITED|INFINITE")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: bool = False) -> Recipe:
@@ -157,19 +162,35 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
              f"{dp} data-parallel ranks")
 
     # Rollout servers and their GPUs.
-    if rollout.engine == "sglang":
-        gpus = rollout.servers * rollout.server_tp * rollout.server_dp
-        if rollout.nodes:
-            room, where = rollout.nodes * rollout.gpus_per_node, f"rollout.nodes x rollout.gpus_per_node = {rollout.nodes * rollout.gpus_per_node}"
-        else:
-            room, where = world, f"the learner's {world} GPUs (rollout.nodes: 0 colocates)"
-        need(gpus <= room, f"rollout.servers: {rollout.servers} servers x server_tp {rollout.server_tp} x server_dp "
-                           f"{rollout.server_dp} = {gpus} GPUs, more than {where}")
-        need(rollout.server_tp * rollout.server_dp <= rollout.gpus_per_node,
-             f"rollout.server_tp x server_dp = {rollout.server_tp * rollout.server_dp} GPUs do not fit one node of "
-             f"{rollout.gpus_per_node}")
-        need(rollout.server_ep <= rollout.server_tp * rollout.server_dp,
-             f"rollout.server_ep: {rollout.server_ep} exceeds the server's {rollout.server_tp * rollout.server_dp} GPUs")
+    if rollout.engine == "sglang" and rollout.gpus_per_node >= 1:
+        nodes, gpus_per_node, _ = server_room(recipe)
+        per_server = rollout.server_tp * rollout.server_dp
+        where = (f"rollout.nodes {rollout.nodes} x rollout.gpus_per_node {gpus_per_node}" if rollout.nodes else
+                 f"rollout.gpus_per_node {gpus_per_node} on each of the learner's {nodes} node(s) (rollout.nodes 0: "
+                 "servers share the learner nodes, on the GPUs after the learner's)")
+        need(per_server <= gpus_per_node, f"rollout.server_tp x server_dp = {per_server} GPUs do not fit one node's "
+                                          f"{gpus_per_node} server GPUs ({where})")
+        if per_server <= gpus_per_node:
+            room = nodes * (gpus_per_node // per_server)
+            need(rollout.servers <= room, f"rollout.servers: {rollout.servers} servers of {per_server} GPUs "
+                                          f"(server_tp x server_dp) do not fit {where}: room for {room}")
+        need(rollout.server_ep <= per_server,
+             f"rollout.server_ep: {rollout.server_ep} exceeds the server's {per_server} GPUs")
+
+    # The SLURM job.
+    slurm = recipe.slurm
+    need(slurm.gpus_per_node >= 0, f"slurm.gpus_per_node: must be >= 0, got {slurm.gpus_per_node}")
+    need(slurm.signal_seconds >= 0, f"slurm.signal_seconds: must be >= 0, got {slurm.signal_seconds}")
+    need(slurm.cpus_per_node is None or slurm.cpus_per_node >= 1,
+         f"slurm.cpus_per_node: null or >= 1, got {slurm.cpus_per_node}")
+    need(slurm.time is None or TIME_LIMIT.fullmatch(slurm.time) is not None,
+         f"slurm.time: {slurm.time!r} is not a SLURM time limit; use minutes, HH:MM:SS or D-HH:MM:SS")
+    for key in ("master_port", "agent_port"):
+        port = getattr(slurm, key)
+        need(1 <= port <= 65535, f"slurm.{key}: must be a port (1-65535), got {port}")
+    need(slurm.master_port != slurm.agent_port, "slurm.master_port and slurm.agent_port must differ")
+    for name in slurm.env:
+        need(ENV_NAME.fullmatch(name) is not None, f"slurm.env.{name}: not a valid environment variable name")
 
     # Data and rewards.
     if data.generate is not None:
@@ -299,17 +320,14 @@ def describe(recipe: Recipe, resolved: dict) -> str:
 
 def server_layout(recipe: Recipe) -> list[str]:
     rollout = recipe.rollout
-    per_server = rollout.server_tp * rollout.server_dp
     out = []
-    for index in range(rollout.servers):
-        port = rollout.base_port + index
+    for placement in server_placements(recipe):
         if rollout.engine == "embedded":
-            out.append(f"embedded engine on {rollout.host}:{port} (CPU)")
+            where = f"{'rollout' if rollout.nodes else 'learner'} node 0 (CPU)"
+            out.append(f"embedded engine on {where}, {rollout.host}:{placement.port}")
             continue
-        first = index * per_server
-        node, gpu = divmod(first, rollout.gpus_per_node)
-        where = f"rollout node {node}" if rollout.nodes else f"learner node {node}"
-        out.append(f"sglang on {where}, GPUs {gpu}-{gpu + per_server - 1}, port {port}, "
+        where = f"rollout node {placement.node}" if rollout.nodes else f"learner node {placement.node}"
+        out.append(f"sglang on {where}, GPUs {placement.gpus[0]}-{placement.gpus[-1]}, port {placement.port}, "
                    f"tp {rollout.server_tp} dp {rollout.server_dp} ep {rollout.server_ep}")
     return out
 
