@@ -1,14 +1,20 @@
 """Starting, watching and restarting rollout servers: SGLang on GPUs, the embedded engine
-elsewhere, as subprocesses with their logs in the run directory."""
+elsewhere, as subprocesses with their logs in the run directory.
+
+`ServerManager` runs the servers of this machine. `RemoteServers` is the trainer's handle on the
+servers of a cluster job, which each node's `serve-node` agent runs (rollout/node_agent.py):
+the same `urls`, `start`, `restart` and `stop`."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -123,19 +129,14 @@ class ServerManager:
 
     def _wait_healthy(self, url: str) -> None:
         process = self.processes[url]
-        deadline = time.monotonic() + self.health_timeout
-        while time.monotonic() < deadline:
+
+        def check_alive() -> None:
             if process.poll() is not None:
                 raise ServerStartError(f"{url} exited with {process.returncode} while starting; "
                                        f"log tail:\n{self.log_tail(url)}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise ServerStartError(f"{url} not healthy after {self.health_timeout:.0f}s; log tail:\n{self.log_tail(url)}")
+
+        if not wait_healthy(url, self.health_timeout, check_alive):
+            raise ServerStartError(f"{url} not healthy after {self.health_timeout:.0f}s; log tail:\n{self.log_tail(url)}")
 
     def log_tail(self, url: str, lines: int = 30) -> str:
         path = self.log_dir / f"server-{self.specs[url].port}.log"
@@ -164,6 +165,94 @@ class ServerManager:
         for url in list(self.processes):
             self._kill(url)
         self._launcher.shutdown(wait=False)
+
+
+class RemoteServers:
+    """Servers run by `serve-node` agents on a cluster job's nodes. `agents` maps each server's
+    URL to its agent's URL; a restart is asked of the agent, which answers once the server is
+    healthy again."""
+
+    def __init__(self, agents: dict[str, str], *, health_timeout: float = 1800.0, agent_grace: float = 120.0):
+        self.agents = dict(agents)
+        self.health_timeout = health_timeout
+        self.agent_grace = agent_grace  # an agent may take this long to answer at all (srun, imports)
+
+    @property
+    def urls(self) -> list[str]:
+        return list(self.agents)
+
+    def __enter__(self) -> "RemoteServers":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> list[str]:
+        """Wait until every server answers /health (the agents start them with the job). An
+        agent that stops answering (it failed to start its servers and exited) ends the wait."""
+        for url in self.agents:
+            agent = self.agents[url]
+            refused_since = [None]
+
+            def check_agent() -> None:
+                try:
+                    with urllib.request.urlopen(agent + "/health", timeout=5):
+                        refused_since[0] = None
+                        return
+                except OSError:
+                    refused_since[0] = refused_since[0] or time.monotonic()
+                if time.monotonic() - refused_since[0] > self.agent_grace:
+                    raise ServerStartError(f"the agent {agent} that runs {url} has not answered for "
+                                           f"{self.agent_grace:.0f}s: it failed to start (see the job log)")
+
+            if not wait_healthy(url, self.health_timeout, check_agent):
+                raise ServerStartError(f"{url} not healthy after {self.health_timeout:.0f}s; its agent is "
+                                       f"{agent}; see the server logs of the run")
+        return self.urls
+
+    def restart(self, url: str) -> None:
+        port = int(url.rsplit(":", 1)[1])
+        request = urllib.request.Request(self.agents[url] + "/restart", data=json.dumps({"port": port}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        log.warning("asking %s to restart %s", self.agents[url], url)
+        try:
+            with urllib.request.urlopen(request, timeout=self.health_timeout) as response:
+                response.read()
+        except urllib.error.HTTPError as error:
+            raise ServerStartError(f"{self.agents[url]} could not restart {url}: "
+                                   f"{error.read().decode(errors='replace')[:2000]}") from None
+        except OSError as error:
+            raise ServerStartError(f"the agent {self.agents[url]} of {url} does not answer: {error}") from None
+
+    def stop(self) -> None:
+        """Tell every agent that the trainer is done: it stops its servers and exits, and so
+        does the job's server step. An agent that does not answer is left to the job script."""
+        for agent in sorted(set(self.agents.values())):
+            request = urllib.request.Request(agent + "/shutdown", data=json.dumps({}).encode(), method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    response.read()
+            except OSError as error:
+                log.warning("could not stop the servers' agent %s: %s", agent, error)
+
+
+def wait_healthy(url: str, timeout: float, check_alive=None) -> bool:
+    """Poll `url`/health until it answers 200 (True) or `timeout` passes (False).
+    `check_alive()` may raise to give up early (the server's process died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check_alive is not None:
+            check_alive()
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
 
 
 def port_is_free(host: str, port: int) -> bool:
