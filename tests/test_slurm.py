@@ -1,0 +1,238 @@
+"""`dppo-megatron submit`: the rendered job for the cluster recipes, refusals before sbatch, and
+real jobs on a one-node SLURM cluster started for these tests (tests/slurm_cluster.py)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dppo_megatron.config.validate import load_recipe
+from dppo_megatron.launch_utils import free_port
+from dppo_megatron.learner.checkpoint import latest_checkpoint
+from dppo_megatron.metrics import read_metrics
+from dppo_megatron.placement import LayoutError, job_layout
+from dppo_megatron.run_dir import read_status
+from dppo_megatron.slurm import describe_job, job_problems, render
+from tests.slurm_cluster import ClusterUnavailable, SlurmCluster
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+QUICKSTART = RECIPES / "tiny" / "quickstart.yaml"
+QWEN3_30B = RECIPES / "qwen3-30b-a3b" / "dppo-binary-tv.yaml"
+
+
+def submit(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = dict(env or os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "dppo_megatron", "submit", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=300)
+
+
+def directives(script: str) -> list[str]:
+    return [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+# --- the rendered job (no cluster needed) -------------------------------------------------------
+
+
+def test_dry_run_of_the_30b_recipe_with_r3_renders_the_whole_job(tmp_path):
+    result = submit(str(QWEN3_30B), "rollout.r3=true", "--dry-run", "--partition", "gpu", "--time", "2-00:00:00",
+                    "--account", "rl-team", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert directives(out) == [
+        "--job-name=dppo-qwen3-30b-a3b-dppo-binary-tv", "--nodes=4", "--ntasks-per-node=1",
+        f"--output={tmp_path / 'run' / 'slurm' / 'job-%j.out'}", "--open-mode=append", "--gpus-per-node=8",
+        "--exclusive", "--partition=gpu", "--account=rl-team", "--time=2-00:00:00", "--signal=B:USR1@600",
+        "--requeue",
+    ]
+    assert "export NCCL_DEBUG=WARN" in out  # NCCL settings from the recipe's slurm.env
+    assert "--nproc-per-node=8" in out and "-m dppo_megatron.trainer \"$RUN_DIR\" --job-layout \"$LAYOUT\"" in out
+    assert out.count("--gpus-per-node=8 --kill-on-bad-exit") == 2  # both steps see the node's GPUs
+    assert "serve-node \"$LAYOUT\"" in out
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+    layout = out[out.index("# job: 4 node(s)"):].splitlines()
+    assert layout[1].startswith("node 0: learner ranks 0-7 (torchrun, 8 per node, GPUs 0-7; TP 2 PP 1 EP 8)")
+    assert layout[2].startswith("node 1: learner ranks 8-15")
+    servers = [line for line in layout if ": server " in line]
+    assert [s.split(":")[0] for s in servers] == ["node 2", "node 2", "node 3", "node 3"]
+    assert "CUDA_VISIBLE_DEVICES=4,5,6,7" in servers[1] and "CUDA_VISIBLE_DEVICES=0,1,2,3" in servers[2]
+    for index, line in enumerate(servers):
+        command = line.split(f"server {index}: ", 1)[1]
+        assert " -m sglang.launch_server --model-path Qwen/Qwen3-30B-A3B-Base --host 0.0.0.0 " in command
+        assert f"--port {30000 + index} --tp-size 4 --dp-size 1 --ep-size 1 --mem-fraction-static 0.8" in command
+        assert command.endswith("--skip-tokenizer-init --enable-return-routed-experts")
+
+    off = submit(str(QWEN3_30B), "--dry-run", "--partition", "gpu")
+    assert off.returncode == 0 and "--enable-return-routed-experts" not in off.stdout
+
+
+def test_rendered_scripts_are_valid_bash(tmp_path):
+    for recipe_path, overrides in [(QWEN3_30B, []), (QUICKSTART, []), (RECIPES / "qwen3-4b-base" / "dppo-binary-tv.yaml",
+                                   ["slurm.setup=['source /opt/venv/bin/activate']", "slurm.requeue=false"])]:
+        recipe = load_recipe(recipe_path, overrides)
+        script = tmp_path / f"{recipe.name}.sbatch"
+        script.write_text(render(recipe, tmp_path / "run dir", workdir=tmp_path))
+        checked = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
+    assert "source /opt/venv/bin/activate" in script.read_text()
+    assert "#SBATCH --no-requeue" in script.read_text()
+
+
+def test_the_job_layout_puts_learners_first_and_servers_on_the_rollout_nodes(tmp_path):
+    recipe = load_recipe(QWEN3_30B, ["rollout.r3=true"])
+    layout = job_layout(recipe, tmp_path, ["gpu-a1", "gpu-a2", "gpu-b1", "gpu-b2"])
+    assert layout.learner_nodes == ["gpu-a1", "gpu-a2"] and layout.master_addr == "gpu-a1"
+    assert layout.server_nodes == ["gpu-b1", "gpu-b2"]
+    assert layout.urls == ["http://gpu-b1:30000", "http://gpu-b1:30001", "http://gpu-b2:30002", "http://gpu-b2:30003"]
+    assert layout.agents["http://gpu-b2:30003"] == "http://gpu-b2:29400"
+    assert [s.gpus for s in layout.specs_on("gpu-b2")] == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert all(s.routed_experts for s in layout.specs_on("gpu-b1"))
+    layout.save(tmp_path / "layout.json")
+    assert type(layout).load(tmp_path / "layout.json") == layout
+
+    shared = load_recipe(RECIPES / "qwen3-4b-base" / "dppo-binary-tv.yaml")  # rollout.nodes 0
+    layout = job_layout(shared, tmp_path, ["node7"])
+    assert layout.server_nodes == ["node7"] and [s.gpus for s in layout.specs_on("node7")] == [(4,), (5,), (6,), (7,)]
+
+    with pytest.raises(LayoutError, match="the job has 3 node.*needs 4: learner.nodes 2 \\+ rollout.nodes 2"):
+        job_layout(recipe, tmp_path, ["a", "b", "c"])
+    loopback = load_recipe(QWEN3_30B, ["rollout.host=127.0.0.1"])
+    with pytest.raises(LayoutError, match="rollout.host 127.0.0.1 is reachable only from its own node"):
+        job_layout(loopback, tmp_path, ["a", "b", "c", "d"])
+
+
+@pytest.mark.parametrize("recipe_path, overrides, flags, message", [
+    (QWEN3_30B, ["slurm.gpus_per_node=4"], [],
+     "learner.ranks_per_node: 8 ranks need as many GPUs on each learner node; slurm.gpus_per_node asks for 4"),
+    (RECIPES / "qwen3-4b-base" / "dppo-binary-tv.yaml", ["slurm.gpus_per_node=6"], [],
+     "the learner's 4 GPUs + 4 for servers = 8 GPUs on each learner node; slurm.gpus_per_node asks for 6"),
+    (QWEN3_30B, ["rollout.gpus_per_node=16", "rollout.servers=8"], [],
+     "rollout.gpus_per_node: 16 GPUs on each rollout node; slurm.gpus_per_node asks for 8"),
+    (QWEN3_30B, ["slurm.gpus_per_node=0"], [], "rollout.engine sglang needs GPUs"),
+    (QWEN3_30B, [], ["--nodes", "2"], "--nodes 2: the recipe lays out 4 node(s)"),
+    (QWEN3_30B, ["slurm.time=two days"], [], "slurm.time: 'two days' is not a SLURM time limit"),
+    (QWEN3_30B, ["slurm.env={NCCL-DEBUG: INFO}"], [], "slurm.env.NCCL-DEBUG: not a valid environment variable name"),
+])
+def test_impossible_jobs_are_refused_before_sbatch(tmp_path, recipe_path, overrides, flags, message):
+    result = submit(str(recipe_path), *overrides, *flags, "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stdout
+    assert message in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
+
+
+def test_job_problems_accept_the_shipped_cluster_recipes():
+    for path in sorted(RECIPES.glob("qwen3-*/*.yaml")):
+        recipe = load_recipe(path)
+        assert job_problems(recipe) == [], path
+        assert describe_job(recipe, Path("/tmp/run")).startswith("# job: ")
+
+
+# --- real jobs on a one-node SLURM cluster ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    try:
+        with SlurmCluster(tmp_path_factory.mktemp("slurm")) as running:
+            yield running
+    except ClusterUnavailable as reason:
+        pytest.skip(f"no SLURM cluster here: {reason}")
+
+
+def quickstart_job(cluster: SlurmCluster, run_dir: Path, *overrides: str) -> str:
+    """Submit the quickstart with ports of its own; return the job id."""
+    ports = [f"rollout.base_port={free_port()}", f"slurm.master_port={free_port()}", f"slurm.agent_port={free_port()}"]
+    result = submit(str(QUICKSTART), *ports, *overrides, "--run-dir", str(run_dir), env=cluster.env)
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"submitted job (\d+)", result.stdout)
+    assert match, result.stdout
+    assert f"job log        {run_dir / 'slurm' / f'job-{match.group(1)}.out'}" in result.stdout
+    return match.group(1)
+
+
+def job_log(run_dir: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((run_dir / "slurm").glob("job-*.out")))
+
+
+def test_a_missing_partition_is_refused_before_sbatch(cluster, tmp_path):
+    result = submit(str(QUICKSTART), "--partition", "h100", "--run-dir", str(tmp_path / "run"), env=cluster.env)
+    assert result.returncode == 2
+    assert "slurm.partition: no partition 'h100' on this cluster (partitions: debug*)" in result.stderr
+    assert not (tmp_path / "run").exists()
+    too_big = submit(str(QUICKSTART), "learner.nodes=2", "--run-dir", str(tmp_path / "run"), env=cluster.env)
+    assert too_big.returncode == 2 and "the job needs 2 nodes" in too_big.stderr and "partition debug has 1" in too_big.stderr
+
+
+def test_submitted_quickstart_runs_to_completion_as_a_job(cluster, tmp_path):
+    run_dir = tmp_path / "job"
+    job_id = quickstart_job(cluster, run_dir, "trainer.steps=10", "trainer.save_every=5", "trainer.eval_every=5")
+    assert cluster.wait_until_gone(job_id, timeout=400), f"job still {cluster.job_state(job_id)}:\n{job_log(run_dir)}"
+    log = job_log(run_dir)
+    assert "finished: 10 steps" in log, log[-3000:]
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(10))
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000010"
+    assert read_status(run_dir)["state"] == "finished" and read_status(run_dir)["slurm_job_id"] == job_id
+    layout = json.loads((run_dir / "job" / "layout.json").read_text())
+    assert layout["learner_nodes"] == ["localhost"] and layout["server_nodes"] == ["localhost"]
+    assert (run_dir / "logs").is_dir() and any((run_dir / "logs").iterdir())  # the embedded engine's log
+    assert "the trainer is done; stopping the servers" in log  # the agent stopped cleanly, not killed
+
+
+def test_a_stop_signal_checkpoints_and_the_requeued_job_resumes_without_losing_a_step(cluster, tmp_path):
+    run_dir = tmp_path / "preempted"
+    steps = 40
+    job_id = quickstart_job(cluster, run_dir, f"trainer.steps={steps}", "trainer.save_every=0", "trainer.eval_every=0")
+    deadline = time.monotonic() + 300
+    while len(read_metrics(run_dir)) < 4:
+        assert time.monotonic() < deadline and cluster.job_state(job_id), f"no step 4:\n{job_log(run_dir)}"
+        time.sleep(0.2)
+    # What SLURM sends before the time limit (--signal=B:USR1@N), sent now.
+    signalled = cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    assert signalled.returncode == 0, signalled.stderr
+
+    deadline = time.monotonic() + 300
+    while "requeueing the job" not in job_log(run_dir):
+        assert time.monotonic() < deadline, job_log(run_dir)[-3000:]
+        time.sleep(0.5)
+    stopped_at = latest_checkpoint(run_dir / "checkpoints")
+    assert stopped_at is not None and 4 <= int(stopped_at.name.split("_")[1]) < steps
+    # SLURM holds a requeued batch job for about two minutes before it may start again; let it
+    # start now rather than make the test wait.
+    deadline = time.monotonic() + 60
+    while cluster.job_state(job_id) != "PENDING":
+        assert time.monotonic() < deadline, cluster.job_state(job_id)
+        time.sleep(0.5)
+    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+    assert cluster.wait_until_gone(job_id, timeout=400), f"job still {cluster.job_state(job_id)}:\n{job_log(run_dir)}"
+    log = job_log(run_dir)
+    assert f"job {job_id} (restart 1)" in log
+    assert f"resumed from {stopped_at} at step {int(stopped_at.name.split('_')[1])}" in log
+    assert f"finished: {steps} steps" in log, log[-3000:]
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(steps))  # none lost, none repeated
+    assert read_status(run_dir)["state"] == "finished"
+
+
+def test_a_failing_job_writes_its_reason_into_the_log(cluster, tmp_path):
+    """A checkpoint directory with a config but no weights passes the recipe checks and fails
+    in the job: the job log says that it failed, and why."""
+    from dppo_megatron.train_command import make_random_model
+
+    broken = tmp_path / "broken-model"
+    make_random_model(load_recipe(QUICKSTART), broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    run_dir = tmp_path / "failing"
+    job_id = quickstart_job(cluster, run_dir, "model.random_init=null", f"model.path={broken}", "trainer.steps=3")
+    assert cluster.wait_until_gone(job_id, timeout=400), job_log(run_dir)
+    log = job_log(run_dir)
+    assert "FAILED: the learner exited with code" in log, log[-3000:]
+    status = read_status(run_dir)
+    assert status["state"] == "failed" and str(broken) in status["message"], status
+    assert status["message"] in log
