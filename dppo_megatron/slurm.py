@@ -11,6 +11,7 @@ then checkpoints and exits, and the job requeues itself and resumes.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -228,7 +229,8 @@ def _submit(args) -> int:
             print("error: give a recipe, or --run-dir of an existing run", file=sys.stderr)
             return EXIT_INVALID
         recipe_path = Path(args.run_dir) / RECIPE_FILE
-    overrides += [f"slurm.{key}={value}" for key, value in
+    # Quoted: overrides are YAML, and `--time 30` means the string "30" (minutes), not a number.
+    overrides += [f"slurm.{key}={json.dumps(value)}" for key, value in
                   (("partition", args.partition), ("time", args.time), ("account", args.account)) if value is not None]
     try:
         recipe = load_recipe(recipe_path, overrides)

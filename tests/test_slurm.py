@@ -156,6 +156,14 @@ def quickstart_job(cluster: SlurmCluster, run_dir: Path, *overrides: str) -> str
     return match.group(1)
 
 
+def wait_until_requeued(cluster: SlurmCluster, job_id: str, run_dir: Path, timeout: float = 300) -> None:
+    """Until the job script has requeued the job: it says so, and the job is pending again."""
+    deadline = time.monotonic() + timeout
+    while "requeueing the job" not in job_log(run_dir) or cluster.job_state(job_id) != "PENDING":
+        assert time.monotonic() < deadline, f"{cluster.job_state(job_id)}:\n{job_log(run_dir)[-3000:]}"
+        time.sleep(0.5)
+
+
 def job_log(run_dir: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted((run_dir / "slurm").glob("job-*.out")))
 
@@ -196,18 +204,11 @@ def test_a_stop_signal_checkpoints_and_the_requeued_job_resumes_without_losing_a
     signalled = cluster.run("scancel", "--signal=USR1", "--batch", job_id)
     assert signalled.returncode == 0, signalled.stderr
 
-    deadline = time.monotonic() + 300
-    while "requeueing the job" not in job_log(run_dir):
-        assert time.monotonic() < deadline, job_log(run_dir)[-3000:]
-        time.sleep(0.5)
+    wait_until_requeued(cluster, job_id, run_dir)
     stopped_at = latest_checkpoint(run_dir / "checkpoints")
     assert stopped_at is not None and 4 <= int(stopped_at.name.split("_")[1]) < steps
     # SLURM holds a requeued batch job for about two minutes before it may start again; let it
     # start now rather than make the test wait.
-    deadline = time.monotonic() + 60
-    while cluster.job_state(job_id) != "PENDING":
-        assert time.monotonic() < deadline, cluster.job_state(job_id)
-        time.sleep(0.5)
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
     assert cluster.wait_until_gone(job_id, timeout=400), f"job still {cluster.job_state(job_id)}:\n{job_log(run_dir)}"
@@ -217,6 +218,22 @@ def test_a_stop_signal_checkpoints_and_the_requeued_job_resumes_without_losing_a
     assert f"finished: {steps} steps" in log, log[-3000:]
     assert [m["step"] for m in read_metrics(run_dir)] == list(range(steps))  # none lost, none repeated
     assert read_status(run_dir)["state"] == "finished"
+
+
+def test_the_warning_before_the_time_limit_checkpoints_and_requeues(cluster, tmp_path):
+    """A one-minute job asking for USR1 40 s before its limit: SLURM's own signal, not ours."""
+    run_dir = tmp_path / "time-limited"
+    job_id = quickstart_job(cluster, run_dir, "trainer.steps=5000", "trainer.save_every=0", "trainer.eval_every=0",
+                            "--time", "1", "slurm.signal_seconds=40")
+    wait_until_requeued(cluster, job_id, run_dir)
+    log = job_log(run_dir)
+    cluster.run("scancel", job_id)  # it would run again in two minutes, and stop again
+    assert "caught USR1: asking the trainer to checkpoint and stop" in log
+    status = read_status(run_dir)
+    assert status["state"] == "stopped" and 0 < status["step"] < 5000
+    assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{status['step']:08d}"
+    assert len(read_metrics(run_dir)) == status["step"]
+    assert "DUE TO TIME LIMIT" not in log  # it stopped before SLURM killed it
 
 
 def test_a_failing_job_writes_its_reason_into_the_log(cluster, tmp_path):
