@@ -87,7 +87,9 @@ class SlurmCluster:
         return "\n".join([
             "ClusterName=dppotest", "SlurmctldHost=localhost", f"SlurmctldPort={free_port()}",
             f"SlurmdPort={free_port()}", "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge",
-            f"AuthInfo=socket={self.socket}", "CredType=cred/munge", f"StateSaveLocation={root / 'state'}",
+            # cred_expire: also how long SLURM holds a requeued job before it may start again
+            # (120 s by default); a requeued job started sooner fails with "credential revoked".
+            f"AuthInfo=socket={self.socket},cred_expire=30", "CredType=cred/munge", f"StateSaveLocation={root / 'state'}",
             f"SlurmdSpoolDir={root / 'spool'}", f"SlurmctldPidFile={root / 'slurmctld.pid'}",
             f"SlurmdPidFile={root / 'slurmd.pid'}", f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
             f"SlurmdLogFile={root / 'log' / 'slurmd.log'}", "ProctrackType=proctrack/linuxproc",
@@ -112,8 +114,10 @@ class SlurmCluster:
 
     def job_state(self, job_id: str) -> str | None:
         """PENDING, RUNNING, ... while in the queue; None once it has left it."""
-        out = self.run("squeue", "--noheader", "--jobs", job_id, "--format=%T").stdout.strip()
-        return out or None
+        result = self.run("squeue", "--noheader", "--jobs", job_id, "--format=%T")
+        if result.returncode != 0:  # slurmctld busy, or the job long gone
+            return None if "Invalid job id" in result.stderr else "UNKNOWN"
+        return result.stdout.strip() or None
 
     def wait_until_gone(self, job_id: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

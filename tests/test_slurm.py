@@ -207,9 +207,7 @@ def test_a_stop_signal_checkpoints_and_the_requeued_job_resumes_without_losing_a
     wait_until_requeued(cluster, job_id, run_dir)
     stopped_at = latest_checkpoint(run_dir / "checkpoints")
     assert stopped_at is not None and 4 <= int(stopped_at.name.split("_")[1]) < steps
-    # SLURM holds a requeued batch job for about two minutes before it may start again; let it
-    # start now rather than make the test wait.
-    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    # SLURM holds a requeued job for cred_expire seconds (30 on the test cluster) before it starts.
 
     assert cluster.wait_until_gone(job_id, timeout=400), f"job still {cluster.job_state(job_id)}:\n{job_log(run_dir)}"
     log = job_log(run_dir)
@@ -227,7 +225,7 @@ def test_the_warning_before_the_time_limit_checkpoints_and_requeues(cluster, tmp
                             "--time", "1", "slurm.signal_seconds=40")
     wait_until_requeued(cluster, job_id, run_dir)
     log = job_log(run_dir)
-    cluster.run("scancel", job_id)  # it would run again in two minutes, and stop again
+    cluster.run("scancel", job_id)  # requeued, it would run again and stop again
     assert "caught USR1: asking the trainer to checkpoint and stop" in log
     status = read_status(run_dir)
     assert status["state"] == "stopped" and 0 < status["step"] < 5000
