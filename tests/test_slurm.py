@@ -219,14 +219,17 @@ def test_a_stop_signal_checkpoints_and_the_requeued_job_resumes_without_losing_a
 
 
 def test_the_warning_before_the_time_limit_checkpoints_and_requeues(cluster, tmp_path):
-    """A one-minute job asking for USR1 40 s before its limit: SLURM's own signal, not ours."""
+    """A two-minute job asking for USR1 100 s before its limit: SLURM's own signal, not ours. It
+    comes about 20 s in, while the job is still in its setup lines (a slow `module load`): the
+    stop waits for the trainer's first step instead of killing the starting job."""
     run_dir = tmp_path / "time-limited"
     job_id = quickstart_job(cluster, run_dir, "trainer.steps=5000", "trainer.save_every=0", "trainer.eval_every=0",
-                            "--time", "1", "slurm.signal_seconds=40")
+                            "--time", "2", "slurm.signal_seconds=100", "slurm.setup=['sleep 30']")
     wait_until_requeued(cluster, job_id, run_dir)
     log = job_log(run_dir)
     cluster.run("scancel", job_id)  # requeued, it would run again and stop again
-    assert "caught USR1: asking the trainer to checkpoint and stop" in log
+    caught = log.index("caught USR1: asking the trainer to checkpoint and stop")
+    assert caught < log.index("learner on localhost")  # caught during setup, before anything started
     status = read_status(run_dir)
     assert status["state"] == "stopped" and 0 < status["step"] < 5000
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{status['step']:08d}"
