@@ -58,7 +58,7 @@ def make_agent(manager: ServerManager, node: str, host: str, port: int) -> Threa
 
         def do_POST(self):
             if self.path.split("?", 1)[0] == "/shutdown":  # the trainer is done with the servers
-                self._send(HTTPStatus.OK, {"node": node, "stopping": manager.urls})
+                self._send(HTTPStatus.OK, {"success": True, "node": node, "stopping": manager.urls})
                 threading.Thread(target=self.server.shutdown, daemon=True).start()
                 return None
             if self.path.split("?", 1)[0] != "/restart":
@@ -78,7 +78,7 @@ def make_agent(manager: ServerManager, node: str, host: str, port: int) -> Threa
                     manager.restart(url)
                 except ServerStartError as error:
                     return self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": {"message": str(error)}})
-            return self._send(HTTPStatus.OK, {"url": url, "restarts": manager.restarts[url]})
+            return self._send(HTTPStatus.OK, {"success": True, "url": url, "restarts": manager.restarts[url]})
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dppo_megatron.launch_utils import die_with_parent
+from dppo_megatron.rollout.protocol import error_message
 
 log = logging.getLogger(__name__)
 
@@ -212,30 +213,38 @@ class RemoteServers:
         return self.urls
 
     def restart(self, url: str) -> None:
-        port = int(url.rsplit(":", 1)[1])
-        request = urllib.request.Request(self.agents[url] + "/restart", data=json.dumps({"port": port}).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
-        log.warning("asking %s to restart %s", self.agents[url], url)
-        try:
-            with urllib.request.urlopen(request, timeout=self.health_timeout) as response:
-                response.read()
-        except urllib.error.HTTPError as error:
-            raise ServerStartError(f"{self.agents[url]} could not restart {url}: "
-                                   f"{error.read().decode(errors='replace')[:2000]}") from None
-        except OSError as error:
-            raise ServerStartError(f"the agent {self.agents[url]} of {url} does not answer: {error}") from None
+        agent = self.agents[url]
+        log.warning("asking %s to restart %s", agent, url)
+        answer = post_json(agent + "/restart", {"port": int(url.rsplit(":", 1)[1])}, self.health_timeout)
+        if not answer.get("success"):
+            raise ServerStartError(f"{agent} could not restart {url}: {answer.get('message')}")
 
     def stop(self) -> None:
         """Tell every agent that the trainer is done: it stops its servers and exits, and so
         does the job's server step. An agent that does not answer is left to the job script."""
         for agent in sorted(set(self.agents.values())):
-            request = urllib.request.Request(agent + "/shutdown", data=json.dumps({}).encode(), method="POST",
-                                             headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    response.read()
-            except OSError as error:
-                log.warning("could not stop the servers' agent %s: %s", agent, error)
+            answer = post_json(agent + "/shutdown", {}, 30)
+            if not answer.get("success"):
+                log.warning("could not stop the servers' agent %s: %s", agent, answer.get("message"))
+
+
+def post_json(url: str, body: dict, timeout: float) -> dict:
+    """POST `body` as JSON; the JSON answer, or {"success": False, "message": why} when the call
+    fails (an error status, with the server's own message, or no answer at all)."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        text = error.read().decode(errors="replace")
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            answer = {}
+        message = answer.get("message") if isinstance(answer, dict) else None
+        return {"success": False, "message": message or error_message(error.code, text)}
+    except (urllib.error.URLError, OSError) as error:
+        return {"success": False, "message": f"unreachable ({error})"}
 
 
 def wait_healthy(url: str, timeout: float, check_alive=None) -> bool:

@@ -12,18 +12,15 @@
 from __future__ import annotations
 
 import datetime
-import json
 import shutil
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from dppo_megatron.rollout.protocol import error_message
+from dppo_megatron.rollout.servers import post_json
 
 
 class WeightSyncError(RuntimeError):
@@ -80,23 +77,6 @@ def broadcast_from_first(group, tensor: torch.Tensor) -> None:
     group.broadcast([tensor], options).wait()
 
 
-def _post(server: str, path: str, body: dict, timeout: float) -> dict:
-    request = urllib.request.Request(server.rstrip("/") + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as error:
-        text = error.read().decode(errors="replace")
-        try:
-            answer = json.loads(text)
-        except ValueError:
-            answer = {}
-        return {"success": False, "message": answer.get("message") or error_message(error.code, text)}
-    except (urllib.error.URLError, OSError) as error:
-        return {"success": False, "message": f"unreachable ({error})"}
-
-
 def _post_to_all(servers: list[str], path: str, bodies: list[dict], timeout: float, *, work=None,
                  context: str | None = None) -> None:
     """POST `bodies[i]` to `servers[i]`, all at once in threads, while `work` (say, the
@@ -104,7 +84,7 @@ def _post_to_all(servers: list[str], path: str, bodies: list[dict], timeout: flo
     answers: list[dict] = [{}] * len(servers)
 
     def call(index: int) -> None:
-        answers[index] = _post(servers[index], path, bodies[index], timeout)
+        answers[index] = post_json(servers[index].rstrip("/") + path, bodies[index], timeout)
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(servers))]
     for thread in threads:
