@@ -20,11 +20,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from dppo_megatron.convert.qwen3_arch import Qwen3Arch
-from dppo_megatron.launch_utils import free_port
 from dppo_megatron.learner.learner import Learner, LossConfig, MicroBatch, OptimizerConfig
 from dppo_megatron.learner.model import ModelOptions
-from dppo_megatron.learner.parallel import ParallelLayout, init_parallel
+from dppo_megatron.learner.parallel import init_parallel
+from dppo_megatron.model.arch import Qwen3Arch
+from dppo_megatron.model.layout import ParallelLayout
+from dppo_megatron.processes import free_port
 
 TOPK = 20
 

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from dppo_megatron.config import load_recipe
-from dppo_megatron.launch_utils import free_port
+from dppo_megatron.processes import free_port
 from dppo_megatron.rollout.client import ClientConfig, Request, RolloutClient
 from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams
 from dppo_megatron.rollout.servers import ServerManager, ServerSpec
-from dppo_megatron.train_command import make_random_model
+from dppo_megatron.run.run_dir import make_random_model
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "quickstart.yaml"
 

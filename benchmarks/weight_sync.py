@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from dppo_megatron.convert.qwen3_arch import Qwen3Arch
-from dppo_megatron.launch_utils import free_port
 from dppo_megatron.learner.model import build_model
-from dppo_megatron.learner.parallel import ParallelLayout, init_parallel
+from dppo_megatron.learner.parallel import init_parallel
 from dppo_megatron.learner.weights import iter_hf_tensors, load_hf_weights, save_hf
+from dppo_megatron.model.arch import Qwen3Arch
+from dppo_megatron.model.layout import ParallelLayout
+from dppo_megatron.processes import free_port
 from dppo_megatron.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
 
 SIZES = {  # Qwen3-MoE-shaped configs

@@ -1,5 +1,5 @@
 import sys
 
-from dppo_megatron.cli import main
+from dppo_megatron.commands.cli import main
 
 sys.exit(main())

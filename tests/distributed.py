@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from dppo_megatron.launch_utils import free_port
+from dppo_megatron.processes import free_port
 
 
 def run_torchrun(script: str, nproc: int, *args: str, timeout: float = 180.0) -> str:

@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from dppo_megatron.launch_utils import free_port
+from dppo_megatron.processes import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 

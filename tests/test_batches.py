@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from dppo_megatron.batches import TrainSample, micro_batch, plan_step, split_evenly
+from dppo_megatron.learner.batches import TrainSample, micro_batch, plan_step, split_evenly
 
 
 def sample(prompt_len: int, response_len: int, advantage: float = 1.0, *, layers: int = 2, k: int = 2) -> TrainSample:

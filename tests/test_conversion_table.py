@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from dppo_megatron.convert.mapping import hf_tensor_names, tensor_map, to_hf, to_megatron
-from dppo_megatron.convert.qwen3_arch import ArchError, Qwen3Arch
-from dppo_megatron.learner.parallel import LayoutError, ParallelLayout
+from dppo_megatron.model.arch import ArchError, Qwen3Arch
+from dppo_megatron.model.layout import LayoutError, ParallelLayout
+from dppo_megatron.model.mapping import hf_tensor_names, tensor_map, to_hf, to_megatron
 
 QWEN3_30B_A3B = {  # the published config.json of Qwen3-30B-A3B (transformers 4 names)
     "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,

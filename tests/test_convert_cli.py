@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from dppo_megatron.convert.hf_io import HFCheckpointReader
+from dppo_megatron.model.hf_io import HFCheckpointReader
 from tests.tiny_models import hf_logits, make_dense, make_moe, parity_tokens
 
 

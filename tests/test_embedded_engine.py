@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from dppo_megatron.launch_utils import free_port
+from dppo_megatron.processes import free_port
 from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams, generate_request, parse_generate_response
 from tests.tiny_models import make_moe
 
@@ -198,7 +198,7 @@ def test_disk_weight_sync_serves_the_learners_new_weights(server, models, tmp_pa
 
 
 def test_distributed_weight_sync_over_gloo_serves_the_learners_new_weights(server, models, tmp_path):
-    from dppo_megatron.launch_utils import free_port
+    from dppo_megatron.processes import free_port
     from tests.distributed import run_torchrun
 
     worker = str(Path(__file__).parent / "workers" / "weight_sync_distributed.py")
@@ -217,9 +217,9 @@ def test_distributed_weight_sync_over_gloo_serves_the_learners_new_weights(serve
 
 @pytest.mark.parametrize("tp, ep", [("1", "2"), ("2", "2")])
 def test_experts_are_sent_by_the_ep_rank_that_owns_them(server, models, tmp_path, tp, ep):
-    from dppo_megatron.convert.mapping import hf_tensor_names
-    from dppo_megatron.convert.qwen3_arch import Qwen3Arch
-    from dppo_megatron.launch_utils import free_port
+    from dppo_megatron.model.arch import Qwen3Arch
+    from dppo_megatron.model.mapping import hf_tensor_names
+    from dppo_megatron.processes import free_port
     from tests.distributed import run_torchrun
 
     worker = str(Path(__file__).parent / "workers" / "weight_sync_distributed.py")

@@ -13,9 +13,9 @@ import urllib.request
 
 import pytest
 
-from dppo_megatron.launch_utils import free_port
-from dppo_megatron.placement import JobLayout
+from dppo_megatron.processes import free_port
 from dppo_megatron.rollout.client import ClientConfig, Request, RolloutClient
+from dppo_megatron.rollout.job_layout import JobLayout
 from dppo_megatron.rollout.protocol import SamplingParams
 from dppo_megatron.rollout.servers import RemoteServers, ServerSpec, ServerStartError
 from tests.tiny_models import make_moe

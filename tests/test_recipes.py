@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from dppo_megatron.config import RecipeError, load_recipe
-from dppo_megatron.config.validate import memory_estimate, parameter_counts, rank_coordinates, recipe_arch
+from dppo_megatron.config.describe import memory_estimate
+from dppo_megatron.config.placement import rank_coordinates
+from dppo_megatron.config.validate import recipe_arch
+from dppo_megatron.model.arch import parameter_counts
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 QUICKSTART = RECIPES / "tiny" / "quickstart.yaml"
@@ -54,7 +57,7 @@ def test_overrides_reach_nested_keys_and_parse_yaml_values():
 
 def test_defaults_chain_merges_mappings_and_later_files_win(tmp_path):
     (tmp_path / "a.yaml").write_text("name: a\nrollout: {n: 4, temperature: 0.7}\n")
-    (tmp_path / "b.yaml").write_text(f"defaults: a.yaml\nrollout: {{n: 6}}\n")
+    (tmp_path / "b.yaml").write_text("defaults: a.yaml\nrollout: {n: 6}\n")
     (tmp_path / "c.yaml").write_text(f"defaults: [{QUICKSTART}, b.yaml]\nname: c\n")
     recipe = load_recipe(tmp_path / "c.yaml")
     assert recipe.name == "c" and recipe.rollout.n == 6 and recipe.rollout.temperature == 0.7
@@ -161,8 +164,8 @@ def test_memory_estimate_and_rank_grid_for_the_30b_recipe():
 def test_sglang_command_line_from_the_30b_recipe_with_r3_on(tmp_path):
     """One switch, rollout.r3, turns on routes on the server, in the requests and in the learner."""
     from dppo_megatron.rollout.servers import server_command
-    from dppo_megatron.placement import server_specs
-    from dppo_megatron.trainer import learner_configs
+    from dppo_megatron.run.configs import learner_configs
+    from dppo_megatron.run.placement import server_specs
 
     recipe = load_recipe(RECIPES / "qwen3-30b-a3b" / "dppo-binary-tv.yaml", ["rollout.r3=true"])
     specs = server_specs(recipe, tmp_path)
@@ -184,4 +187,4 @@ def test_recipe_reference_in_docs_is_generated_from_the_schema():
     from dppo_megatron.config.reference import reference
 
     docs = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
-    assert docs.read_text() == reference(), "regenerate: python -m dppo_megatron.config.reference > docs/recipes.md"
+    assert docs.read_text() == reference(), "regenerate: dppo-megatron recipe-reference > docs/recipes.md"

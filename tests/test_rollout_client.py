@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from dppo_megatron.launch_utils import free_port
+from dppo_megatron.processes import free_port
 from dppo_megatron.rollout.client import ClientConfig, Request, RolloutClient, RolloutError
 from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams
 from dppo_megatron.rollout.servers import ServerManager, ServerSpec, server_command

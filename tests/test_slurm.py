@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from dppo_megatron.config.validate import load_recipe
-from dppo_megatron.launch_utils import free_port
+from dppo_megatron.processes import free_port
 from dppo_megatron.learner.checkpoint import latest_checkpoint
-from dppo_megatron.metrics import read_metrics
-from dppo_megatron.placement import LayoutError, job_layout
-from dppo_megatron.run_dir import read_status
-from dppo_megatron.slurm import describe_job, job_problems, render
+from dppo_megatron.run.metrics import read_metrics
+from dppo_megatron.run.placement import PlacementError, job_layout
+from dppo_megatron.run.run_dir import read_status
+from dppo_megatron.run.slurm import describe_job, job_problems, render
 from tests.slurm_cluster import ClusterUnavailable, SlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_dry_run_of_the_30b_recipe_with_r3_renders_the_whole_job(tmp_path):
         "--requeue",
     ]
     assert "export NCCL_DEBUG=WARN" in out  # NCCL settings from the recipe's slurm.env
-    assert "--nproc-per-node=8" in out and "-m dppo_megatron.trainer \"$RUN_DIR\" --job-layout \"$LAYOUT\"" in out
+    assert "--nproc-per-node=8" in out and "-m dppo_megatron run-rank \"$RUN_DIR\" --job-layout \"$LAYOUT\"" in out
     assert out.count("--gpus-per-node=8 --kill-on-bad-exit") == 2  # both steps see the node's GPUs
     assert "serve-node \"$LAYOUT\"" in out
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
@@ -100,10 +100,10 @@ def test_the_job_layout_puts_learners_first_and_servers_on_the_rollout_nodes(tmp
     layout = job_layout(shared, tmp_path, ["node7"])
     assert layout.server_nodes == ["node7"] and [s.gpus for s in layout.specs_on("node7")] == [(4,), (5,), (6,), (7,)]
 
-    with pytest.raises(LayoutError, match="the job has 3 node.*needs 4: learner.nodes 2 \\+ rollout.nodes 2"):
+    with pytest.raises(PlacementError, match="the job has 3 node.*needs 4: learner.nodes 2 \\+ rollout.nodes 2"):
         job_layout(recipe, tmp_path, ["a", "b", "c"])
     loopback = load_recipe(QWEN3_30B, ["rollout.host=127.0.0.1"])
-    with pytest.raises(LayoutError, match="rollout.host 127.0.0.1 is reachable only from its own node"):
+    with pytest.raises(PlacementError, match="rollout.host 127.0.0.1 is reachable only from its own node"):
         job_layout(loopback, tmp_path, ["a", "b", "c", "d"])
 
 
@@ -240,7 +240,7 @@ def test_the_warning_before_the_time_limit_checkpoints_and_requeues(cluster, tmp
 def test_a_failing_job_writes_its_reason_into_the_log(cluster, tmp_path):
     """A checkpoint directory with a config but no weights passes the recipe checks and fails
     in the job: the job log says that it failed, and why."""
-    from dppo_megatron.train_command import make_random_model
+    from dppo_megatron.run.run_dir import make_random_model
 
     broken = tmp_path / "broken-model"
     make_random_model(load_recipe(QUICKSTART), broken)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from dppo_megatron.launch_utils import free_port
+from dppo_megatron.processes import free_port
 from dppo_megatron.learner.checkpoint import latest_checkpoint
-from dppo_megatron.metrics import read_metrics
-from dppo_megatron.run_dir import read_status
+from dppo_megatron.run.metrics import read_metrics
+from dppo_megatron.run.run_dir import read_status
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "tiny" / "quickstart.yaml"

@@ -1,5 +1,5 @@
-"""docs/recipes.md, generated from the schema (`python -m dppo_megatron.config.reference >
-docs/recipes.md`; a test keeps the file in step)."""
+"""docs/recipes.md, generated from the schema (`dppo-megatron recipe-reference > docs/recipes.md`;
+a test keeps the file in step)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dppo_megatron.config.schema import Recipe
 
 HEADER = """# Recipe reference
 
-Generated from `dppo_megatron/config/schema.py` by `python -m dppo_megatron.config.reference`;
+Generated from `dppo_megatron/config/schema.py` by `dppo-megatron recipe-reference`;
 do not edit by hand.
 
 A recipe is a YAML file. `defaults: [other.yaml, ...]` merges other recipes underneath (paths
@@ -74,7 +74,3 @@ def reference() -> str:
         if dataclasses.is_dataclass(top_hints[field.name]):
             _section(top_hints[field.name], field.name, lines)
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    print(reference(), end="")

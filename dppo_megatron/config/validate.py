@@ -1,21 +1,20 @@
-"""Loading a recipe all the way to a checked `Recipe`, and what `dppo-megatron validate` prints:
-the process layout and a per-GPU memory estimate."""
+"""Loading a recipe all the way to a checked `Recipe`: the rules that span fields, and what the
+recipe's policy is (its architecture and the learner's parallel layout). Checks only: imports
+no learner/ and no rollout/."""
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from dppo_megatron.algo.trust_region import needs_topk
-from dppo_megatron.config.known_models import known_config
 from dppo_megatron.config.loading import RecipeError, apply_overrides, build, read_yaml
+from dppo_megatron.config.placement import learner_world_size, server_room
 from dppo_megatron.config.schema import Recipe
-from dppo_megatron.convert.qwen3_arch import ArchError, Qwen3Arch
 from dppo_megatron.data.toy import TOY_TOKENIZER, toy_vocab_size
-from dppo_megatron.learner.parallel import ParallelLayout
-from dppo_megatron.placement import server_placements, server_room
+from dppo_megatron.model.arch import ArchError, Qwen3Arch, small_hf_config
+from dppo_megatron.model.known import known_config
+from dppo_megatron.model.layout import ParallelLayout
 
 TIME_LIMIT = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|\d+-\d+|UNLIMITED|INFINITE")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -49,30 +48,17 @@ def recipe_arch(recipe: Recipe) -> Qwen3Arch:
 
 
 def random_init_config(recipe: Recipe) -> dict:
-    """The transformers config.json of model.random_init."""
+    """The transformers config.json of model.random_init (its vocabulary is the toy tokenizer's)."""
     init = recipe.model.random_init
-    moe = init.architecture == "qwen3_moe"
     if recipe.model.tokenizer != TOY_TOKENIZER:
         raise ArchError("model.random_init needs model.tokenizer: toy-digits (its vocabulary sizes the model)")
-    config = {
-        "architectures": ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"],
-        "model_type": "qwen3_moe" if moe else "qwen3",
-        "vocab_size": toy_vocab_size(), "hidden_size": init.hidden_size, "num_hidden_layers": init.num_layers,
-        "num_attention_heads": init.num_attention_heads, "num_key_value_heads": init.num_key_value_heads,
-        "head_dim": init.head_dim, "intermediate_size": init.intermediate_size, "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": False,
-        "initializer_range": init.init_std, "eos_token_id": 1, "pad_token_id": 0, "bos_token_id": None,
-    }
-    if moe:
-        config.update(num_experts=init.num_experts, num_experts_per_tok=init.num_experts_per_tok,
-                      moe_intermediate_size=init.moe_intermediate_size, norm_topk_prob=True,
-                      decoder_sparse_step=1, mlp_only_layers=list(init.mlp_only_layers), router_aux_loss_coef=0.0,
-                      output_router_logits=False)
-    return config
-
-
-def learner_world_size(recipe: Recipe) -> int:
-    return recipe.learner.nodes * recipe.learner.ranks_per_node
+    return small_hf_config(
+        moe=init.architecture == "qwen3_moe", vocab_size=toy_vocab_size(), hidden_size=init.hidden_size,
+        num_layers=init.num_layers, num_attention_heads=init.num_attention_heads,
+        num_key_value_heads=init.num_key_value_heads, head_dim=init.head_dim,
+        intermediate_size=init.intermediate_size, init_std=init.init_std, num_experts=init.num_experts,
+        num_experts_per_tok=init.num_experts_per_tok, moe_intermediate_size=init.moe_intermediate_size,
+        mlp_only_layers=init.mlp_only_layers)
 
 
 def parallel_layout(recipe: Recipe) -> ParallelLayout:
@@ -216,123 +202,3 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
     return problems
 
 
-# --- what `validate` prints ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes per learner GPU for the states that scale with the model (activations excluded)."""
-
-    weights: float
-    grads: float
-    optimizer: float
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.grads + self.optimizer
-
-
-def parameter_counts(arch: Qwen3Arch) -> tuple[int, int]:
-    """(dense parameters, expert parameters) of the whole model."""
-    h, hd = arch.hidden_size, arch.head_dim
-    attention = h * hd * (2 * arch.num_attention_heads + 2 * arch.num_key_value_heads) + 2 * h + 2 * hd
-    dense = arch.padded_vocab_size * h * (1 if arch.tie_word_embeddings else 2) + h
-    experts = 0
-    for layer in range(arch.num_layers):
-        dense += attention
-        if arch.is_moe_layer(layer):
-            dense += h * arch.num_experts
-            experts += arch.num_experts * 3 * h * arch.moe_intermediate_size
-        else:
-            dense += 3 * h * arch.intermediate_size
-    return dense, experts
-
-
-def memory_estimate(recipe: Recipe, arch: Qwen3Arch) -> MemoryEstimate:
-    learner = recipe.learner
-    world = learner_world_size(recipe)
-    dense, experts = parameter_counts(arch)
-    dense_local = dense / (learner.tp * learner.pp)
-    expert_local = experts / (learner.ep * learner.etp * learner.pp)
-    dense_dp = world // (learner.tp * learner.pp)
-    expert_dp = world // (learner.ep * learner.etp * learner.pp)
-    bf16 = recipe.model.dtype == "bfloat16"
-    weight_bytes = 2 if bf16 else 4
-    # Adam moments in fp32, plus fp32 master weights when training in bf16; gradients are
-    # reduced in fp32 (Megatron's main_grad).
-    optimizer_bytes = 12 if bf16 else 8
-    shard_dense = dense_dp if learner.distributed_optimizer else 1
-    shard_expert = expert_dp if learner.distributed_optimizer else 1
-    return MemoryEstimate(
-        weights=(dense_local + expert_local) * weight_bytes,
-        grads=(dense_local + expert_local) * 4,
-        optimizer=optimizer_bytes * (dense_local / shard_dense + expert_local / shard_expert),
-    )
-
-
-def rank_coordinates(recipe: Recipe) -> list[dict]:
-    """Each learner rank's place in Megatron's grids (order tp-cp-ep-dp-pp, TP fastest)."""
-    learner = recipe.learner
-    world = learner_world_size(recipe)
-    dp = world // (learner.tp * learner.pp)
-    edp = world // (learner.ep * learner.etp * learner.pp)
-    rows = []
-    for rank in range(world):
-        rows.append(dict(rank=rank, node=rank // learner.ranks_per_node, tp=rank % learner.tp,
-                         dp=(rank // learner.tp) % dp, pp=rank // (learner.tp * dp),
-                         ep=(rank // learner.etp) % learner.ep, edp=(rank // (learner.etp * learner.ep)) % edp))
-    return rows
-
-
-def describe(recipe: Recipe, resolved: dict) -> str:
-    """The text of `dppo-megatron validate`."""
-    import yaml
-
-    arch = recipe_arch(recipe)
-    learner, rollout = recipe.learner, recipe.rollout
-    world = learner_world_size(recipe)
-    lines = ["# resolved recipe", yaml.safe_dump(resolved, sort_keys=False).rstrip(), "", "# model"]
-    dense, experts = parameter_counts(arch)
-    lines.append(f"{arch.architecture}: {(dense + experts) / 1e9:.2f}B parameters ({experts / 1e9:.2f}B in experts), "
-                 f"{arch.num_layers} layers, vocab {arch.vocab_size} (padded {arch.padded_vocab_size})")
-    lines += ["", f"# learner: {world} ranks on {learner.nodes} node(s); TP {learner.tp} (sequence parallel "
-              f"{'on' if learner.tp > 1 else 'off'}), PP {learner.pp}, EP {learner.ep}, ETP {learner.etp}, "
-              f"DP {world // (learner.tp * learner.pp)}"]
-    rows = rank_coordinates(recipe)
-    shown = rows if len(rows) <= 32 else rows[:16] + rows[-4:]
-    lines.append("rank  node  tp  pp  dp  ep  expert-dp")
-    for i, row in enumerate(shown):
-        if len(rows) > 32 and i == 16:
-            lines.append(f"  ... {len(rows) - 20} more ranks ...")
-        lines.append(f"{row['rank']:>4}  {row['node']:>4}  {row['tp']:>2}  {row['pp']:>2}  {row['dp']:>2}  "
-                     f"{row['ep']:>2}  {row['edp']:>9}")
-    lines += ["", f"# rollout: {rollout.servers} {rollout.engine} server(s), R3 {'on' if rollout.r3 else 'off'}, "
-              f"weight sync {rollout.weight_sync}"]
-    for index, server in enumerate(server_layout(recipe)):
-        lines.append(f"server {index}: {server}")
-    estimate = memory_estimate(recipe, arch)
-    gib = 1024**3
-    lines += ["", "# memory per learner GPU (weights, fp32 gradients, optimizer; activations not included)",
-              f"weights {estimate.weights / gib:.2f} GiB, gradients {estimate.grads / gib:.2f} GiB, "
-              f"optimizer {estimate.optimizer / gib:.2f} GiB, total {estimate.total / gib:.2f} GiB"]
-    return "\n".join(lines)
-
-
-def server_layout(recipe: Recipe) -> list[str]:
-    rollout = recipe.rollout
-    out = []
-    for placement in server_placements(recipe):
-        if rollout.engine == "embedded":
-            where = f"{'rollout' if rollout.nodes else 'learner'} node 0 (CPU)"
-            out.append(f"embedded engine on {where}, {rollout.host}:{placement.port}")
-            continue
-        where = f"rollout node {placement.node}" if rollout.nodes else f"learner node {placement.node}"
-        out.append(f"sglang on {where}, GPUs {placement.gpus[0]}-{placement.gpus[-1]}, port {placement.port}, "
-                   f"tp {rollout.server_tp} dp {rollout.server_dp} ep {rollout.server_ep}")
-    return out
-
-
-def resolved_json(recipe: Recipe) -> str:
-    from dataclasses import asdict
-
-    return json.dumps(asdict(recipe), indent=2)

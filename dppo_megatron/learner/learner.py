@@ -9,11 +9,11 @@ import torch
 import torch.distributed as dist
 
 from dppo_megatron.algo import needs_old_logprob, needs_topk, policy_loss, token_stats
-from dppo_megatron.convert.qwen3_arch import Qwen3Arch
 from dppo_megatron.learner.forward import model_device, run_schedule
 from dppo_megatron.learner.model import ModelOptions, build_model
-from dppo_megatron.learner.parallel import ParallelLayout
 from dppo_megatron.learner.routing_replay import RoutingReplay
+from dppo_megatron.model.arch import Qwen3Arch
+from dppo_megatron.model.layout import ParallelLayout
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,11 @@ class MicroBatch:
 class Learner:
     def __init__(self, arch: Qwen3Arch, layout: ParallelLayout, model_options: ModelOptions,
                  optimizer_config: OptimizerConfig, loss_config: LossConfig):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
         from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -268,6 +272,12 @@ class Learner:
             out[name] = total[name] / total[weight_name] if total[weight_name] > 0 else 0.0
         out.update(zip(MAX_METRICS, maxima.tolist()))
         return out
+
+    def anchor_old_logprobs(self, micro_batches: list[MicroBatch]) -> None:
+        """The *_recompute ablations anchor to pi_old: the policy before this step's first
+        update. Sets each micro-batch's `old_logprobs` (a collective, before the first update)."""
+        for mb, logprob in zip(micro_batches, self.logprobs(micro_batches)):
+            mb.old_logprobs = logprob.cpu()
 
     # --- forward only -----------------------------------------------------------------------
 

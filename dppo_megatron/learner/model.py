@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dppo_megatron.convert.qwen3_arch import Qwen3Arch
-from dppo_megatron.learner.parallel import ParallelLayout
+from dppo_megatron.model.arch import Qwen3Arch
+from dppo_megatron.model.layout import ParallelLayout
 
 
 class RMSNorm(torch.nn.Module):

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dppo_megatron.convert.hf_io import CheckpointError, HFCheckpointWriter, open_matching_checkpoint
-from dppo_megatron.convert.mapping import TensorMap, hf_tensor_names, tensor_map, to_hf, to_megatron
-from dppo_megatron.convert.qwen3_arch import Qwen3Arch
+from dppo_megatron.model.arch import Qwen3Arch
+from dppo_megatron.model.hf_io import CheckpointError, HFCheckpointWriter, open_matching_checkpoint
+from dppo_megatron.model.mapping import TensorMap, hf_tensor_names, tensor_map, to_hf, to_megatron
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")

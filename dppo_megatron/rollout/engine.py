@@ -9,17 +9,16 @@ One request at a time, with a KV cache: fast enough for the tiny recipes.
 
 from __future__ import annotations
 
-import re
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dppo_megatron.model.mapping import hf_expert_tensor
 from dppo_megatron.rollout.protocol import encode_routed_experts
 
 GREEDY_TEMPERATURE = 1e-5  # below this, SGLang samples greedily
-_EXPERT_NAME = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.(gate|up|down)_proj\.weight$")
 
 
 class RequestError(ValueError):
@@ -126,9 +125,9 @@ class EmbeddedEngine:
         unknown = []
         with torch.no_grad():
             for name, tensor in tensors.items():
-                expert = _EXPERT_NAME.match(name)
+                expert = hf_expert_tensor(name)
                 if expert is not None:
-                    prefix, index, which = expert.group(1), int(expert.group(2)), expert.group(3)
+                    prefix, index, which = expert
                     if which == "down":
                         params[prefix + "down_proj"][index].copy_(tensor)
                     else:

@@ -1,4 +1,4 @@
-"""`dppo-megatron serve-node LAYOUT`: on one node of a cluster job, run the rollout servers the
+"""The `serve-node` agent (`dppo-megatron serve-node LAYOUT`): on one node of a cluster job, run the rollout servers the
 job's layout placed there, and restart one when the trainer asks.
 
 The job script starts one agent per server node (`srun ... serve-node`). The trainer, on
@@ -21,7 +21,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from dppo_megatron.placement import LOOPBACK, JobLayout
+from dppo_megatron.rollout.job_layout import LOOPBACK, JobLayout
 from dppo_megatron.rollout.servers import ServerManager, ServerStartError
 
 log = logging.getLogger(__name__)
@@ -117,16 +117,3 @@ def serve_node(layout_path: Path, node: str | None = None) -> int:
 
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(0)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("serve-node", help="run the rollout servers a cluster job placed on this node",
-                              description="Started by the SLURM job script on every node that runs rollout servers.")
-    p.add_argument("layout", type=Path, help="the job's layout file (written by python -m dppo_megatron.placement)")
-    p.add_argument("--node", help="this node's name in the layout (default: $SLURMD_NODENAME, else the host name)")
-    p.set_defaults(handler=lambda args: _main(args))
-
-
-def _main(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return serve_node(args.layout, args.node)

@@ -1,4 +1,4 @@
-"""`dppo-megatron serve-embedded`: the embedded engine behind SGLang's HTTP endpoints.
+"""The embedded engine behind SGLang's HTTP endpoints (`dppo-megatron serve-embedded`).
 
 Binds 127.0.0.1 by default. Malformed requests get 400 with the reason, in SGLang's error
 shape ({"error": {"message": ...}}).
@@ -147,23 +147,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 # --- command line -------------------------------------------------------------------------
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("serve-embedded", help="serve a HF model behind SGLang's HTTP protocol (CPU engine)")
-    p.add_argument("--model-path", required=True, help="Hugging Face model directory")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--enable-return-routed-experts", action="store_true")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--seed", type=int, default=0, help="seed of requests without sampling_seed")
-    p.set_defaults(handler=_serve)
-
-
-def _serve(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    engine = EmbeddedEngine(args.model_path, dtype=getattr(torch, args.dtype),
-                            enable_routed_experts=args.enable_return_routed_experts, seed=args.seed)
-    server = make_server(engine, args.host, args.port)
-    print(f"embedded engine serving {args.model_path} on http://{args.host}:{server.server_port}", flush=True)
+def serve(model_path: str, *, host: str, port: int, dtype: torch.dtype, routed_experts: bool, seed: int) -> int:
+    """Load the model and serve it until interrupted."""
+    engine = EmbeddedEngine(model_path, dtype=dtype, enable_routed_experts=routed_experts, seed=seed)
+    server = make_server(engine, host, port)
+    print(f"embedded engine serving {model_path} on http://{host}:{server.server_port}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

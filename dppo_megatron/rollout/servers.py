@@ -2,8 +2,8 @@
 elsewhere, as subprocesses with their logs in the run directory.
 
 `ServerManager` runs the servers of this machine. `RemoteServers` is the trainer's handle on the
-servers of a cluster job, which each node's `serve-node` agent runs (rollout/node_agent.py):
-the same `urls`, `start`, `restart` and `stop`."""
+servers of a cluster job, which each node's `serve-node` agent runs (rollout/node_agent.py).
+Both are `Servers`: the one way the run layer talks to its servers' processes."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-from dppo_megatron.launch_utils import die_with_parent
+from dppo_megatron.processes import die_with_parent
 from dppo_megatron.rollout.protocol import error_message
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,24 @@ def server_command(spec: ServerSpec) -> list[str]:
     if spec.routed_experts:
         command.append("--enable-return-routed-experts")
     return command + list(spec.extra_args)
+
+
+class Servers(Protocol):
+    """Rollout servers, wherever they run."""
+
+    @property
+    def urls(self) -> list[str]: ...
+
+    def start(self) -> list[str]:
+        """Return once every server answers /health."""
+
+    def healthy(self, url: str) -> bool:
+        """Whether the server at `url` answers /health now."""
+
+    def restart(self, url: str) -> None:
+        """Start the server at `url` again (it starts from its initial weights); return once healthy."""
+
+    def stop(self) -> None: ...
 
 
 class ServerManager:
@@ -143,6 +162,9 @@ class ServerManager:
         path = self.log_dir / f"server-{self.specs[url].port}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else "(no log)"
 
+    def healthy(self, url: str) -> bool:
+        return is_healthy(url)
+
     def restart(self, url: str) -> None:
         """Stop the server at `url` if it still runs, start it again, wait until healthy."""
         self._kill(url)
@@ -197,12 +219,10 @@ class RemoteServers:
             refused_since = [None]
 
             def check_agent() -> None:
-                try:
-                    with urllib.request.urlopen(agent + "/health", timeout=5):
-                        refused_since[0] = None
-                        return
-                except OSError:
-                    refused_since[0] = refused_since[0] or time.monotonic()
+                if is_healthy(agent):
+                    refused_since[0] = None
+                    return
+                refused_since[0] = refused_since[0] or time.monotonic()
                 if time.monotonic() - refused_since[0] > self.agent_grace:
                     raise ServerStartError(f"the agent {agent} that runs {url} has not answered for "
                                            f"{self.agent_grace:.0f}s: it failed to start (see the job log)")
@@ -211,6 +231,9 @@ class RemoteServers:
                 raise ServerStartError(f"{url} not healthy after {self.health_timeout:.0f}s; its agent is "
                                        f"{agent}; see the server logs of the run")
         return self.urls
+
+    def healthy(self, url: str) -> bool:
+        return is_healthy(url)
 
     def restart(self, url: str) -> None:
         agent = self.agents[url]
@@ -254,14 +277,19 @@ def wait_healthy(url: str, timeout: float, check_alive=None) -> bool:
     while time.monotonic() < deadline:
         if check_alive is not None:
             check_alive()
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                if response.status == 200:
-                    return True
-        except OSError:
-            pass
+        if is_healthy(url):
+            return True
         time.sleep(0.5)
     return False
+
+
+def is_healthy(url: str, timeout: float = 5.0) -> bool:
+    """Whether `url`/health answers 200 within `timeout` seconds."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def port_is_free(host: str, port: int) -> bool:

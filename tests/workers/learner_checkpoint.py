@@ -17,13 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from learner_train import toy_micro_batches  # noqa: E402
 from tiny_models import parity_tokens  # noqa: E402
 
-from dppo_megatron.convert.qwen3_arch import Qwen3Arch  # noqa: E402
 from dppo_megatron.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from dppo_megatron.learner.forward import full_vocab_logits  # noqa: E402
 from dppo_megatron.learner.learner import Learner, LossConfig, OptimizerConfig  # noqa: E402
 from dppo_megatron.learner.model import ModelOptions  # noqa: E402
-from dppo_megatron.learner.parallel import ParallelLayout, init_parallel  # noqa: E402
+from dppo_megatron.learner.parallel import init_parallel  # noqa: E402
 from dppo_megatron.learner.weights import load_hf_weights  # noqa: E402
+from dppo_megatron.model.arch import Qwen3Arch  # noqa: E402
+from dppo_megatron.model.layout import ParallelLayout  # noqa: E402
 
 
 def main(out_dir: str, tp: str, ep: str, hf_dir: str, load: str) -> None:

@@ -15,11 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_models import parity_tokens  # noqa: E402
 
-from dppo_megatron.convert.hf_io import HFCheckpointWriter  # noqa: E402
-from dppo_megatron.convert.qwen3_arch import Qwen3Arch  # noqa: E402
+from dppo_megatron.model.hf_io import HFCheckpointWriter  # noqa: E402
+from dppo_megatron.model.arch import Qwen3Arch  # noqa: E402
 from dppo_megatron.learner.forward import full_vocab_logits  # noqa: E402
 from dppo_megatron.learner.model import build_model  # noqa: E402
-from dppo_megatron.learner.parallel import ParallelLayout, init_parallel  # noqa: E402
+from dppo_megatron.learner.parallel import init_parallel  # noqa: E402
+from dppo_megatron.model.layout import ParallelLayout  # noqa: E402
 from dppo_megatron.learner.weights import iter_hf_tensors, load_hf_weights  # noqa: E402
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dppo_megatron.convert.qwen3_arch import Qwen3Arch
 from dppo_megatron.learner.learner import Learner, LossConfig, MicroBatch, OptimizerConfig
 from dppo_megatron.learner.model import ModelOptions
-from dppo_megatron.learner.parallel import ParallelLayout, init_parallel
+from dppo_megatron.learner.parallel import init_parallel
 from dppo_megatron.learner.weights import load_hf_weights
+from dppo_megatron.model.arch import Qwen3Arch
+from dppo_megatron.model.layout import ParallelLayout
 
 
 def micro_batch(samples, arch: Qwen3Arch, multiple: int) -> MicroBatch:

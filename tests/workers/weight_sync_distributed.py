@@ -16,9 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from learner_train import stepped_learner  # noqa: E402
 
-from dppo_megatron.learner.weights import (  # noqa: E402
-    iter_hf_tensors, save_hf, sends_weights,
-)
+from dppo_megatron.learner.weights import iter_hf_tensors, save_hf, sends_weights  # noqa: E402
 from dppo_megatron.rollout.weight_sync import DistributedWeightSync  # noqa: E402
 
 

@@ -1,4 +1,5 @@
-"""Small helpers for starting multi-process jobs on one machine."""
+"""The processes of a job: free ports, children that die with their parent, the ranks of one
+torch.distributed job on this machine, and rank 0's console."""
 
 from __future__ import annotations
 
@@ -69,3 +70,11 @@ def run_ranks(args: list[str], nproc: int, *, env: dict | None = None) -> int:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def say(message: str) -> None:
+    """Print on rank 0 of the torch.distributed job (or where there is none)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)

@@ -1,4 +1,5 @@
-"""`dppo-megatron submit`: a recipe becomes a SLURM job.
+"""A recipe as a SLURM job (`dppo-megatron submit`): the checks against the job and the cluster,
+and the job script.
 
 The recipe is checked, then checked against the job (GPUs per node, node count) and, where
 `sinfo` answers, against the cluster (the partition exists, has the nodes and the GPUs), all
@@ -11,26 +12,20 @@ then checkpoints and exits, and the job requeues itself and resumes.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dppo_megatron.config.loading import RecipeError
+from dppo_megatron.config.placement import job_nodes, rank_coordinates, server_placements
 from dppo_megatron.config.schema import Recipe
-from dppo_megatron.config.validate import check, load_recipe, rank_coordinates
-from dppo_megatron.convert.qwen3_arch import ArchError
-from dppo_megatron.placement import job_nodes, server_placements, server_specs
 from dppo_megatron.rollout.servers import server_command
-from dppo_megatron.run_dir import RECIPE_FILE
+from dppo_megatron.run.placement import server_specs
 
-EXIT_INVALID = 2
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "launch" / "slurm" / "job.sbatch"
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "slurm" / "job.sbatch"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
@@ -193,89 +188,3 @@ def describe_job(recipe: Recipe, run_dir: Path) -> str:
     lines.append(f"stop and requeue: USR1 {slurm.signal_seconds}s before the time limit -> checkpoint -> "
                  + ("requeue (resumes by itself)" if slurm.requeue else "exit"))
     return "\n".join(lines)
-
-
-# --- the command ------------------------------------------------------------------------------
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "submit", help="submit a recipe as a SLURM job",
-        description="Check a recipe against the job and the cluster, render its sbatch script into the run "
-                    "directory and submit it: dppo-megatron submit recipes/qwen3-30b-a3b/dppo-binary-tv.yaml "
-                    "rollout.r3=true --partition gpu --time 2-00:00:00",
-    )
-    p.add_argument("recipe", nargs="?", help="recipe YAML (default with --run-dir: the run's own recipe.yaml)")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. rollout.r3=true")
-    p.add_argument("--dry-run", action="store_true", help="print the script and the layout; submit nothing")
-    p.add_argument("--nodes", type=int, help="nodes of the job (checked against learner.nodes + rollout.nodes)")
-    p.add_argument("--partition", help="SLURM partition (slurm.partition)")
-    p.add_argument("--time", help="time limit, e.g. 4:00:00 or 2-00:00:00 (slurm.time)")
-    p.add_argument("--account", help="account to charge (slurm.account)")
-    p.add_argument("--run-dir", help="run directory (default runs/<name>-<timestamp>); an existing run resumes")
-    p.set_defaults(handler=_submit)
-
-
-def _submit(args) -> int:
-    from dppo_megatron.train_command import prepare_run_dir
-
-    overrides = list(args.overrides)
-    recipe_path = args.recipe
-    if recipe_path and "=" in recipe_path and not Path(recipe_path).exists():
-        overrides.insert(0, recipe_path)
-        recipe_path = None
-    if recipe_path is None:
-        if args.run_dir is None or not (Path(args.run_dir) / RECIPE_FILE).is_file():
-            print("error: give a recipe, or --run-dir of an existing run", file=sys.stderr)
-            return EXIT_INVALID
-        recipe_path = Path(args.run_dir) / RECIPE_FILE
-    # Quoted: overrides are YAML, and `--time 30` means the string "30" (minutes), not a number.
-    overrides += [f"slurm.{key}={json.dumps(value)}" for key, value in
-                  (("partition", args.partition), ("time", args.time), ("account", args.account)) if value is not None]
-    try:
-        recipe = load_recipe(recipe_path, overrides)
-        problems = job_problems(recipe, args.nodes)
-        if not args.dry_run:  # the files the job reads must be there (on a filesystem the nodes share)
-            problems += check(recipe, check_files=True)
-        partitions, unchecked = cluster_partitions()
-        if partitions is not None:
-            problems += cluster_problems(recipe, partitions)
-        elif not args.dry_run:
-            problems.append(f"no SLURM cluster to submit to: {unchecked}")
-        if problems:
-            raise SubmitError(problems)
-        run_dir = Path(args.run_dir or recipe.trainer.run_dir or
-                       Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-        recipe = load_recipe(recipe_path, overrides + [f"trainer.run_dir={run_dir}"])
-        script = render(recipe, run_dir, workdir=Path.cwd())
-    except (RecipeError, ArchError, SubmitError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_INVALID
-    if args.dry_run:
-        print(script)
-        print(describe_job(recipe, run_dir))
-        if partitions is None:
-            print(f"(the partition, its nodes and GPUs were not checked: {unchecked})")
-        return 0
-
-    prepare_run_dir(recipe, run_dir)
-    script_path = run_dir / "slurm" / "job.sbatch"
-    script_path.parent.mkdir(parents=True, exist_ok=True)
-    script_path.write_text(script)
-    script_path.chmod(0o755)
-    result = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        print(f"error: sbatch refused the job: {result.stderr.strip()}", file=sys.stderr)
-        return 1
-    job_id = result.stdout.strip().split(";")[0]
-    with (run_dir / "slurm" / "jobs.txt").open("a") as jobs:
-        jobs.write(f"{job_id} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-    print(f"submitted job {job_id}: {recipe.name} on {job_nodes(recipe)} node(s)\n"
-          f"  run directory  {run_dir}\n"
-          f"  job log        {run_dir / 'slurm' / f'job-{job_id}.out'}\n"
-          f"  server logs    {run_dir / 'logs'}/\n"
-          f"  metrics        {run_dir / 'metrics.jsonl'}  (status: {run_dir / 'status.json'})\n"
-          f"  watch          squeue -j {job_id}; tail -f {run_dir / 'slurm' / f'job-{job_id}.out'}\n"
-          f"  stop           scancel --signal=USR1 --batch {job_id}  (checkpoint, then "
-          f"{'requeue' if recipe.slurm.requeue else 'exit'})")
-    return 0

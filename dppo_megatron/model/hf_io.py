@@ -57,7 +57,7 @@ class HFCheckpointReader:
 def open_matching_checkpoint(directory: str | Path, arch) -> HFCheckpointReader:
     """A reader for `directory`, after checking that it holds exactly the tensors the
     architecture needs; the error lists what is missing and what is unexpected."""
-    from dppo_megatron.convert.mapping import hf_tensor_names
+    from dppo_megatron.model.mapping import hf_tensor_names
 
     reader = HFCheckpointReader(directory)
     expected, present = set(hf_tensor_names(arch)), set(reader.names())

@@ -7,6 +7,10 @@ import sys
 import warnings
 
 from dppo_megatron import __version__
+from dppo_megatron.commands import convert, evaluate, job, plot, serve, submit, train, validate
+
+# In the order `--help` lists them: the user's commands, then those jobs run for themselves.
+COMMANDS = (train, validate, evaluate, submit, plot, convert, serve, job)
 
 DESCRIPTION = """\
 Fine-tune Qwen3 dense and MoE models with DPPO (Divergence Proximal Policy Optimization) on
@@ -17,19 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dppo-megatron", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"dppo-megatron {__version__}")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
-    from dppo_megatron.convert.commands import add_parser as add_convert
-    from dppo_megatron.rollout.node_agent import add_parser as add_serve_node
-    from dppo_megatron.rollout.server import add_parser as add_serve_embedded
-    from dppo_megatron.slurm import add_parser as add_submit
-    from dppo_megatron.plot import add_parser as add_plot
-    from dppo_megatron.train_command import add_parser as add_train
-
-    add_train(commands)
-    add_submit(commands)
-    add_plot(commands)
-    add_convert(commands)
-    add_serve_embedded(commands)
-    add_serve_node(commands)
+    for command in COMMANDS:
+        command.add_parser(commands)
     return parser
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dppo_megatron.metrics import read_metrics
+from dppo_megatron.run.metrics import read_metrics
 
 # (file name, title, metric names: the first one a run has is drawn)
 CURVES = [

@@ -83,6 +83,17 @@ class MetricsLog:
             self.wandb.finish()
 
 
+def mean_over_mini_batches(per_mini_batch: list[dict]) -> dict[str, float]:
+    """The learner's metrics of a step, as `train/...`: token counts summed, the rest averaged."""
+    if not per_mini_batch:
+        return {}
+    out = {}
+    for name in per_mini_batch[0]:
+        values = [m[name] for m in per_mini_batch]
+        out[f"train/{name}"] = sum(values) if name.startswith("tokens") else sum(values) / len(values)
+    return out
+
+
 def _plain(value):
     if hasattr(value, "item"):
         value = value.item()

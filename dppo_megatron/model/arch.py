@@ -125,3 +125,43 @@ class Qwen3Arch:
                 router_aux_loss_coef=float(config.get("router_aux_loss_coef", 0.0)),
             )
         return cls(**common)
+
+
+def parameter_counts(arch: Qwen3Arch) -> tuple[int, int]:
+    """(dense parameters, expert parameters) of the whole model."""
+    h, hd = arch.hidden_size, arch.head_dim
+    attention = h * hd * (2 * arch.num_attention_heads + 2 * arch.num_key_value_heads) + 2 * h + 2 * hd
+    dense = arch.padded_vocab_size * h * (1 if arch.tie_word_embeddings else 2) + h
+    experts = 0
+    for layer in range(arch.num_layers):
+        dense += attention
+        if arch.is_moe_layer(layer):
+            dense += h * arch.num_experts
+            experts += arch.num_experts * 3 * h * arch.moe_intermediate_size
+        else:
+            dense += 3 * h * arch.intermediate_size
+    return dense, experts
+
+
+def small_hf_config(*, moe: bool, vocab_size: int, hidden_size: int, num_layers: int, num_attention_heads: int,
+                    num_key_value_heads: int, head_dim: int, intermediate_size: int, init_std: float,
+                    num_experts: int = 0, num_experts_per_tok: int = 0, moe_intermediate_size: int = 0,
+                    mlp_only_layers: list[int] = (), eos_token_id: int = 1, pad_token_id: int = 0) -> dict:
+    """The transformers config.json of a small Qwen3 (`moe`: Qwen3-MoE) made with random weights:
+    the CPU recipes' `model.random_init`."""
+    config = {
+        "architectures": ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"],
+        "model_type": "qwen3_moe" if moe else "qwen3",
+        "vocab_size": vocab_size, "hidden_size": hidden_size, "num_hidden_layers": num_layers,
+        "num_attention_heads": num_attention_heads, "num_key_value_heads": num_key_value_heads,
+        "head_dim": head_dim, "intermediate_size": intermediate_size, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": False,
+        "initializer_range": init_std, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
+        "bos_token_id": None,
+    }
+    if moe:
+        config.update(num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
+                      moe_intermediate_size=moe_intermediate_size, norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=list(mlp_only_layers), router_aux_loss_coef=0.0,
+                      output_router_logits=False)
+    return config

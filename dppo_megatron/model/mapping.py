@@ -13,11 +13,15 @@ Plain torch: no Megatron.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
-from dppo_megatron.convert.qwen3_arch import Qwen3Arch
+from dppo_megatron.model.arch import Qwen3Arch
+
+
+_HF_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.(gate|up|down)_proj\.weight$")
 
 
 @dataclass(frozen=True)
@@ -130,3 +134,10 @@ def to_hf(entry: TensorMap, tensor: torch.Tensor, arch: Qwen3Arch) -> list[tuple
     else:
         raise ValueError(f"unknown combine rule {entry.combine!r}")
     return [(name, part.contiguous()) for name, part in zip(entry.hf, parts)]
+
+
+def hf_expert_tensor(name: str) -> tuple[str, int, str] | None:
+    """For a Qwen3-MoE expert tensor of a HF checkpoint (`model.layers.L.mlp.experts.E.gate_proj.weight`):
+    (its layer's `model.layers.L.mlp.experts.` prefix, E, "gate" | "up" | "down"); None for any other name."""
+    match = _HF_EXPERT.match(name)
+    return (match.group(1), int(match.group(2)), match.group(3)) if match else None

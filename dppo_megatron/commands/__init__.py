@@ -1,0 +1,1 @@
+"""Every entry point of the `dppo-megatron` command, one module per command."""

@@ -1,0 +1,43 @@
+"""`dppo-megatron serve-embedded` (the CPU engine behind SGLang's HTTP protocol) and
+`dppo-megatron serve-node` (a cluster job's rollout servers on one node, under their agent)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve-embedded", help="serve a HF model behind SGLang's HTTP protocol (CPU engine)")
+    p.add_argument("--model-path", required=True, help="Hugging Face model directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--enable-return-routed-experts", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--seed", type=int, default=0, help="seed of requests without sampling_seed")
+    p.set_defaults(handler=_serve_embedded)
+
+    p = subparsers.add_parser("serve-node", help="run the rollout servers a cluster job placed on this node",
+                              description="Started by the SLURM job script on every node that runs rollout servers.")
+    p.add_argument("layout", type=Path, help="the job's layout file (written by dppo-megatron job-layout)")
+    p.add_argument("--node", help="this node's name in the layout (default: $SLURMD_NODENAME, else the host name)")
+    p.set_defaults(handler=_serve_node)
+
+
+def _serve_embedded(args) -> int:
+    import torch
+
+    from dppo_megatron.rollout.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return serve(args.model_path, host=args.host, port=args.port, dtype=getattr(torch, args.dtype),
+                 routed_experts=args.enable_return_routed_experts, seed=args.seed)
+
+
+def _serve_node(args) -> int:
+    from dppo_megatron.rollout.node_agent import serve_node
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    return serve_node(args.layout, args.node)

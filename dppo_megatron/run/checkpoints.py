@@ -1,0 +1,71 @@
+"""When and what a run saves, in one place: a resumable checkpoint every `save_every` steps, on a
+stop and at the end (the newest `keep` kept), and a Hugging Face export every `export_every`
+steps and at the end. A run starts from its newest checkpoint, else from the initial weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from dppo_megatron.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir_name
+from dppo_megatron.learner.learner import Learner
+from dppo_megatron.learner.weights import load_hf_weights, save_hf
+from dppo_megatron.model.arch import Qwen3Arch
+from dppo_megatron.processes import say
+
+CHECKPOINTS_DIR = "checkpoints"
+EXPORT_DIR = "export"
+
+
+def latest_in_run(run_dir: Path) -> Path | None:
+    """The run's newest complete checkpoint, or None."""
+    return latest_checkpoint(Path(run_dir) / CHECKPOINTS_DIR)
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path, learner: Learner, arch: Qwen3Arch, *, initial_model: Path, total_steps: int,
+                 save_every: int, keep: int, export_every: int):
+        """`initial_model`: the Hugging Face checkpoint a new run starts from (its config.json
+        and side files go into every checkpoint and export)."""
+        self.root, self.export_root = run_dir / CHECKPOINTS_DIR, run_dir / EXPORT_DIR
+        self.learner, self.arch, self.initial_model = learner, arch, initial_model
+        self.hf_config = json.loads((initial_model / "config.json").read_text())
+        self.total_steps, self.save_every, self.keep, self.export_every = total_steps, save_every, keep, export_every
+        self.saved_at = 0  # the step of the newest checkpoint
+
+    def resume(self) -> int:
+        """Load the newest checkpoint (or the initial weights); returns the step to start at."""
+        latest = latest_checkpoint(self.root)
+        if latest is None:
+            load_hf_weights(self.learner.module, self.arch, self.initial_model)
+            return 0
+        self.saved_at = load_checkpoint(latest, self.learner)["step"]
+        say(f"resumed from {latest} at step {self.saved_at}")
+        return self.saved_at
+
+    def after_step(self, done: int, *, stop: bool) -> dict[str, float]:
+        """After `done` steps: save and export what is due (a collective). Returns the time taken."""
+        metrics = {}
+        final = done == self.total_steps
+        if stop or final or (self.save_every and done % self.save_every == 0):
+            started = time.monotonic()
+            self._save(done)
+            metrics["time/checkpoint"] = time.monotonic() - started
+        if self.export_every and (final or done % self.export_every == 0):
+            save_hf(self.learner.module, self.arch, self.export_root / step_dir_name(done), config=self.hf_config,
+                    dtype=self.learner.module.config.params_dtype, side_files_from=self.initial_model)
+        return metrics
+
+    def _save(self, step: int) -> None:
+        path = save_checkpoint(self.root, self.learner, {"step": step}, self.hf_config, name_step=step)
+        if dist.get_rank() == 0:
+            older = sorted(p for p in self.root.glob("step_*")
+                           if p.is_dir() and p != path and not p.name.endswith(".partial"))
+            for old in older[: max(0, len(older) - (self.keep - 1))]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        self.saved_at = step

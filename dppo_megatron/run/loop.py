@@ -1,0 +1,146 @@
+"""The RL loop: rollout -> rewards -> group advantages -> learner steps -> weight sync ->
+evaluation, checkpoint -> metrics.
+
+An SPMD program on every learner rank (`dppo-megatron run-rank RUN_DIR`, started by
+`dppo-megatron train` or by a cluster job). Rank 0 also drives the rollout: it runs the
+servers, sends the requests, scores the responses and hands each rank its share of the batch.
+Everything a step does is a function of the step number and the weights, so a run resumed
+from a checkpoint repeats exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch.distributed as dist
+
+from dppo_megatron.algo import needs_old_logprob
+from dppo_megatron.config.schema import Recipe
+from dppo_megatron.config.validate import load_recipe, parallel_layout, recipe_arch
+from dppo_megatron.learner.learner import Learner
+from dppo_megatron.learner.parallel import init_parallel
+from dppo_megatron.processes import say
+from dppo_megatron.rollout.job_layout import JobLayout
+from dppo_megatron.rollout.servers import RemoteServers, ServerManager, Servers
+from dppo_megatron.run.checkpoints import CheckpointManager
+from dppo_megatron.run.configs import learner_configs, micro_batch_layout
+from dppo_megatron.run.metrics import MetricsLog, mean_over_mini_batches
+from dppo_megatron.run.placement import server_specs
+from dppo_megatron.run.publisher import WeightPublisher
+from dppo_megatron.run.rollouts import Rollouts
+from dppo_megatron.run.run_dir import RECIPE_FILE, STOP_FILE, model_dir, write_status
+from dppo_megatron.run.scatter import SampleScatter
+from dppo_megatron.run.stop import StopRequest
+
+
+def train(run_dir: Path, job_layout: Path | None = None) -> int:
+    """Train the run in `run_dir`. `job_layout`: a cluster job's layout, whose `serve-node`
+    agents run the servers; without it rank 0 runs them on this machine. status.json says how
+    it went (rank 0 writes it; a failure names its error)."""
+    recipe = load_recipe(run_dir / RECIPE_FILE)
+    progress = {"step": 0}
+    try:
+        return _train(recipe, run_dir, job_layout, progress)
+    except BaseException as error:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            write_status(run_dir, "failed", progress["step"], recipe.trainer.steps,
+                         f"{type(error).__name__}: {error}"[:4000])
+        raise
+
+
+def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dict) -> int:
+    from megatron.core import parallel_state as ps
+
+    trainer, arch, layout = recipe.trainer, recipe_arch(recipe), parallel_layout(recipe)
+    init_parallel(layout, arch, seed=trainer.seed)
+    rank = dist.get_rank()
+    control = dist.new_group(backend="gloo")  # python objects and flags, on CPU whatever the backend
+    stop_request = StopRequest(run_dir / STOP_FILE if rank == 0 else None, control)
+
+    learner = Learner(arch, layout, *learner_configs(recipe))
+    checkpoints = CheckpointManager(run_dir, learner, arch, initial_model=model_dir(recipe, run_dir),
+                                    total_steps=trainer.steps, save_every=trainer.save_every,
+                                    keep=trainer.keep_checkpoints, export_every=trainer.export_every)
+    start = progress["step"] = checkpoints.resume()
+    scatter = SampleScatter(control, dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+                            mini_batches=trainer.mini_batches, micro_batch_size=recipe.learner.micro_batch_size,
+                            layout=micro_batch_layout(recipe, arch))
+    servers: Servers = (RemoteServers(JobLayout.load(job_layout).agents) if job_layout is not None
+                        else ServerManager(server_specs(recipe, run_dir), run_dir / "logs"))
+    rollouts = metrics_log = publisher = None
+    try:
+        if rank == 0:
+            write_status(run_dir, "running", start, trainer.steps)
+            say(f"starting {len(servers.urls)} {recipe.rollout.engine} server(s); logs in {run_dir / 'logs'}"
+                if job_layout is None else f"waiting for {len(servers.urls)} {recipe.rollout.engine} server(s) "
+                f"of the job: {', '.join(servers.urls)}")
+            servers.start()
+        dist.barrier(group=control)  # every rank's publisher may talk to the servers
+        publisher = WeightPublisher(
+            learner, arch, servers.urls, method=recipe.rollout.weight_sync, weights_dir=run_dir / "weights",
+            hf_config=checkpoints.hf_config, side_files_from=model_dir(recipe, run_dir),
+            server_tp=recipe.rollout.server_tp, servers=servers if rank == 0 else None)
+        if rank == 0:
+            def restart_server(url: str) -> None:  # the client's call for a server that died
+                servers.restart(url)
+                publisher.bring_up_to_date(url)
+
+            rollouts = Rollouts(recipe, run_dir, arch, servers.urls, restart_server)
+            metrics_log = MetricsLog(run_dir, first_step=start, total_steps=trainer.steps,
+                                     tensorboard=trainer.tensorboard, wandb_project=trainer.wandb_project,
+                                     run_name=run_dir.name, config=asdict(recipe))
+        if start > 0:  # the servers started from the initial weights
+            publisher.publish(start)
+
+        for step in range(start, trainer.steps):
+            progress["step"] = step
+            started = time.monotonic()
+            # 1. Rollout, rewards, advantages (rank 0); every rank gets its share of the batch.
+            samples, metrics = rollouts.step(step) if rank == 0 else (None, {})
+            share = scatter.share(samples)
+            rollout_done = time.monotonic()
+
+            # 2. Learner: one optimizer step per mini-batch.
+            if needs_old_logprob(recipe.loss.mode):
+                learner.anchor_old_logprobs([mb for mini in share for mb in mini])
+            learner_metrics = [learner.train_step(micro_batches) for micro_batches in share]
+            learner_done = time.monotonic()
+
+            # 3. New weights to the servers.
+            publisher.publish(step + 1)
+            sync_done = time.monotonic()
+
+            # 4. Evaluation, checkpoint, export.
+            metrics.update(mean_over_mini_batches(learner_metrics))
+            metrics.update({"time/rollout": rollout_done - started, "time/learner": learner_done - rollout_done,
+                            "time/sync": sync_done - learner_done})
+            if rank == 0 and trainer.eval_every and (step + 1) % trainer.eval_every == 0:
+                metrics.update(rollouts.evaluate())
+            stop = stop_request.agreed()
+            metrics.update(checkpoints.after_step(step + 1, stop=stop))
+
+            # 5. Metrics.
+            if rank == 0:
+                metrics["time/step"] = time.monotonic() - started
+                metrics_log.log(step, metrics)
+                say(metrics_log.progress(step, metrics))
+            if stop and step + 1 < trainer.steps:
+                if rank == 0:
+                    stop_request.clear()
+                    write_status(run_dir, "stopped", checkpoints.saved_at, trainer.steps,
+                                 "stop requested (signal or STOP file)")
+                say(f"stop requested: checkpoint saved at step {checkpoints.saved_at}; resume with --resume")
+                return 0
+        if rank == 0:
+            write_status(run_dir, "finished", trainer.steps, trainer.steps)
+        say(f"done: {trainer.steps} steps; checkpoints in {checkpoints.root}")
+        return 0
+    finally:
+        if publisher is not None:
+            publisher.close()
+        if metrics_log is not None:
+            metrics_log.close()
+        if rank == 0:
+            servers.stop()
