@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import json
 import sys
+from pathlib import Path
 
 from dppo_megatron.processes import free_port
 
@@ -34,3 +36,10 @@ def run_torchrun(script: str, nproc: int, *args: str, timeout: float = 180.0) ->
     if proc.returncode != 0:
         raise AssertionError(f"{script} on {nproc} ranks exited {proc.returncode}:\n{output[-4000:]}")
     return output
+
+
+def run_torchrun_each(script: str, nproc: int, runs: list[list[str]], timeout: float = 300.0) -> str:
+    """Run `script`'s main(*args) for each args of `runs`, in turn, in one torchrun of `nproc`
+    ranks (tests/workers/each.py): the ranks start once."""
+    each = str(Path(__file__).parent / "workers" / "each.py")
+    return run_torchrun(each, nproc, script, json.dumps([[str(a) for a in args] for args in runs]), timeout=timeout)

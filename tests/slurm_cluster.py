@@ -95,6 +95,9 @@ class SlurmCluster:
             f"SlurmdLogFile={root / 'log' / 'slurmd.log'}", "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "MpiDefault=none",
             "ReturnToService=2", "SchedulerType=sched/backfill", "JobCompType=jobcomp/none",
+            # A pending job whose hold has ended starts at the next scheduling pass: every 2 s,
+            # not SLURM's default 60 (a requeued job then waits cred_expire, not a minute more).
+            "SchedulerParameters=sched_interval=2,bf_interval=2",
             "AccountingStorageType=accounting_storage/none",
             f"NodeName=localhost CPUs={os.cpu_count()} RealMemory=20000 State=UNKNOWN",
             "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP", "",

@@ -1,6 +1,7 @@
 """Megatron (our Qwen3 providers, loaded through the conversion table) against transformers as
 the independent reference, at every parallel layout, and HF -> Megatron -> HF round trips."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -34,24 +35,36 @@ LAYOUTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def outputs(checkpoints, tmp_path_factory):
+    """Every layout's logits and export: one torchrun per world size, the layouts of a size one
+    after another in the same ranks."""
+    root = tmp_path_factory.mktemp("parity")
+    for world in sorted({layout[0] for layout in LAYOUTS}):
+        runs = [{"tp": tp, "pp": pp, "ep": ep, "models": [str(checkpoints[m]) for m in models]}
+                for ranks, tp, pp, ep, models in LAYOUTS if ranks == world]
+        run_torchrun(WORKER, world, str(root), json.dumps(runs), timeout=300)
+    return root
+
+
 @pytest.mark.parametrize("ranks, tp, pp, ep, models", LAYOUTS, ids=lambda v: str(v))
-def test_megatron_logits_match_transformers_and_export_is_bit_identical(checkpoints, tmp_path, ranks, tp, pp, ep, models):
-    run_torchrun(WORKER, ranks, str(tmp_path), str(tp), str(pp), str(ep), *(str(checkpoints[m]) for m in models))
+def test_megatron_logits_match_transformers_and_export_is_bit_identical(checkpoints, outputs, ranks, tp, pp, ep,
+                                                                          models):
     for name in models:
+        result = outputs / f"tp{tp}-pp{pp}-ep{ep}" / name
         reference = hf_logits(checkpoints[name], parity_tokens())
-        logits = torch.load(tmp_path / name / "logits.pt")
+        logits = torch.load(result / "logits.pt")
         diff = (logits - reference).abs().max().item()
         assert diff <= LOGIT_TOL, f"{name} at tp={tp} pp={pp} ep={ep}: max |logit diff| {diff:.3g}"
 
-        original, exported = HFCheckpointReader(checkpoints[name]), HFCheckpointReader(tmp_path / name / "export")
+        original, exported = HFCheckpointReader(checkpoints[name]), HFCheckpointReader(result / "export")
         assert sorted(exported.names()) == sorted(original.names())
         for tensor_name in original.names():
             assert torch.equal(exported.get(tensor_name), original.get(tensor_name)), tensor_name
 
 
-def test_export_from_tp2_ep2_loads_in_transformers_with_the_original_logits(checkpoints, tmp_path):
-    run_torchrun(WORKER, 2, str(tmp_path), "2", "1", "2", str(checkpoints["moe"]))
-    export = tmp_path / "moe" / "export"
+def test_export_from_tp2_ep2_loads_in_transformers_with_the_original_logits(checkpoints, outputs):
+    export = outputs / "tp2-pp1-ep2" / "moe" / "export"
     assert len(list(export.glob("model-*-of-*.safetensors"))) > 1  # sharded, with an index
     torch.testing.assert_close(hf_logits(export, parity_tokens()), hf_logits(checkpoints["moe"], parity_tokens()),
                                atol=0, rtol=0)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed import run_torchrun
+from tests.distributed import run_torchrun_each
 from tests.tiny_models import make_moe
 
 WORKER = str(Path(__file__).parent / "workers" / "learner_train.py")
@@ -17,19 +17,30 @@ def moe_checkpoint(tmp_path_factory):
     return make_moe(tmp_path_factory.mktemp("hf") / "moe")
 
 
-@pytest.mark.parametrize(
-    "tp, pp, ep, mode, threshold",
-    [
-        ("2", "1", "1", "dppo_topk_kl", "0.01"),  # top-K statistics through the vocab-parallel path
-        ("1", "2", "1", "dppo_binary_tv", "0.005"),  # the pipeline schedule trains too
-        ("1", "1", "2", "grpo", "0.2"),
-    ],
-    ids=["tp2-topk-kl", "pp2-binary-tv", "ep2-grpo"],
-)
-def test_training_steps_follow_the_advantages(moe_checkpoint, tmp_path, tp, pp, ep, mode, threshold):
-    run_torchrun(WORKER, 2, str(tmp_path), tp, pp, ep, mode, threshold, "4", str(moe_checkpoint))
-    history = json.loads((tmp_path / "metrics.json").read_text())
-    policy = json.loads((tmp_path / "policy.json").read_text())
+TRAIN_CASES = {  # name -> tp, pp, ep, mode, threshold
+    "tp2-topk-kl": ("2", "1", "1", "dppo_topk_kl", "0.01"),  # top-K statistics through the vocab-parallel path
+    "pp2-binary-tv": ("1", "2", "1", "dppo_binary_tv", "0.005"),  # the pipeline schedule trains too
+    "ep2-grpo": ("1", "1", "2", "grpo", "0.2"),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(moe_checkpoint, tmp_path_factory):
+    """Every case in one torchrun: 4 steps at each layout, and 2 steps at TP=2 with and without
+    full activation recompute."""
+    root = tmp_path_factory.mktemp("train")
+    cases = [[root / name, *case, "4", moe_checkpoint] for name, case in TRAIN_CASES.items()]
+    recompute = ("2", "1", "1", "dppo_topk_kl", "0.01", "2", moe_checkpoint)
+    cases += [[root / "plain", *recompute], [root / "recompute", *recompute, "recompute"]]
+    run_torchrun_each(WORKER, 2, cases)
+    return root
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_training_steps_follow_the_advantages(runs, case):
+    tp, pp, ep, mode, threshold = TRAIN_CASES[case]
+    history = json.loads((runs / case / "metrics.json").read_text())
+    policy = json.loads((runs / case / "policy.json").read_text())
 
     first = history[0]
     # mu came from transformers on the same weights: the learner starts exactly on-policy.
@@ -48,12 +59,9 @@ def test_training_steps_follow_the_advantages(moe_checkpoint, tmp_path, tp, pp, 
         assert max(m["masked_frac"] for m in history[1:]) > 0
 
 
-def test_full_activation_recompute_gives_the_same_steps(moe_checkpoint, tmp_path):
-    args = ("2", "1", "1", "dppo_topk_kl", "0.01", "2", str(moe_checkpoint))
-    run_torchrun(WORKER, 2, str(tmp_path / "plain"), *args)
-    run_torchrun(WORKER, 2, str(tmp_path / "recompute"), *args, "recompute")
-    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
-    recomputed = json.loads((tmp_path / "recompute" / "metrics.json").read_text())
+def test_full_activation_recompute_gives_the_same_steps(runs):
+    plain = json.loads((runs / "plain" / "metrics.json").read_text())
+    recomputed = json.loads((runs / "recompute" / "metrics.json").read_text())
     for a, b in zip(plain, recomputed):
         for key in ("loss", "grad_norm", "mismatch_tv", "kl_k3", "entropy"):
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key

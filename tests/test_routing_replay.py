@@ -9,7 +9,7 @@ import torch
 
 from dppo_megatron.rollout.engine import EmbeddedEngine
 from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams, generate_request, parse_generate_response
-from tests.distributed import run_torchrun
+from tests.distributed import run_torchrun_each
 from tests.tiny_models import make_moe
 
 WORKER = str(Path(__file__).parent / "workers" / "routing_replay.py")
@@ -30,20 +30,32 @@ def engine_samples(tmp_path_factory):
     return hf, root / "samples.pt"
 
 
-@pytest.mark.parametrize(
-    "tp, pp, ep, recompute",
-    [("2", "1", "1", "off"), ("1", "2", "1", "on"), ("1", "1", "2", "off")],
-    ids=["tp2-sequence-parallel", "pp2-recompute", "ep2"],
-)
-def test_with_r3_the_learner_routes_exactly_as_the_engine(engine_samples, tmp_path, tp, pp, ep, recompute):
-    hf, samples = engine_samples
-    run_torchrun(WORKER, 2, str(tmp_path), tp, pp, ep, str(hf), str(samples), "on", recompute)
-    agreement = json.loads((tmp_path / "agreement.json").read_text())
-    assert agreement == {"train": 1.0, "forward": 1.0}
+R3_LAYOUTS = {"tp2-sequence-parallel": ("2", "1", "1", "off"), "pp2-recompute": ("1", "2", "1", "on"),
+              "ep2": ("1", "1", "2", "off")}
 
 
-def test_without_r3_perturbed_routers_route_differently(engine_samples, tmp_path):
+@pytest.fixture(scope="module")
+def agreements(engine_samples, tmp_path_factory):
+    """The learner's routing agreement with the engine for every case, in one torchrun: R3 on at
+    each layout, and R3 off at TP=2."""
     hf, samples = engine_samples
-    run_torchrun(WORKER, 2, str(tmp_path), "2", "1", "1", str(hf), str(samples), "off", "off")
-    agreement = json.loads((tmp_path / "agreement.json").read_text())
+    root = tmp_path_factory.mktemp("agreement")
+    # name -> (tp, pp, ep, r3, recompute)
+    cases = {name: (tp, pp, ep, "on", recompute) for name, (tp, pp, ep, recompute) in R3_LAYOUTS.items()}
+    cases["off"] = ("2", "1", "1", "off", "off")
+    runs = []
+    for name, (tp, pp, ep, r3, recompute) in cases.items():
+        (root / name).mkdir()
+        runs.append([root / name, tp, pp, ep, hf, samples, r3, recompute])
+    run_torchrun_each(WORKER, 2, runs)
+    return {name: json.loads((root / name / "agreement.json").read_text()) for name in cases}
+
+
+@pytest.mark.parametrize("layout", list(R3_LAYOUTS))
+def test_with_r3_the_learner_routes_exactly_as_the_engine(agreements, layout):
+    assert agreements[layout] == {"train": 1.0, "forward": 1.0}
+
+
+def test_without_r3_perturbed_routers_route_differently(agreements):
+    agreement = agreements["off"]
     assert 0.0 < agreement["train"] < 0.9 and 0.0 < agreement["forward"] < 0.9

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from dppo_megatron.config.validate import load_recipe
-from dppo_megatron.processes import free_port
 from dppo_megatron.learner.checkpoint import latest_checkpoint
+from dppo_megatron.processes import free_port
 from dppo_megatron.run.metrics import read_metrics
 from dppo_megatron.run.placement import PlacementError, job_layout
 from dppo_megatron.run.run_dir import read_status
@@ -177,25 +177,10 @@ def test_a_missing_partition_is_refused_before_sbatch(cluster, tmp_path):
     assert too_big.returncode == 2 and "the job needs 2 nodes" in too_big.stderr and "partition debug has 1" in too_big.stderr
 
 
-def test_submitted_quickstart_runs_to_completion_as_a_job(cluster, tmp_path):
-    run_dir = tmp_path / "job"
-    job_id = quickstart_job(cluster, run_dir, "trainer.steps=10", "trainer.save_every=5", "trainer.eval_every=5")
-    assert cluster.wait_until_gone(job_id, timeout=400), f"job still {cluster.job_state(job_id)}:\n{job_log(run_dir)}"
-    log = job_log(run_dir)
-    assert "finished: 10 steps" in log, log[-3000:]
-    assert [m["step"] for m in read_metrics(run_dir)] == list(range(10))
-    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000010"
-    assert read_status(run_dir)["state"] == "finished" and read_status(run_dir)["slurm_job_id"] == job_id
-    layout = json.loads((run_dir / "job" / "layout.json").read_text())
-    assert layout["learner_nodes"] == ["localhost"] and layout["server_nodes"] == ["localhost"]
-    assert (run_dir / "logs").is_dir() and any((run_dir / "logs").iterdir())  # the embedded engine's log
-    assert "the trainer is done; stopping the servers" in log  # the agent stopped cleanly, not killed
-
-
-def test_a_stop_signal_checkpoints_and_the_requeued_job_resumes_without_losing_a_step(cluster, tmp_path):
+def test_a_stopped_job_checkpoints_requeues_and_resumes_to_completion_without_losing_a_step(cluster, tmp_path):
     run_dir = tmp_path / "preempted"
-    steps = 40
-    job_id = quickstart_job(cluster, run_dir, f"trainer.steps={steps}", "trainer.save_every=0", "trainer.eval_every=0")
+    steps = 12
+    job_id = quickstart_job(cluster, run_dir, f"trainer.steps={steps}", "trainer.save_every=5", "trainer.eval_every=5")
     deadline = time.monotonic() + 300
     while len(read_metrics(run_dir)) < 4:
         assert time.monotonic() < deadline and cluster.job_state(job_id), f"no step 4:\n{job_log(run_dir)}"
@@ -215,7 +200,13 @@ def test_a_stop_signal_checkpoints_and_the_requeued_job_resumes_without_losing_a
     assert f"resumed from {stopped_at} at step {int(stopped_at.name.split('_')[1])}" in log
     assert f"finished: {steps} steps" in log, log[-3000:]
     assert [m["step"] for m in read_metrics(run_dir)] == list(range(steps))  # none lost, none repeated
-    assert read_status(run_dir)["state"] == "finished"
+    assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{steps:08d}"
+    assert read_status(run_dir)["state"] == "finished" and read_status(run_dir)["slurm_job_id"] == job_id
+    layout = json.loads((run_dir / "job" / "layout.json").read_text())
+    assert layout["learner_nodes"] == ["localhost"] and layout["server_nodes"] == ["localhost"]
+    assert (run_dir / "logs").is_dir() and any((run_dir / "logs").iterdir())  # the embedded engine's log
+    # Both runs' agents stopped cleanly when told, not killed.
+    assert log.count("the trainer is done; stopping the servers") == 2, log[-3000:]
 
 
 def test_the_warning_before_the_time_limit_checkpoints_and_requeues(cluster, tmp_path):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dppo_megatron.processes import free_port
 from dppo_megatron.learner.checkpoint import latest_checkpoint
+from dppo_megatron.processes import free_port
 from dppo_megatron.run.metrics import read_metrics
 from dppo_megatron.run.run_dir import read_status
 
@@ -72,14 +72,24 @@ def test_readme_main_command_trains_the_quickstart():
     assert readme_main_command() == ["dppo-megatron", "train", "recipes/tiny/quickstart.yaml"]
 
 
-def test_quickstart_learns_the_toy_task_from_chance_to_mastery(tmp_path):
-    """The README's main command (run from the repository root, into a temporary run dir)."""
-    run_dir = tmp_path / "quickstart"
+# Evaluation and checkpoint at the end only: what the tests below look at, and no more.
+QUICKSTART_AT_THE_END = ["trainer.eval_every=200", "trainer.save_every=200"]
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The README's main command (run from the repository root, into a temporary run dir): one
+    200-step run that the learning, export, evaluate and resume tests share."""
+    run_dir = tmp_path_factory.mktemp("quickstart") / "run"
     started = time.monotonic()
     _, _, recipe = readme_main_command()
-    code = finish(start_train(run_dir, recipe=REPO / recipe), run_dir, timeout=600)
-    elapsed = time.monotonic() - started
+    code = finish(start_train(run_dir, *QUICKSTART_AT_THE_END, recipe=REPO / recipe), run_dir, timeout=600)
     assert code == 0, log_tail(run_dir)
+    return run_dir, time.monotonic() - started
+
+
+def test_quickstart_learns_the_toy_task_from_chance_to_mastery(quickstart):
+    run_dir, elapsed = quickstart
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(200))
     assert metrics[0]["reward/mean"] < 0.2  # chance: ~1/15 per position
@@ -91,8 +101,12 @@ def test_quickstart_learns_the_toy_task_from_chance_to_mastery(tmp_path):
     assert any((run_dir / "tensorboard").iterdir())
     assert (run_dir / "recipe.yaml").is_file() and (run_dir / "logs").is_dir()
 
-    # The trained checkpoint, exported to HF and evaluated on its own, scores what the last
-    # in-loop evaluation did (same weights, same held-out prompts, same sampling seeds).
+
+def test_the_exported_quickstart_model_scores_what_the_last_evaluation_did(quickstart, tmp_path):
+    """The trained checkpoint, exported to HF and evaluated on its own, scores what the last
+    in-loop evaluation did (same weights, same held-out prompts, same sampling seeds)."""
+    run_dir, _ = quickstart
+    final_eval = [m["eval/mean_reward"] for m in read_metrics(run_dir) if "eval/mean_reward" in m][-1]
     exported = tmp_path / "exported"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "dppo_megatron", "convert", "mcore-to-hf", "--ckpt",
@@ -106,48 +120,43 @@ def test_quickstart_learns_the_toy_task_from_chance_to_mastery(tmp_path):
     assert scores["eval/mean_reward"] == pytest.approx(final_eval, abs=1e-6)
 
 
-def test_kill_and_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path):
-    settings = ["trainer.steps=10", "trainer.save_every=3", "trainer.eval_every=5"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert finish(start_train(straight, *settings), straight, timeout=300) == 0, log_tail(straight)
-
-    process = start_train(killed, *settings)
-    wait_for_steps(killed, 5, process)  # past the checkpoint at step 3
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert latest_checkpoint(killed / "checkpoints").name == "step_00000003"
-    resumed = start_train(killed, "--resume", recipe=None)
-    assert finish(resumed, killed, timeout=300) == 0, log_tail(killed)
-
-    assert "resumed from" in log_tail(killed)
-    expected, got = comparable(read_metrics(straight)), comparable(read_metrics(killed))
-    assert [m["step"] for m in got] == list(range(10))  # no step lost or repeated
-    assert got == expected
-
-
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    """Also runs with R3 off but routes recorded: the learner's own routing then differs from
-    the engine's on some token-layer pairs, and the metric says how often."""
-    run_dir = tmp_path / "stopped"
-    process = start_train(run_dir, "trainer.steps=1000", "trainer.save_every=0", "trainer.eval_every=0",
-                          "rollout.r3=false", "rollout.record_routes=true")
+def test_a_run_stopped_by_sigterm_then_killed_resumes_to_the_metrics_of_an_uninterrupted_run(quickstart, tmp_path):
+    """SIGTERM: a checkpoint at the end of the step and a clean exit; SIGKILL: the steps since
+    the last checkpoint are redone. Either way the resumed run's steps are the uninterrupted
+    quickstart's, number for number (nothing in a step depends on trainer.steps)."""
+    steps = 12
+    run_dir = tmp_path / "interrupted"
+    process = start_train(run_dir, f"trainer.steps={steps}", *QUICKSTART_AT_THE_END)
     wait_for_steps(run_dir, 3, process)
     os.killpg(process.pid, signal.SIGTERM)
     assert finish(process, run_dir, timeout=120) == 0, log_tail(run_dir)
-    steps = len(read_metrics(run_dir))
+    stopped = len(read_metrics(run_dir))
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    assert checkpoint is not None and checkpoint.name == f"step_{steps:08d}"
-    assert json.loads((checkpoint / "learner_state.json").read_text())["trainer"]["step"] == steps
+    assert checkpoint is not None and checkpoint.name == f"step_{stopped:08d}" and stopped < steps
+    assert json.loads((checkpoint / "learner_state.json").read_text())["trainer"]["step"] == stopped
     assert "stop requested: checkpoint saved" in log_tail(run_dir)
-    assert read_status(run_dir)["state"] == "stopped" and read_status(run_dir)["step"] == steps
-    agreement = [m["train/routing_agreement"] for m in read_metrics(run_dir)]
-    assert all(0.5 < a < 1.0 for a in agreement), agreement
+    assert read_status(run_dir)["state"] == "stopped" and read_status(run_dir)["step"] == stopped
+
+    resumed = start_train(run_dir, "--resume", recipe=None)
+    wait_for_steps(run_dir, stopped + 3, resumed)
+    os.killpg(resumed.pid, signal.SIGKILL)
+    resumed.wait()
+    assert latest_checkpoint(run_dir / "checkpoints") == checkpoint  # none since: the kill loses steps
+    assert finish(start_train(run_dir, "--resume", recipe=None), run_dir, timeout=300) == 0, log_tail(run_dir)
+
+    assert f"resumed from {checkpoint} at step {stopped}" in log_tail(run_dir)
+    got = comparable(read_metrics(run_dir))
+    assert [m["step"] for m in got] == list(range(steps))  # no step lost or repeated
+    assert got == comparable(read_metrics(quickstart[0]))[:steps]
+    assert read_status(run_dir)["state"] == "finished"
 
 
 def test_a_rollout_server_killed_mid_run_is_restarted_with_the_current_weights(tmp_path):
+    """Also runs with R3 off but routes recorded: the learner's own routing then differs from
+    the engine's on some token-layer pairs, and the metric says how often."""
     run_dir, port = tmp_path / "restarted", free_port()
     process = start_train(run_dir, "trainer.steps=12", "trainer.save_every=0", "trainer.eval_every=0",
-                          f"rollout.base_port={port}")
+                          f"rollout.base_port={port}", "rollout.r3=false", "rollout.record_routes=true")
     wait_for_steps(run_dir, 4, process)
     killed = subprocess.run(["pkill", "-9", "-f", f"serve-embedded.*--port {port}"], timeout=10)
     assert killed.returncode == 0, "no server process found to kill"
@@ -157,3 +166,5 @@ def test_a_rollout_server_killed_mid_run_is_restarted_with_the_current_weights(t
     # Every step sampled from the weights of the step before it, the restarted server included.
     assert all(m["rollout/stale_frac"] == 0.0 for m in metrics), [m["rollout/stale_frac"] for m in metrics]
     assert "restarting http://127.0.0.1:" in (run_dir.parent / "restarted.log").read_text()
+    agreement = [m["train/routing_agreement"] for m in metrics]
+    assert all(0.5 < a < 1.0 for a in agreement), agreement

@@ -1,8 +1,10 @@
-"""Rank program: load HF checkpoints into Megatron at a layout, run a batch, export back.
+"""Rank program: load HF checkpoints into Megatron at several layouts in turn, run a batch,
+export back.
 
-argv: OUT_DIR TP PP EP HF_DIR [HF_DIR ...]. For each HF_DIR, writes OUT_DIR/<name>/logits.pt
-(the full-vocabulary logits, from the last stage) and OUT_DIR/<name>/export/ (HF safetensors
-gathered from every rank)."""
+argv: OUT_DIR RUNS, RUNS a JSON list of {"tp", "pp", "ep", "models": [HF_DIR, ...]}. For each
+layout and HF_DIR, writes OUT_DIR/<layout_name>/<name>/logits.pt (the full-vocabulary logits,
+from the last stage) and OUT_DIR/<layout_name>/<name>/export/ (HF safetensors gathered from
+every rank)."""
 
 import json
 import sys
@@ -15,19 +17,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_models import parity_tokens  # noqa: E402
 
-from dppo_megatron.model.hf_io import HFCheckpointWriter  # noqa: E402
-from dppo_megatron.model.arch import Qwen3Arch  # noqa: E402
 from dppo_megatron.learner.forward import full_vocab_logits  # noqa: E402
 from dppo_megatron.learner.model import build_model  # noqa: E402
 from dppo_megatron.learner.parallel import init_parallel  # noqa: E402
-from dppo_megatron.model.layout import ParallelLayout  # noqa: E402
 from dppo_megatron.learner.weights import iter_hf_tensors, load_hf_weights  # noqa: E402
+from dppo_megatron.model.arch import Qwen3Arch  # noqa: E402
+from dppo_megatron.model.hf_io import HFCheckpointWriter  # noqa: E402
+from dppo_megatron.model.layout import ParallelLayout  # noqa: E402
 
 
-def main(out_dir: str, tp: str, pp: str, ep: str, *hf_dirs: str) -> None:
+def layout_name(tp: int, pp: int, ep: int) -> str:
+    return f"tp{tp}-pp{pp}-ep{ep}"
+
+
+def main(out_dir: str, runs: str) -> None:
+    for run in json.loads(runs):
+        layout = ParallelLayout(tp=run["tp"], pp=run["pp"], ep=run["ep"])
+        check_layout(Path(out_dir) / layout_name(run["tp"], run["pp"], run["ep"]), layout, run["models"])
+
+
+def check_layout(out_dir: Path, layout: ParallelLayout, hf_dirs: list[str]) -> None:
     from megatron.core import parallel_state as ps
 
-    layout = ParallelLayout(tp=int(tp), pp=int(pp), ep=int(ep))
     for hf_dir in hf_dirs:
         arch = Qwen3Arch.from_hf(hf_dir)
         init_parallel(layout, arch)
