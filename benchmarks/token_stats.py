@@ -1,12 +1,13 @@
 """token_stats against the naive approach (fp32 log_softmax over the whole vocabulary, then
 gather), side by side: time and peak extra memory, forward and forward+backward.
 
-    python benchmarks/token_stats.py                    # Qwen3 vocabulary, K=20, 2048 and 8192 tokens
-    python benchmarks/token_stats.py --tokens 512 --repeats 2
+    python benchmarks/token_stats.py                    # Qwen3 vocabulary, K=20, 1024, 4096 and 8192 tokens
+    python benchmarks/token_stats.py --tokens 512 --repeats 2 --budget-mib 64
 
 Each measurement runs in a fresh subprocess so that its peak memory is its own: on CPU the
 process's peak RSS above what the inputs already took, on GPU torch.cuda.max_memory_allocated
-above the inputs. Both methods compute the same things: log pi of the sampled token with
+above the inputs; with a backward, the gradient of the logits (in their dtype, which both
+methods must return) is subtracted, so "extra" is the working memory beyond it. Both methods compute the same things: log pi of the sampled token with
 gradient, entropy, and top-K TV and KL against the rollout policy's top-K logprobs.
 """
 
@@ -20,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -45,22 +47,24 @@ def naive_stats(logits, targets, topk_ids, topk_logprobs):
     return logprob, entropy, tv, kl
 
 
-def chunked_stats(logits, targets, topk_ids, topk_logprobs):
-    stats = token_stats(logits, targets, topk_ids=topk_ids, topk_logprobs=topk_logprobs, with_entropy=True)
+def chunked_stats(logits, targets, topk_ids, topk_logprobs, budget_mib: int = 256):
+    stats = token_stats(logits, targets, topk_ids=topk_ids, topk_logprobs=topk_logprobs, with_entropy=True,
+                        memory_budget=budget_mib * 2**20)
     return stats.logprob, stats.entropy, stats.topk_tv, stats.topk_kl
 
 
 METHODS = {"naive": naive_stats, "token_stats": chunked_stats}
 
 
-def measure_one(method: str, tokens: int, vocab: int, topk: int, backward: bool, repeats: int, dtype: str) -> dict:
+def measure_one(method: str, tokens: int, vocab: int, topk: int, backward: bool, repeats: int, dtype: str,
+                budget_mib: int) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     logits = torch.randn(tokens, vocab, dtype=getattr(torch, dtype), device=device)
     targets = torch.randint(0, vocab, (tokens,), device=device)
     topk_ids = torch.randint(0, vocab, (tokens, topk), device=device)
     topk_logprobs = torch.full((tokens, topk), -math.log(4 * topk), device=device)
-    fn = METHODS[method]
+    fn = METHODS[method] if method == "naive" else partial(chunked_stats, budget_mib=budget_mib)
 
     def run():
         x = logits.detach().requires_grad_(backward)
@@ -90,6 +94,8 @@ def measure_one(method: str, tokens: int, vocab: int, topk: int, backward: bool,
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    if backward:
+        peak_extra -= logits.numel() * logits.element_size()  # the gradient itself
     return {"time_ms": 1e3 * sorted(times)[len(times) // 2], "peak_extra_mib": max(0, peak_extra) / 2**20}
 
 
@@ -105,7 +111,8 @@ def _cell(value: float, fmt: str = "{:.0f}") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--budget-mib", type=int, default=256, help="token_stats' memory_budget, MiB")
     parser.add_argument("--vocab", type=int, default=QWEN3_VOCAB)
     parser.add_argument("--topk", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
@@ -115,14 +122,16 @@ def main() -> None:
 
     if args.one:  # child: one measurement, printed as JSON
         method, tokens, pass_ = args.one
-        result = measure_one(method, int(tokens), args.vocab, args.topk, pass_ == "fwd+bwd", args.repeats, args.dtype)
+        result = measure_one(method, int(tokens), args.vocab, args.topk, pass_ == "fwd+bwd", args.repeats, args.dtype,
+                             args.budget_mib)
         print(json.dumps(result))
         return
 
     print(f"token_stats benchmark: vocab {args.vocab}, K={args.topk}, logits {args.dtype}, "
-          f"{device_name()}, torch {torch.__version__}")
-    print("| tokens | pass | naive ms | token_stats ms | speed-up | naive extra MiB | token_stats extra MiB | logits MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"token_stats budget {args.budget_mib} MiB, {device_name()}, torch {torch.__version__}")
+    print("| tokens | pass | naive ms | token_stats ms | speed-up | naive extra MiB | token_stats extra MiB | "
+          "extra ratio | logits MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for tokens in args.tokens:
         logits_mib = tokens * args.vocab * torch.finfo(getattr(torch, args.dtype)).bits / 8 / 2**20
         for pass_ in ("fwd", "fwd+bwd"):
@@ -130,7 +139,8 @@ def main() -> None:
             for method in METHODS:
                 child = subprocess.run(
                     [sys.executable, __file__, "--one", method, str(tokens), pass_, "--vocab", str(args.vocab),
-                     "--topk", str(args.topk), "--repeats", str(args.repeats), "--dtype", args.dtype],
+                     "--topk", str(args.topk), "--repeats", str(args.repeats), "--dtype", args.dtype,
+                     "--budget-mib", str(args.budget_mib)],
                     capture_output=True, text=True,
                 )
                 if child.returncode != 0:
@@ -140,9 +150,10 @@ def main() -> None:
                     results[method] = json.loads(child.stdout.strip().splitlines()[-1])
             naive, ours = results["naive"], results["token_stats"]
             speed_up = naive["time_ms"] / ours["time_ms"]
+            ratio = ours["peak_extra_mib"] / naive["peak_extra_mib"] if naive["peak_extra_mib"] else math.nan
             print(f"| {tokens} | {pass_} | {_cell(naive['time_ms'])} | {_cell(ours['time_ms'])} | "
                   f"{_cell(speed_up, '{:.2f}x')} | {_cell(naive['peak_extra_mib'])} | "
-                  f"{_cell(ours['peak_extra_mib'])} | {logits_mib:.0f} |", flush=True)
+                  f"{_cell(ours['peak_extra_mib'])} | {_cell(ratio, '{:.3f}')} | {logits_mib:.0f} |", flush=True)
             for method, result in results.items():
                 if "error" in result:
                     print(f"  {method} failed: {result['error']}")

@@ -88,3 +88,20 @@ def test_weights_that_do_not_match_the_config_are_listed(moe, tmp_path):
 def test_missing_checkpoint_is_named(tmp_path):
     done = convert("mcore-to-hf", "--ckpt", tmp_path / "nothing", "--out", tmp_path / "x", timeout=60)
     assert done.returncode == 2 and "neither a Megatron checkpoint nor a directory of them" in done.stderr
+
+
+def test_exported_files_all_get_the_mode_of_a_new_file(tmp_path):
+    """safetensors writes its files 0600; an export's weights are as readable as its config."""
+    import os
+
+    from dppo_megatron.model.hf_io import HFCheckpointWriter
+
+    writer = HFCheckpointWriter(tmp_path / "export", max_shard_bytes=64)
+    for index in range(3):
+        writer.add(f"tensor.{index}", torch.zeros(16))
+    exported = writer.close(config={"architectures": []})
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in exported.iterdir()}
+    assert len([n for n in modes if n.endswith(".safetensors")]) == 3
+    assert set(modes.values()) == {0o666 & ~mask}, modes

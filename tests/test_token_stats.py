@@ -102,20 +102,36 @@ def test_empty_batch_gives_empty_results():
     assert logits.grad.shape == (0, 32)
 
 
-def test_never_copies_all_logits_to_fp32():
-    """The largest single allocation stays near one chunk, far below [tokens, V] in fp32."""
-    tokens, vocab, chunk = 256, 4096, 16
+@pytest.mark.parametrize("tokens", [256, 1024])
+def test_memory_beyond_the_gradient_is_the_budget_plus_o_tokens_times_k(tokens):
+    """Forward and backward: the gradient of the logits is allocated once, in their own dtype;
+    every other allocation fits one chunk buffer (half the budget), and all of them together
+    are the budget (forward and backward buffers) plus O(tokens x K), whatever the number of
+    tokens. An fp32 [tokens, V] tensor anywhere (16 KiB a token here) breaks all three."""
+    vocab, k, budget = 4096, 8, 1 << 20
     logits = torch.randn(tokens, vocab, dtype=torch.bfloat16, requires_grad=True)
     targets = torch.randint(0, vocab, (tokens,))
-    top = torch.randint(0, vocab, (tokens, 8))
+    top = torch.randint(0, vocab, (tokens, k))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        stats = token_stats(logits, targets, topk_ids=top, topk_logprobs=torch.full((tokens, 8), -5.0),
-                            with_entropy=True, chunk_tokens=chunk)
+        stats = token_stats(logits, targets, topk_ids=top, topk_logprobs=torch.full((tokens, k), -5.0),
+                            with_entropy=True, memory_budget=budget)
         (stats.logprob.sum() + stats.entropy.sum()).backward()
-    largest = max(e.self_cpu_memory_usage for e in prof.events())
-    full_fp32 = tokens * vocab * 4
-    grad_bf16 = tokens * vocab * 2  # the gradient of the logits themselves, in their dtype
-    assert largest <= grad_bf16, f"largest allocation {largest} B vs fp32 copy {full_fp32} B"
+    sizes = sorted((e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0), reverse=True)
+    gradient, rest = sizes[0], sizes[1:]
+    assert logits.grad.dtype == torch.bfloat16 and gradient == tokens * vocab * 2
+    assert max(rest) <= budget // 2, f"an allocation of {max(rest)} B; one chunk buffer is {budget // 2} B"
+    assert sum(rest) <= 2 * budget + 256 * tokens * (k + 4), f"{sum(rest)} B beyond the gradient"
+
+
+def test_the_memory_budget_sets_the_chunk_and_not_the_result():
+    logits = torch.randn(64, 1000, dtype=torch.float64).float()
+    targets = torch.randint(0, 1000, (64,))
+    small = token_stats(logits, targets, with_entropy=True, memory_budget=3 * 8 * 1001)  # 3 tokens a chunk
+    large = token_stats(logits, targets, with_entropy=True)
+    torch.testing.assert_close(small.logprob, large.logprob, atol=1e-6, rtol=0)
+    torch.testing.assert_close(small.entropy, large.entropy, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="memory_budget"):
+        token_stats(logits, targets, memory_budget=0)
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,10 @@ exponential-weighted sum (-> entropy), and the logits at the rollout policy's to
 [tokens, ...] tensors, so the result equals the single-rank result on the gathered logits.
 
 Two collectives per call, whatever the number of tokens: one MAX, one SUM of everything else.
-Tokens go through reused fp32 chunk buffers, so no fp32 copy of the whole [tokens, V] slice is
-ever made; the backward recomputes the softmax chunk by chunk from the saved log Z.
+Tokens go through two reused fp32 chunk buffers sized from a memory budget, so no fp32 copy of
+the whole [tokens, V] slice is ever made; the backward recomputes the softmax chunk by chunk
+from the saved log Z and writes the logits' gradient chunk by chunk, in the logits' dtype.
+Beyond that gradient, memory is the budget plus O(tokens x K).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import torch.distributed as dist
 
 # Masses below this are clamped before taking logs, as the reference implementation does.
 MIN_MASS = 1e-12
-# fp32 working-set budget of one chunk buffer; sets the number of tokens per chunk.
-CHUNK_BUFFER_BYTES = 128 * 1024 * 1024
+# Default budget of the fp32 working buffers (two chunk buffers, forward and backward alike);
+# sets the number of tokens per chunk. Speed is flat from a few MiB of buffer up.
+DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024
 
 
 @dataclass
@@ -70,6 +73,7 @@ def token_stats(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     with_entropy: bool = False,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     chunk_tokens: int | None = None,
 ) -> TokenStats:
     """Statistics of softmax(logits / temperature) at every token position.
@@ -84,7 +88,9 @@ def token_stats(
         vocab_size: real vocabulary size; columns at or past it are padding (probability 0).
             Defaults to V_local * TP (no padding).
         with_entropy: also return the entropy (differentiable).
-        chunk_tokens: tokens per chunk; default from a 128 MiB fp32 buffer budget.
+        memory_budget: bytes for the fp32 working buffers (two chunk buffers of
+            [chunk, V_local + 1]); sets the tokens per chunk (at least one token).
+        chunk_tokens: tokens per chunk, overriding `memory_budget`.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [tokens, V_local], got shape {tuple(logits.shape)}")
@@ -114,8 +120,10 @@ def token_stats(
         _check_ids("topk_ids", topk_ids, vocab_size)
 
     valid_width = max(0, min(local_width, vocab_size - vocab_start))
+    if memory_budget <= 0:
+        raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
     if chunk_tokens is None:
-        chunk_tokens = max(1, CHUNK_BUFFER_BYTES // (4 * (valid_width + 1)))
+        chunk_tokens = max(1, memory_budget // (2 * 4 * (valid_width + 1)))
     vocab = _VocabSlice(
         group=tp_group if tp_size > 1 else None,
         start=vocab_start,

@@ -58,6 +58,8 @@ class LearnerConfig:
     recompute: bool = doc("recompute activations in the backward (full layers)", False)
     micro_batch_size: int = doc("sequences per micro-batch", 1)
     transformer_engine: bool = doc("use TransformerEngine layers when it is installed and a GPU is present", True)
+    token_stats_memory_mib: int = doc("fp32 working memory of the loss's token statistics (log pi, entropy, top-K) "
+                                      "per call, beyond the logits' gradient: sets their chunk of tokens", 256)
 
 
 @dataclass

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from dppo_megatron.algo import needs_old_logprob, needs_topk, policy_loss, token_stats
+from dppo_megatron.algo.token_stats import DEFAULT_MEMORY_BUDGET
 from dppo_megatron.learner.forward import model_device, run_schedule
 from dppo_megatron.learner.model import ModelOptions, build_model
 from dppo_megatron.learner.routing_replay import RoutingReplay
@@ -39,6 +40,7 @@ class LossConfig:
     aggregation: str = "token-mean"
     max_response_len: int | None = None
     temperature: float = 1.0  # the rollout engine's sampling temperature
+    stats_memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes of token_stats' fp32 chunk buffers
 
 
 # How micro-batch metrics combine: a weighted mean by the named count, a max, or a sum.
@@ -227,7 +229,7 @@ class Learner:
             tp_group=ps.get_tensor_model_parallel_group(), vocab_start=ps.get_tensor_model_parallel_rank() * local_vocab,
             vocab_size=self.arch.vocab_size,
             temperature=self.loss_config.temperature if temperature is None else temperature,
-            with_entropy=with_entropy, **topk,
+            with_entropy=with_entropy, memory_budget=self.loss_config.stats_memory_budget, **topk,
         )
         for field in ("logprob", "entropy", "topk_tv", "topk_kl"):
             value = getattr(stats, field)

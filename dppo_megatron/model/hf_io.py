@@ -77,6 +77,13 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return f"{len(names)} ({shown}{', ...' if len(names) > limit else ''})"
 
 
+def _file_mode() -> int:
+    """The mode a new file gets here (0644 under the usual umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 class HFCheckpointWriter:
     """Writes tensors into size-bounded safetensors shards, then the index. Everything goes
     into a temporary directory renamed into place at `close()`, so a reader never sees a
@@ -113,9 +120,11 @@ class HFCheckpointWriter:
             self._flush()
         count = len(self.shards)
         weight_map = {}
+        mode = _file_mode()
         for number, names in enumerate(self.shards, start=1):
             final = f"model-{number:05d}-of-{count:05d}.safetensors"
             os.replace(self.partial / f"model-{number:05d}.safetensors", self.partial / final)
+            os.chmod(self.partial / final, mode)  # safetensors writes 0600; the rest of the checkpoint is 0644
             weight_map.update({name: final for name in names})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.partial / INDEX_NAME).write_text(json.dumps(index, indent=2))
