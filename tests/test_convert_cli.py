@@ -1,5 +1,6 @@
 """`dppo-megatron convert` as users run it: hf-to-mcore, verify, mcore-to-hf, and its errors."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -49,7 +50,7 @@ def test_round_trip_through_a_tp2_ep2_checkpoint(moe, tmp_path):
 def test_export_without_hf_config_uses_the_copy_kept_in_the_checkpoint(tmp_path):
     dense = make_dense(tmp_path / "dense")
     assert convert("hf-to-mcore", "--hf-dir", dense, "--out", tmp_path / "mcore", "--pp", 2).returncode == 0
-    done = convert("mcore-to-hf", "--ckpt", tmp_path / "mcore", "--out", tmp_path / "back", "--tp", 2)
+    done = convert("mcore-to-hf", "--ckpt", tmp_path / "mcore", "--out", tmp_path / "back")
     assert done.returncode == 0, done.stderr[-3000:]
     original, copy = HFCheckpointReader(dense), HFCheckpointReader(tmp_path / "back")
     assert all(torch.equal(copy.get(n), original.get(n)) for n in original.names())
@@ -85,6 +86,15 @@ def test_weights_that_do_not_match_the_config_are_listed(moe, tmp_path):
     assert "unexpected" in done.stderr and "model.layers.0.mlp.experts.0.down_proj.weight" in done.stderr
 
 
+def test_a_config_that_does_not_describe_the_checkpoint_is_named(moe, tmp_path):
+    dense = make_dense(tmp_path / "dense")
+    assert convert("hf-to-mcore", "--hf-dir", moe, "--out", tmp_path / "mcore").returncode == 0
+    done = convert("mcore-to-hf", "--ckpt", tmp_path / "mcore", "--out", tmp_path / "x", "--hf-config", dense)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "holds shape" in done.stderr or "no tensor" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "x").exists()
+
+
 def test_missing_checkpoint_is_named(tmp_path):
     done = convert("mcore-to-hf", "--ckpt", tmp_path / "nothing", "--out", tmp_path / "x", timeout=60)
     assert done.returncode == 2 and "neither a Megatron checkpoint nor a directory of them" in done.stderr
@@ -105,3 +115,27 @@ def test_exported_files_all_get_the_mode_of_a_new_file(tmp_path):
     modes = {path.name: path.stat().st_mode & 0o777 for path in exported.iterdir()}
     assert len([n for n in modes if n.endswith(".safetensors")]) == 3
     assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
+def test_a_spooled_export_reads_back_in_safetensors_and_transformers_as_written(tmp_path):
+    """The writer that streams each tensor to disk (large exports) makes files that safetensors'
+    own reader and the in-memory writer agree on, tensor for tensor."""
+    from safetensors import safe_open
+
+    from dppo_megatron.model.hf_io import HFCheckpointWriter
+
+    tensors = {"a.f32": torch.randn(5, 3), "b.bf16": torch.randn(7, dtype=torch.bfloat16),
+               "c.i64": torch.arange(4), "d.empty": torch.zeros(0, 2), "e.f16": torch.randn(2, 2).half()}
+    exported = {}
+    for spool in (False, True):
+        writer = HFCheckpointWriter(tmp_path / f"spool-{spool}", max_shard_bytes=40, spool=spool)
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        exported[spool] = writer.close(config={})
+    for spool, directory in exported.items():
+        index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+        assert sorted(index) == sorted(tensors) and len(set(index.values())) > 1  # several shards
+        for name, tensor in tensors.items():
+            with safe_open(directory / index[name], "pt") as f:
+                assert torch.equal(f.get_tensor(name), tensor) and f.get_tensor(name).dtype == tensor.dtype, name
+    assert sorted(p.name for p in exported[True].iterdir()) == sorted(p.name for p in exported[False].iterdir())

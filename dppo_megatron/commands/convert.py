@@ -12,14 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from dppo_megatron.commands.args import EXIT_INVALID
-from dppo_megatron.convert.checkpoints import (
-    DEFAULT_TOLERANCE,
-    checkpoint_config_file,
-    hf_to_mcore,
-    mcore_to_hf,
-    resolve_checkpoint,
-    verify,
-)
+from dppo_megatron.convert.checkpoints import DEFAULT_TOLERANCE, hf_to_mcore, mcore_to_hf, resolve_checkpoint, verify
 from dppo_megatron.model.arch import ArchError, Qwen3Arch
 from dppo_megatron.model.hf_io import CheckpointError, open_matching_checkpoint
 from dppo_megatron.model.layout import LayoutError, ParallelLayout
@@ -42,12 +35,13 @@ def add_parser(subparsers) -> None:
     layout_args(p)
     p.set_defaults(handler=_run)
 
-    p = commands.add_parser("mcore-to-hf", help="Megatron checkpoint -> sharded HF safetensors")
+    p = commands.add_parser("mcore-to-hf", help="Megatron checkpoint -> sharded HF safetensors",
+                            description="Streams a checkpoint saved at any layout into Hugging Face safetensors, "
+                                        "in this one process, one layer at a time (no GPU, no model built).")
     p.add_argument("--ckpt", required=True, help="a checkpoint directory, or a run's checkpoint root")
     p.add_argument("--out", required=True)
     p.add_argument("--hf-config", help="HF directory for config.json, tokenizer and generation_config.json")
-    layout_args(p)
-    p.set_defaults(handler=_run)
+    p.set_defaults(handler=_export)
 
     p = commands.add_parser("verify", help="compare a Megatron checkpoint's logits with transformers")
     p.add_argument("--hf-dir", required=True)
@@ -58,6 +52,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     layout_args(p, with_pp=False)
     p.set_defaults(handler=_run, pp=1)
+
+
+def _export(args) -> int:
+    try:
+        mcore_to_hf(args.ckpt, args.out, args.hf_config)
+    except (CheckpointError, ArchError) as error:
+        print(f"dppo-megatron convert mcore-to-hf: error: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    return 0
 
 
 def _run(args) -> int:
@@ -77,24 +80,16 @@ def _run(args) -> int:
 
 
 def _preflight(args, layout: ParallelLayout) -> None:
-    if args.convert_command == "mcore-to-hf":
-        config = checkpoint_config_file(resolve_checkpoint(args.ckpt), args.hf_config)
-    else:
-        config = Path(args.hf_dir)
-        if args.convert_command == "verify":
-            resolve_checkpoint(args.ckpt)
-    arch = Qwen3Arch.from_hf(config)
-    if args.convert_command != "mcore-to-hf":
-        open_matching_checkpoint(args.hf_dir, arch)
+    if args.convert_command == "verify":
+        resolve_checkpoint(args.ckpt)
+    arch = Qwen3Arch.from_hf(Path(args.hf_dir))
+    open_matching_checkpoint(args.hf_dir, arch)
     layout.validate(layout.fewest_ranks, arch)
 
 
 def _convert(args, layout: ParallelLayout) -> int:
     if args.convert_command == "hf-to-mcore":
         hf_to_mcore(args.hf_dir, args.out, layout)
-        return 0
-    if args.convert_command == "mcore-to-hf":
-        mcore_to_hf(args.ckpt, args.out, args.hf_config, layout)
         return 0
     value = verify(args.hf_dir, args.ckpt, layout, tolerance=args.tolerance, batch=args.batch,
                    seq_len=args.seq_len, seed=args.seed)

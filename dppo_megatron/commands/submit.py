@@ -18,14 +18,8 @@ from dppo_megatron.config.placement import job_nodes
 from dppo_megatron.config.validate import check, load_recipe
 from dppo_megatron.model.arch import ArchError
 from dppo_megatron.run.run_dir import new_run_dir, prepare_run_dir, with_run_dir
-from dppo_megatron.run.slurm import (
-    SubmitError,
-    cluster_partitions,
-    cluster_problems,
-    describe_job,
-    job_problems,
-    render,
-)
+from dppo_megatron.run.slurm import (SubmitError, cluster_partitions, cluster_problems, describe_job, job_problems,
+                                     render)
 
 
 def add_parser(subparsers) -> None:

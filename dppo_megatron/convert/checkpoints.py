@@ -111,7 +111,26 @@ def _load_model(ckpt: str, hf_config: str | None, layout: ParallelLayout, dtype:
     return model, arch, config
 
 
-def mcore_to_hf(ckpt: str, out: str, hf_config: str | None, layout: ParallelLayout) -> Path:
+def mcore_to_hf(ckpt: str, out: str, hf_config: str | None) -> Path:
+    """In this one process, streaming (convert/streaming.py): from a checkpoint saved at any layout."""
+    from dppo_megatron.convert.streaming import export_checkpoint
+
+    path = resolve_checkpoint(ckpt)
+    config_file = checkpoint_config_file(path, hf_config)
+    config = json.loads(config_file.read_text())
+    arch = Qwen3Arch.from_hf(config)
+    say(f"mcore-to-hf: {path}, {arch.architecture}, {arch.num_layers} layers, {arch.num_experts or 'no'} experts")
+    export_checkpoint(path, out, arch, config=config, dtype=hf_dtype(config),
+                      side_files_from=hf_config,
+                      progress=_progress("write"))
+    say(f"wrote Hugging Face checkpoint {out}")
+    return Path(out)
+
+
+def mcore_to_hf_via_model(ckpt: str, out: str, hf_config: str | None, layout: ParallelLayout) -> Path:
+    """The same export by building the model at `layout` (an SPMD program on its ranks) and
+    gathering its tensors: the path `verify` takes, kept as the reference that
+    benchmarks/convert_memory.py measures the stream against."""
     from dppo_megatron.learner.weights import save_hf
 
     model, arch, config = _load_model(ckpt, hf_config, layout)

@@ -84,18 +84,56 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
+# safetensors' names of the dtypes a checkpoint holds
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class _SpooledShard:
+    """A safetensors file written as its tensors arrive: their bytes go to a data file at once,
+    and `finish` writes the header (which needs every tensor's place) and then the data, copied
+    in blocks. Memory holds one tensor at a time, not the shard."""
+
+    def __init__(self, data_path: Path):
+        self.data_path = data_path
+        self.data = data_path.open("wb")
+        self.header: dict = {"__metadata__": {"format": "pt"}}
+        self.size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        self.header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                             "data_offsets": [self.size, self.size + len(raw)]}
+        self.data.write(raw)
+        self.size += len(raw)
+
+    def finish(self, path: Path) -> None:
+        self.data.close()
+        header = json.dumps(self.header, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
+        with path.open("wb") as out, self.data_path.open("rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 * 1024**2)
+        self.data_path.unlink()
+
+
 class HFCheckpointWriter:
     """Writes tensors into size-bounded safetensors shards, then the index. Everything goes
     into a temporary directory renamed into place at `close()`, so a reader never sees a
-    half-written checkpoint."""
+    half-written checkpoint. `spool`: write each tensor to disk as it comes (memory bounded by
+    one tensor rather than one shard, for exports of large models; the shard's bytes are
+    written twice)."""
 
-    def __init__(self, directory: str | Path, *, max_shard_bytes: int = 2 * 1024**3):
+    def __init__(self, directory: str | Path, *, max_shard_bytes: int = 2 * 1024**3, spool: bool = False):
         self.directory = Path(directory)
         self.partial = self.directory.with_name(self.directory.name + ".partial")
         if self.partial.exists():
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True)
         self.max_shard_bytes = max_shard_bytes
+        self.spool = spool
+        self.spooled: _SpooledShard | None = None
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.shards: list[dict[str, torch.Tensor] | list[str]] = []
@@ -105,13 +143,24 @@ class HFCheckpointWriter:
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.max_shard_bytes:
             self._flush()
-        self.pending[name] = tensor.detach().cpu().contiguous()
+        tensor = tensor.detach().cpu().contiguous()
+        if self.spool:
+            if self.spooled is None:
+                self.spooled = _SpooledShard(self.partial / f"model-{len(self.shards) + 1:05d}.data")
+            self.spooled.add(name, tensor)
+            tensor = None  # its name stands in the pending list; its bytes are on disk
+        self.pending[name] = tensor
         self.pending_bytes += size
         self.total_bytes += size
 
     def _flush(self) -> None:
         number = len(self.shards) + 1
-        save_file(self.pending, self.partial / f"model-{number:05d}.safetensors", metadata={"format": "pt"})
+        path = self.partial / f"model-{number:05d}.safetensors"
+        if self.spool:
+            (self.spooled or _SpooledShard(self.partial / f"model-{number:05d}.data")).finish(path)
+            self.spooled = None
+        else:
+            save_file(self.pending, path, metadata={"format": "pt"})
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
