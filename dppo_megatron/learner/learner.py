@@ -74,11 +74,7 @@ class MicroBatch:
 class Learner:
     def __init__(self, arch: Qwen3Arch, layout: ParallelLayout, model_options: ModelOptions,
                  optimizer_config: OptimizerConfig, loss_config: LossConfig):
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
         from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler

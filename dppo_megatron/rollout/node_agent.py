@@ -1,5 +1,5 @@
-"""The `serve-node` agent (`dppo-megatron serve-node LAYOUT`): on one node of a cluster job, run the rollout servers the
-job's layout placed there, and restart one when the trainer asks.
+"""The `serve-node` agent (`dppo-megatron serve-node LAYOUT`): on one node of a cluster job, run
+the rollout servers the job's layout placed there, and restart one when the trainer asks.
 
 The job script starts one agent per server node (`srun ... serve-node`). The trainer, on
 another node perhaps, cannot start processes here, so its `RemoteServers.restart(url)` asks
