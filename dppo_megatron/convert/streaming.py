@@ -25,9 +25,8 @@ import torch
 
 from dppo_megatron.model.arch import Qwen3Arch
 from dppo_megatron.model.hf_io import CheckpointError, HFCheckpointWriter
-from dppo_megatron.model.mapping import TensorMap, hf_tensor_names, tensor_map, to_hf
+from dppo_megatron.model.mapping import MEGATRON_LAYER, TensorMap, hf_tensor_names, tensor_map, to_hf
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)local_experts\.(\d+)\.(.+)$")
 # The model's name -> the name the checkpoint keeps it under.
 _SAVED_AS = (
@@ -63,7 +62,7 @@ class ShardedCheckpointReader:
         layers' stacked key and the layer's index."""
         if name in self.metadata:
             return name, ()
-        layer = _LAYER.match(name)
+        layer = MEGATRON_LAYER.match(name)
         if layer is not None:
             stacked = "decoder.layers." + name[layer.end():]
             if stacked in self.metadata:
@@ -115,7 +114,7 @@ def _layer_groups(entries: list[TensorMap]) -> Iterator[list[TensorMap]]:
     """The table's entries, one group per decoder layer (and one for each tensor outside)."""
     group, layer = [], None
     for entry in entries:
-        match = _LAYER.match(entry.megatron)
+        match = MEGATRON_LAYER.match(entry.megatron)
         this = int(match.group(1)) if match else None
         if group and (this is None or this != layer):
             yield group

@@ -18,9 +18,8 @@ import torch.distributed as dist
 
 from dppo_megatron.model.arch import Qwen3Arch
 from dppo_megatron.model.hf_io import CheckpointError, HFCheckpointWriter, open_matching_checkpoint
-from dppo_megatron.model.mapping import TensorMap, hf_tensor_names, tensor_map, to_hf, to_megatron
+from dppo_megatron.model.mapping import MEGATRON_LAYER, TensorMap, hf_tensor_names, tensor_map, to_hf, to_megatron
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 
 
@@ -89,7 +88,7 @@ def local_shards(model) -> dict[str, LocalShard]:
         else:
             group, rank, size = (ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank(),
                                  ps.get_tensor_model_parallel_world_size())
-        name = _LAYER.sub(lambda m: f"decoder.layers.{layer_offset[int(m.group(1))]}.", name)
+        name = MEGATRON_LAYER.sub(lambda m: f"decoder.layers.{layer_offset[int(m.group(1))]}.", name)
         if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
             # Tied embeddings under PP: the last stage keeps its own copy of the embedding.
             name = "embedding.word_embeddings.weight"
@@ -102,7 +101,7 @@ def local_shards(model) -> dict[str, LocalShard]:
 
 
 def _num_local_experts(model, param_name: str) -> int:
-    layer_index = int(_LAYER.match(param_name).group(1))
+    layer_index = int(MEGATRON_LAYER.match(param_name).group(1))
     return len(model.decoder.layers[layer_index].mlp.experts.local_experts)
 
 

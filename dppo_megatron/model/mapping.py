@@ -21,6 +21,8 @@ import torch
 from dppo_megatron.model.arch import Qwen3Arch
 
 
+# The decoder layer of a Megatron tensor name ("decoder.layers.<index>.").
+MEGATRON_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _HF_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.(gate|up|down)_proj\.weight$")
 
 
