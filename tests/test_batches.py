@@ -51,3 +51,38 @@ def test_micro_batch_aligns_per_token_tensors_with_tokens_and_pads_to_the_tp_mul
     assert batch.routed_experts.shape == (2, 8, 2, 2)
     assert torch.equal(batch.routed_experts[0, :4], torch.from_numpy(a.routed_experts).long())
     assert (batch.routed_experts[0, 4:] == -1).all()
+
+
+def numbered_samples(count: int, *, seed: int = 0) -> list[TrainSample]:
+    """Samples of varied lengths in the compact types the client makes; sample i's first
+    prompt token is 1000 + i, so that it can be recognised wherever it lands."""
+    from dppo_megatron.rollout.protocol import route_dtype
+
+    rng = np.random.default_rng(seed)
+    samples = []
+    for index in range(count):
+        prompt_len, response_len = int(rng.integers(2, 6)), int(rng.integers(1, 9))
+        samples.append(TrainSample(
+            [1000 + index] + rng.integers(0, 900, prompt_len - 1).tolist(), rng.integers(0, 900, response_len).tolist(),
+            rng.normal(size=response_len).astype(np.float32), float(rng.normal()),
+            rng.integers(0, 900, (response_len, 3)).astype(np.int32), rng.normal(size=(response_len, 3)).astype(np.float32),
+            rng.integers(0, 4, (prompt_len + response_len - 1, 2, 2)).astype(route_dtype(4))))
+    return samples
+
+
+def test_a_share_packs_into_one_buffer_and_unpacks_to_the_same_micro_batches():
+    from dppo_megatron.learner.batches import compact_bytes, pack_share, unpack_share
+
+    samples = numbered_samples(9)
+    share = [[samples[:2], samples[2:5]], [samples[5:]]]
+    buffer = pack_share(share)
+    assert buffer.dtype == np.uint8 and buffer.nbytes <= 1.2 * sum(compact_bytes(s) for s in samples) + 1024
+    unpacked = unpack_share(buffer)
+    assert [[len(micro) for micro in mini] for mini in unpacked] == [[2, 3], [4]]
+    layout = dict(pad_multiple=2, topk=3, routing=(2, 2))
+    for mini, mini_back in zip(share, unpacked):
+        for micro, micro_back in zip(mini, mini_back):
+            expected, got = micro_batch(micro, **layout), micro_batch(micro_back, **layout)
+            for field in ("tokens", "response_mask", "rollout_logprobs", "advantages", "topk_ids", "topk_logprobs",
+                          "routed_experts"):
+                assert torch.equal(getattr(expected, field), getattr(got, field)), field

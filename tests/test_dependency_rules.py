@@ -15,7 +15,8 @@ ROOT = "dppo_megatron"
 # sideways.
 LAYERS = {
     "__init__": -1,  # the root package: its version only
-    "algo": 0, "model": 0, "data": 0, "rewards": 0, "processes": 0,
+    "processes": -1,  # ports and child processes: for anything that starts processes (the reward pool too)
+    "algo": 0, "model": 0, "data": 0, "rewards": 0,
     "config": 1, "learner": 1, "rollout": 1,
     "convert": 2,
     "run": 3,
@@ -29,7 +30,7 @@ FORBIDDEN = {
     "algo": MEGATRON | HTTP,
     "model": MEGATRON | HTTP,
     "data": MEGATRON | HTTP,
-    "rewards": MEGATRON | HTTP,
+    "rewards": MEGATRON,  # a reward server is HTTP (rewards/remote.py)
     "config": MEGATRON | HTTP,
     "rollout": MEGATRON,
     "learner": HTTP,

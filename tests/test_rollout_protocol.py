@@ -55,16 +55,58 @@ def test_request_leaves_out_what_is_not_needed():
 
 def test_a_full_response_decodes_into_a_sample():
     sample = parse(RESPONSE)
-    assert sample.response_ids == [785, 151645] and sample.logprobs == [-0.25, -0.01]
+    assert sample.response_ids == [785, 151645]
+    assert sample.logprobs.dtype == np.float32 and sample.logprobs.tolist() == pytest.approx([-0.25, -0.01])
     assert sample.finish_reason == "stop" and not sample.truncated and sample.weight_version == "7"
     assert sample.server == "http://127.0.0.1:30000" and sample.num_retractions == 0
     np.testing.assert_array_equal(sample.routed_experts, ROUTES)
+    assert sample.routed_experts.dtype == np.uint8  # 8 experts: the smallest type that holds their ids
 
 
 def test_sampled_token_replaces_the_last_topk_entry_when_missing():
     sample = parse(RESPONSE)
-    assert sample.topk_ids[0] == [785, 42] and sample.topk_logprobs[0] == [-0.25, -1.75]  # already in
-    assert sample.topk_ids[1] == [11, 151645] and sample.topk_logprobs[1] == [-3.5, -0.01]  # forced in
+    assert sample.topk_ids.dtype == np.int32 and sample.topk_logprobs.dtype == np.float32
+    assert sample.topk_ids[0].tolist() == [785, 42] and sample.topk_logprobs[0].tolist() == [-0.25, -1.75]  # in
+    assert sample.topk_ids[1].tolist() == [11, 151645]  # forced in, with the sampled token's own logprob
+    assert sample.topk_logprobs[1].tolist() == pytest.approx([-3.5, -0.01])
+
+
+def flat_b64(nested: list) -> dict:
+    """The output top-K as SGLang's return_flat_raw_output_top_logprobs + return_flat_raw_top_logprobs_b64
+    lay it out (tokenizer_manager._build_flat_top_logprobs_fields_from_arrays in 0.5.23): [rows, k]
+    little-endian arrays, base64, with dtype markers, the shape and a null prefix."""
+    values = np.array([[e[0] for e in row] for row in nested], dtype="<f4")
+    ids = np.array([[e[1] for e in row] for row in nested], dtype="<i4")
+    return {"output_top_logprobs_val_flat_b64": base64.b64encode(values.tobytes()).decode(),
+            "output_top_logprobs_idx_flat_b64": base64.b64encode(ids.tobytes()).decode(),
+            "output_top_logprobs_val_flat_b64_dtype": "float32", "output_top_logprobs_idx_flat_b64_dtype": "int32",
+            "output_top_logprobs_shape": list(values.shape), "output_top_logprobs_null_prefix": 0}
+
+
+def test_topk_as_flat_base64_arrays_decodes_like_the_json_triples():
+    body = generate_request("s0", PROMPT, SamplingParams(), topk=2, topk_b64=True)
+    assert body["return_flat_raw_output_top_logprobs"] is True and body["return_flat_raw_top_logprobs_b64"] is True
+    flat = copy.deepcopy(RESPONSE)
+    flat["meta_info"].update(flat_b64(flat["meta_info"].pop("output_top_logprobs")))
+    nested, from_flat = parse(RESPONSE), parse(flat)
+    np.testing.assert_array_equal(from_flat.topk_ids, nested.topk_ids)
+    np.testing.assert_array_equal(from_flat.topk_logprobs, nested.topk_logprobs)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda m: m.update(output_top_logprobs_shape=[1, 2]), "does not cover the 2 output tokens"),
+    (lambda m: m.update(output_top_logprobs_null_prefix=1), "does not cover"),
+    (lambda m: m.update(output_top_logprobs_shape=[2, 1]), "1 entries per token, expected 2"),
+    (lambda m: m.update(output_top_logprobs_val_flat_b64_dtype="float16"), "is float16"),
+    (lambda m: m.update(output_top_logprobs_idx_flat_b64="AAAA"), "holds 3 bytes, expected 16"),
+    (lambda m: m.update(output_top_logprobs_idx_flat_b64="**"), "not base64"),
+])
+def test_malformed_flat_topk_is_refused(mutate, message):
+    body = copy.deepcopy(RESPONSE)
+    body["meta_info"].update(flat_b64(body["meta_info"].pop("output_top_logprobs")))
+    mutate(body["meta_info"])
+    with pytest.raises(ProtocolError, match=message):
+        parse(body)
 
 
 def test_length_finish_marks_the_sample_truncated():

@@ -72,8 +72,10 @@ def test_readme_main_command_trains_the_quickstart():
     assert readme_main_command() == ["dppo-megatron", "train", "recipes/tiny/quickstart.yaml"]
 
 
-# Evaluation and checkpoint at the end only: what the tests below look at, and no more.
-QUICKSTART_AT_THE_END = ["trainer.eval_every=200", "trainer.save_every=200"]
+# Evaluation and checkpoint at the end only: what the tests below look at, and no more; and
+# asynchronous rollouts (step k trains on samples of step k - 1's weights), so that learning
+# and kill-and-resume are shown for the mode with the most state.
+QUICKSTART_AT_THE_END = ["trainer.eval_every=200", "trainer.save_every=200", "trainer.max_staleness=1"]
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,9 @@ def test_quickstart_learns_the_toy_task_from_chance_to_mastery(quickstart):
     final_eval = [m["eval/mean_reward"] for m in metrics if "eval/mean_reward" in m][-1]
     assert final_eval >= 0.8, f"final eval mean reward {final_eval}"
     assert all(m["train/routing_agreement"] == 1.0 for m in metrics)  # R3: the learner replays the engine
+    # One step off-policy after the first, and no server ever out of step with the schedule.
+    assert [m["rollout/staleness_mean"] for m in metrics] == [0.0] + [1.0] * 199
+    assert all(m["rollout/stale_frac"] == 0.0 for m in metrics)
     assert elapsed < 600
     assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000200"
     assert any((run_dir / "tensorboard").iterdir())
@@ -123,7 +128,8 @@ def test_the_exported_quickstart_model_scores_what_the_last_evaluation_did(quick
 def test_a_run_stopped_by_sigterm_then_killed_resumes_to_the_metrics_of_an_uninterrupted_run(quickstart, tmp_path):
     """SIGTERM: a checkpoint at the end of the step and a clean exit; SIGKILL: the steps since
     the last checkpoint are redone. Either way the resumed run's steps are the uninterrupted
-    quickstart's, number for number (nothing in a step depends on trainer.steps)."""
+    quickstart's, number for number (nothing in a step depends on trainer.steps): with
+    asynchronous rollouts, the batch generated ahead is saved with the checkpoint."""
     steps = 12
     run_dir = tmp_path / "interrupted"
     process = start_train(run_dir, f"trainer.steps={steps}", *QUICKSTART_AT_THE_END)
@@ -134,6 +140,7 @@ def test_a_run_stopped_by_sigterm_then_killed_resumes_to_the_metrics_of_an_unint
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     assert checkpoint is not None and checkpoint.name == f"step_{stopped:08d}" and stopped < steps
     assert json.loads((checkpoint / "learner_state.json").read_text())["trainer"]["step"] == stopped
+    assert [p.name for p in (checkpoint / "rollouts").glob("*.npy")] == [f"step_{stopped:08d}.npy"]
     assert "stop requested: checkpoint saved" in log_tail(run_dir)
     assert read_status(run_dir)["state"] == "stopped" and read_status(run_dir)["step"] == stopped
 

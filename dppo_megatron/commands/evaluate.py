@@ -39,7 +39,11 @@ def _evaluate(args) -> int:
     run_dir = Path(args.run_dir or new_run_dir(recipe, "eval"))
     prepare_run_dir(recipe, run_dir)
     with ServerManager(server_specs(recipe, run_dir), run_dir / "logs") as manager:
-        metrics = Rollouts(recipe, run_dir, recipe_arch(recipe), manager.urls, manager.restart).evaluate()
+        rollouts = Rollouts(recipe, run_dir, recipe_arch(recipe), manager.urls, manager.restart)
+        try:
+            metrics = rollouts.evaluate()
+        finally:
+            rollouts.close()
     result = {"model": str(args.model), "prompts": recipe.data.eval or "toy held-out set", **metrics}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

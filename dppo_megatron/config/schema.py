@@ -98,6 +98,8 @@ class RolloutConfig:
     top_p: float = doc("nucleus sampling (1: off)", 1.0)
     top_k: int = doc("sample from the k most likely tokens (-1: off)", -1)
     topk_logprobs: int = doc("K: the engine's top-K logprobs per token (needed by dppo_topk_* modes)", 20)
+    topk_b64: bool = doc("ask for the top-K as flat base64 arrays (SGLang's return_flat_raw_top_logprobs_b64, "
+                         "in 0.5.23); false: one JSON triple per entry, for older SGLang releases", True)
     servers: int = doc("rollout servers", 1)
     server_tp: int = doc("tensor parallel size inside one server", 1)
     server_dp: int = doc("data parallel replicas inside one server", 1)
@@ -138,8 +140,16 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    kind: Literal["math", "reverse_digits"] = doc("math: math-verify on the boxed answer; reverse_digits: toy", "math")
-    timeout: float = doc("seconds allowed to score one response", 5.0)
+    kind: Literal["math", "reverse_digits", "python", "http"] = doc(
+        "math: math-verify on the boxed answer; reverse_digits: toy; python: reward.function; http: reward.url", "math")
+    function: str | None = doc("python: `module:function` called as f(response_text, answer) -> float (the "
+                               "module is imported from the run's working directory or PYTHONPATH)")
+    url: str | None = doc("http: reward server that answers a POST of {response, answer} with {reward}")
+    retries: int = doc("http: attempts after a connection error, timeout or 5xx", 3)
+    timeout: float = doc("seconds allowed to score one response; past it (plus 1 s) the response scores 0 and "
+                         "its worker is replaced", 5.0)
+    workers: int = doc("reward worker processes on the node of learner rank 0, scoring while the servers "
+                       "generate (0: one per core)", 0)
     overlong: Literal["keep", "drop", "penalty"] = doc("responses cut at max_new_tokens: train on them, drop "
                                                        "them, or DAPO's soft penalty", "keep")
     overlong_buffer: int = doc("penalty: tokens before max_new_tokens where the penalty ramps up", 0)
@@ -153,6 +163,9 @@ class TrainerConfig:
     mini_batches: int = doc("optimizer steps per rollout batch", 1)
     seed: int = doc("seed of data order, sampling and model init", 1234)
     dynamic_sampling: bool = doc("drop groups whose rewards are all equal (no signal)", False)
+    max_staleness: int = doc("asynchronous rollouts: the servers generate step k + N's batch while the learner "
+                             "trains step k, so step k trains on samples of the weights of step k - N (0: "
+                             "synchronous; see docs/training.md)", 0)
     save_every: int = doc("checkpoint every N steps (0: only on exit)", 10)
     keep_checkpoints: int = doc("complete checkpoints kept", 2)
     eval_every: int = doc("evaluate every N steps (0: never)", 0)

@@ -15,9 +15,11 @@ from dppo_megatron.data.toy import TOY_TOKENIZER, toy_vocab_size
 from dppo_megatron.model.arch import ArchError, Qwen3Arch, small_hf_config
 from dppo_megatron.model.known import known_config
 from dppo_megatron.model.layout import ParallelLayout
+from dppo_megatron.rewards import BUILTIN, import_function
 
 TIME_LIMIT = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|\d+-\d+|UNLIMITED|INFINITE")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+HTTP_URL = re.compile(r"https?://[^/\s:?#]+")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), *, check_files: bool = False) -> Recipe:
@@ -183,8 +185,9 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
     if data.generate is not None:
         need(data.train is None and data.eval is None, "data.generate: makes its own train/eval files; "
                                                        "leave data.train and data.eval unset")
-        need(reward.kind == data.generate.task, f"reward.kind: data.generate.task {data.generate.task} is scored "
-                                                f"by reward.kind: {data.generate.task}")
+        need(reward.kind not in BUILTIN or reward.kind == data.generate.task,
+             f"reward.kind: data.generate.task {data.generate.task} is scored by reward.kind: {data.generate.task} "
+             "(or your own: python, http)")
         need(model.tokenizer == TOY_TOKENIZER, f"model.tokenizer: toy tasks need {TOY_TOKENIZER!r}")
         need(data.generate.digits >= 1 and data.generate.train_rows >= 1, "data.generate: digits and train_rows must be >= 1")
     else:
@@ -196,6 +199,22 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
     if trainer.eval_every:
         need(data.eval is not None or data.generate is not None,
              "trainer.eval_every: evaluation needs held-out prompts in data.eval")
+    need(trainer.max_staleness >= 0, f"trainer.max_staleness: 0 (synchronous) or more steps, got "
+                                      f"{trainer.max_staleness}")
+    need(reward.timeout > 0, f"reward.timeout: must be > 0 seconds, got {reward.timeout}")
+    need(reward.workers >= 0, f"reward.workers: 0 (one per core) or a count, got {reward.workers}")
+    need(reward.retries >= 0, f"reward.retries: must be >= 0, got {reward.retries}")
+    if reward.kind == "python":
+        need(reward.function is not None and ":" in reward.function,
+             f"reward.function: reward.kind python needs 'module:function', got {reward.function!r}")
+        if check_files and reward.function is not None and ":" in reward.function:
+            try:
+                import_function(reward.function)
+            except ValueError as error:
+                need(False, str(error))
+    if reward.kind == "http":
+        need(reward.url is not None and HTTP_URL.match(reward.url) is not None,
+             f"reward.url: reward.kind http needs an http(s):// URL, got {reward.url!r}")
     if reward.overlong == "penalty":
         need(0 < reward.overlong_buffer < rollout.max_new_tokens,
              f"reward.overlong_buffer: the penalty needs 0 < buffer < rollout.max_new_tokens ({rollout.max_new_tokens}), "

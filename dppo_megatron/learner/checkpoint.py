@@ -13,6 +13,7 @@ Layout of a checkpoint root:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import logging
 import os
 import shutil
@@ -36,9 +37,11 @@ def step_dir_name(step: int) -> str:
 
 
 def save_checkpoint(root: str | Path, learner, trainer_state: dict | None = None,
-                    hf_config: dict | None = None, *, name_step: int | None = None) -> Path:
+                    hf_config: dict | None = None, *, name_step: int | None = None,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
     """Save collectively (every rank calls it). Returns the checkpoint directory, named after
-    `name_step` (the trainer's step) or else the learner's optimizer step."""
+    `name_step` (the trainer's step) or else the learner's optimizer step. `write_extra(dir)`:
+    rank 0 adds the trainer's own files, before the checkpoint counts as complete."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -67,6 +70,8 @@ def save_checkpoint(root: str | Path, learner, trainer_state: dict | None = None
         (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
         if hf_config is not None:
             (partial / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
+        if write_extra is not None:
+            write_extra(partial)
     dist.barrier()
     if rank == 0:
         if final.exists():

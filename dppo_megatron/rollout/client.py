@@ -41,6 +41,7 @@ class ClientConfig:
     failures_before_dead: int = 3
     wait_for_servers_seconds: float = 600.0  # with every server dead, how long to wait for restarts
     requests_per_call: int = 1  # requests batched into one /generate call
+    topk_b64: bool = True  # top-K as SGLang's flat base64 arrays, not JSON triples
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,14 @@ class RolloutClient:
     def dead_servers(self) -> list[str]:
         return [s.url for s in self._servers or [] if s.dead]
 
-    def generate_sync(self, requests: list[Request]) -> list[Sample]:
-        return asyncio.run(self.generate(requests))
+    def generate_sync(self, requests: list[Request], on_sample: Callable[[int, Sample], None] | None = None
+                      ) -> list[Sample]:
+        return asyncio.run(self.generate(requests, on_sample))
 
-    async def generate(self, requests: list[Request]) -> list[Sample]:
+    async def generate(self, requests: list[Request], on_sample: Callable[[int, Sample], None] | None = None
+                       ) -> list[Sample]:
+        """One sample per request, in order. `on_sample(index, sample)` is called as each one
+        arrives (in the event loop: it must not block), so that scoring overlaps generation."""
         import aiohttp
 
         if self._servers is None:
@@ -94,7 +99,10 @@ class RolloutClient:
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            tasks = [asyncio.create_task(self._serve(session, chunk)) for chunk in self._chunks(requests)]
+            tasks, offset = [], 0
+            for chunk in self._chunks(requests):
+                tasks.append(asyncio.create_task(self._serve_and_report(session, chunk, offset, on_sample)))
+                offset += len(chunk)
             try:
                 return [sample for chunk in await asyncio.gather(*tasks) for sample in chunk]
             except BaseException:
@@ -115,14 +123,22 @@ class RolloutClient:
                 chunks.append([request])
         return chunks
 
+    async def _serve_and_report(self, session, chunk: list[Request], offset: int, on_sample) -> list[Sample]:
+        samples = await self._serve(session, chunk)
+        if on_sample is not None:
+            for index, sample in enumerate(samples, start=offset):
+                on_sample(index, sample)
+        return samples
+
     async def _serve(self, session, chunk: list[Request]) -> list[Sample]:
         first = chunk[0]
         if len(chunk) == 1:
             body = generate_request(first.rid, first.prompt_ids, first.params, topk=first.topk,
-                                    return_routed_experts=first.routing is not None)
+                                    return_routed_experts=first.routing is not None, topk_b64=self.config.topk_b64)
         else:
             body = generate_request([r.rid for r in chunk], [r.prompt_ids for r in chunk], [r.params for r in chunk],
-                                    topk=first.topk, return_routed_experts=first.routing is not None)
+                                    topk=first.topk, return_routed_experts=first.routing is not None,
+                                    topk_b64=self.config.topk_b64)
         name = first.rid if len(chunk) == 1 else f"{first.rid} (+{len(chunk) - 1} batched)"
         backoff = self.config.backoff_seconds
         last_failure, last_server = "", None

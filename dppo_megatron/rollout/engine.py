@@ -9,6 +9,7 @@ One request at a time, with a KV cache: fast enough for the tiny recipes.
 
 from __future__ import annotations
 
+import base64
 import threading
 from pathlib import Path
 
@@ -165,6 +166,11 @@ class EmbeddedEngine:
         topk = int(body.get("top_logprobs_num") or 0)
         if not 0 <= topk <= self.vocab_size:
             raise RequestError(f"top_logprobs_num must be in [0, {self.vocab_size}] (the vocabulary), got {topk}")
+        flat_topk = bool(body.get("return_flat_raw_output_top_logprobs"))
+        topk_b64 = bool(body.get("return_flat_raw_top_logprobs_b64"))
+        if topk_b64 and not flat_topk:  # SGLang's own rule (GenerateReqInput)
+            raise RequestError("return_flat_raw_top_logprobs_b64 requires return_flat_raw_top_logprobs or "
+                               "return_flat_raw_output_top_logprobs.")
         with_routes = bool(body.get("return_routed_experts"))
         if with_routes and not self.enable_routed_experts:
             raise RequestError("return_routed_experts needs the server flag --enable-return-routed-experts")
@@ -179,6 +185,9 @@ class EmbeddedEngine:
         for rows in by_length.values():
             for row, output in zip(rows, self._generate_rows([list(prompts[i]) for i in rows], [rids[i] for i in rows],
                                                              [samplings[i] for i in rows], topk, with_routes)):
+                if topk and flat_topk:
+                    output["meta_info"].update(flat_top_logprobs(output["meta_info"].pop("output_top_logprobs"),
+                                                                 topk, b64=topk_b64))
                 outputs[row] = output
         return outputs if batched else outputs[0]
 
@@ -320,3 +329,21 @@ _KNOWN_SAMPLING_PARAMS = {
     "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "ignore_eos",
     "skip_special_tokens", "no_stop_trim", "n", "sampling_seed", "spaces_between_special_tokens",
 }
+
+
+def flat_top_logprobs(nested: list[list[list]], topk: int, *, b64: bool) -> dict:
+    """The output top-K in SGLang's flat form (return_flat_raw_output_top_logprobs): [rows, k]
+    arrays, as lists or, with `b64`, base64 of little-endian float32 values and int32 ids."""
+    values = np.array([[entry[0] for entry in row] for row in nested], dtype=np.float32).reshape(len(nested), topk)
+    ids = np.array([[entry[1] for entry in row] for row in nested], dtype=np.int32).reshape(len(nested), topk)
+    fields = {"output_top_logprobs_shape": [len(nested), topk], "output_top_logprobs_null_prefix": 0}
+    if b64:
+        fields.update({
+            "output_top_logprobs_val_flat_b64": base64.b64encode(values.astype("<f4").tobytes()).decode("ascii"),
+            "output_top_logprobs_idx_flat_b64": base64.b64encode(ids.astype("<i4").tobytes()).decode("ascii"),
+            "output_top_logprobs_val_flat_b64_dtype": "float32", "output_top_logprobs_idx_flat_b64_dtype": "int32",
+        })
+    else:
+        fields.update({"output_top_logprobs_val_flat": values.reshape(-1).tolist(),
+                       "output_top_logprobs_idx_flat": ids.reshape(-1).tolist()})
+    return fields

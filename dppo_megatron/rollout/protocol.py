@@ -58,9 +58,11 @@ class RoutingShape:
 
 def generate_request(rid: str | list[str], input_ids: list[int] | list[list[int]],
                      params: SamplingParams | list[SamplingParams], *, topk: int = 0,
-                     return_routed_experts: bool = False) -> dict:
+                     return_routed_experts: bool = False, topk_b64: bool = False) -> dict:
     """The JSON body of one /generate request: one prompt, or a batch (lists of rids, prompts
-    and sampling params; the server answers with a list in the same order)."""
+    and sampling params; the server answers with a list in the same order). `topk_b64`: the
+    top-K as flat base64 float32/int32 arrays (SGLang's return_flat_raw_output_top_logprobs
+    with return_flat_raw_top_logprobs_b64) instead of one JSON triple per entry."""
     batched = isinstance(rid, list)
     body = {
         "rid": rid,
@@ -70,6 +72,9 @@ def generate_request(rid: str | list[str], input_ids: list[int] | list[list[int]
     }
     if topk:
         body["top_logprobs_num"] = topk
+        if topk_b64:
+            body["return_flat_raw_output_top_logprobs"] = True
+            body["return_flat_raw_top_logprobs_b64"] = True
     if return_routed_experts:
         body["return_routed_experts"] = True
     return body
@@ -77,19 +82,20 @@ def generate_request(rid: str | list[str], input_ids: list[int] | list[list[int]
 
 @dataclass
 class Sample:
-    """One response, with everything the learner needs from the engine."""
+    """One response, with everything the learner needs from the engine, as compact arrays."""
 
     rid: str
     prompt_ids: list[int]
     response_ids: list[int]
-    logprobs: list[float]  # the engine's logprob of each response token (its sampling distribution)
+    logprobs: np.ndarray  # float32 [response_len]: the engine's logprob of each response token
     finish_reason: str  # "stop" | "length"
     weight_version: str | None = None
-    # [response_len][K]: the engine's top-K ids and logprobs, the sampled token forced in.
-    topk_ids: list[list[int]] | None = None
-    topk_logprobs: list[list[float]] | None = None
-    # int32 [prompt_len + response_len - 1, layers, experts per token]; the last sampled token
-    # was never fed forward, so it has no row.
+    # int32 / float32 [response_len, K]: the engine's top-K ids and logprobs, the sampled token forced in.
+    topk_ids: np.ndarray | None = None
+    topk_logprobs: np.ndarray | None = None
+    # [prompt_len + response_len - 1, layers, experts per token] in the smallest integer type that
+    # holds the expert ids (`route_dtype`); the last sampled token was never fed forward, so it
+    # has no row.
     routed_experts: np.ndarray | None = None
     num_retractions: int = 0
     server: str = ""
@@ -133,8 +139,7 @@ def parse_generate_response(body: dict, *, rid: str, prompt_ids: list[int], serv
         num_retractions=int(meta.get("num_retractions") or 0), server=server,
     )
     if topk:
-        sample.topk_ids, sample.topk_logprobs = _top_logprobs(meta.get("output_top_logprobs"), output_ids,
-                                                              logprobs, topk, fail)
+        sample.topk_ids, sample.topk_logprobs = _top_logprobs(meta, output_ids, logprobs, topk, fail)
     if routing is not None:
         sample.routed_experts = decode_routed_experts(
             meta.get("routed_experts"), routing, rows=len(prompt_ids) + len(output_ids) - 1, fail=fail)
@@ -145,40 +150,83 @@ def _optional_str(value) -> str | None:
     return None if value is None else str(value)
 
 
-def _token_logprobs(triples, output_ids: list[int], fail) -> list[float]:
+def _token_logprobs(triples, output_ids: list[int], fail) -> np.ndarray:
     if not isinstance(triples, list) or len(triples) != len(output_ids):
         got = len(triples) if isinstance(triples, list) else type(triples).__name__
         raise fail(f"output_token_logprobs must hold one [logprob, id, text] per output token "
                    f"({len(output_ids)}), got {got} (was return_logprob dropped?)")
-    logprobs = []
+    logprobs = np.empty(len(output_ids), dtype=np.float32)
     for position, (triple, token) in enumerate(zip(triples, output_ids)):
         if not isinstance(triple, (list, tuple)) or len(triple) < 2:
             raise fail(f"output_token_logprobs[{position}] is not a [logprob, id, text] triple: {triple!r}")
         if triple[1] != token:
             raise fail(f"output_token_logprobs[{position}] is for token {triple[1]}, output_ids has {token}")
-        logprobs.append(float(triple[0]))
+        logprobs[position] = triple[0]
     return logprobs
 
 
-def _top_logprobs(per_position, output_ids, logprobs, topk: int, fail):
-    """Top-K ids and logprobs per output position, the sampled token forced into the set by
-    replacing the K-th entry when it is missing (as the reference implementation does)."""
-    if not isinstance(per_position, list) or len(per_position) != len(output_ids):
-        raise fail(f"output_top_logprobs must hold one list per output token ({len(output_ids)}) "
+def _top_logprobs(meta: dict, output_ids: list[int], logprobs: np.ndarray, topk: int, fail):
+    """Top-K ids (int32) and logprobs (float32) [response_len, K], from the flat base64 arrays
+    when the server sent them, else from the nested triples; the sampled token forced into the
+    set by replacing the K-th entry when it is missing (as the reference implementation does)."""
+    if "output_top_logprobs_val_flat_b64" in meta:
+        ids, values = _flat_top_logprobs(meta, len(output_ids), topk, fail)
+    else:
+        ids, values = _nested_top_logprobs(meta.get("output_top_logprobs"), len(output_ids), topk, fail)
+    sampled = np.asarray(output_ids, dtype=np.int32)
+    missing = ~(ids == sampled[:, None]).any(axis=1)
+    ids[missing, -1] = sampled[missing]
+    values[missing, -1] = logprobs[missing]
+    return ids, values
+
+
+def _nested_top_logprobs(per_position, length: int, topk: int, fail) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(per_position, list) or len(per_position) != length:
+        raise fail(f"output_top_logprobs must hold one list per output token ({length}) "
                    f"(was top_logprobs_num dropped?)")
-    ids, values = [], []
+    ids = np.empty((length, topk), dtype=np.int32)
+    values = np.empty((length, topk), dtype=np.float32)
     for position, entries in enumerate(per_position):
         if not isinstance(entries, list) or len(entries) < topk:
             raise fail(f"output_top_logprobs[{position}] has {len(entries) if isinstance(entries, list) else 0} "
                        f"entries, expected {topk}")
-        row_ids = [int(e[1]) for e in entries[:topk]]
-        row_values = [float(e[0]) for e in entries[:topk]]
-        sampled = output_ids[position]
-        if sampled not in row_ids:
-            row_ids[-1], row_values[-1] = sampled, logprobs[position]
-        ids.append(row_ids)
-        values.append(row_values)
+        for j, entry in enumerate(entries[:topk]):
+            values[position, j], ids[position, j] = entry[0], entry[1]
     return ids, values
+
+
+def _flat_top_logprobs(meta: dict, length: int, topk: int, fail) -> tuple[np.ndarray, np.ndarray]:
+    """SGLang's flat form: output_top_logprobs_{val,idx}_flat_b64 (little-endian float32 /
+    int32, their dtypes named), output_top_logprobs_shape [rows, k] and a null prefix of
+    positions without entries (none on the output side)."""
+    shape, prefix = meta.get("output_top_logprobs_shape"), meta.get("output_top_logprobs_null_prefix", 0)
+    if not (isinstance(shape, list) and len(shape) == 2 and shape[0] == length and prefix == 0):
+        raise fail(f"output_top_logprobs_shape {shape} (null prefix {prefix}) does not cover the {length} "
+                   "output tokens")
+    if shape[1] < topk:
+        raise fail(f"output top logprobs have {shape[1]} entries per token, expected {topk}")
+    arrays = []
+    for field, dtype in (("idx", "int32"), ("val", "float32")):
+        named = meta.get(f"output_top_logprobs_{field}_flat_b64_dtype", dtype)
+        if named != dtype:
+            raise fail(f"output_top_logprobs_{field}_flat_b64 is {named}; this client reads {dtype}")
+        try:
+            raw = base64.b64decode(meta[f"output_top_logprobs_{field}_flat_b64"], validate=True)
+        except (KeyError, binascii.Error, ValueError, TypeError) as error:
+            raise fail(f"output_top_logprobs_{field}_flat_b64 is missing or not base64: {error}") from None
+        if len(raw) != 4 * shape[0] * shape[1]:
+            raise fail(f"output_top_logprobs_{field}_flat_b64 holds {len(raw)} bytes, expected "
+                       f"{4 * shape[0] * shape[1]} for shape {shape}")
+        arrays.append(np.frombuffer(raw, dtype="<" + dtype[0] + "4").reshape(shape)[:, :topk].astype(dtype))
+    return arrays[0], arrays[1]
+
+
+def route_dtype(num_experts: int) -> np.dtype:
+    """The smallest unsigned integer type that holds expert ids below `num_experts`."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_experts - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"{num_experts} experts")
 
 
 def encode_routed_experts(routes: np.ndarray) -> str:
@@ -187,7 +235,8 @@ def encode_routed_experts(routes: np.ndarray) -> str:
 
 
 def decode_routed_experts(encoded, routing: RoutingShape, *, rows: int, fail=None) -> np.ndarray:
-    """base64 int32 -> [rows, layers, experts per token], validated against the model."""
+    """base64 int32 -> [rows, layers, experts per token] in `route_dtype`, validated against
+    the model."""
     fail = fail or (lambda message: ProtocolError(message))
     if not encoded:
         raise fail("routing replay is on but the response has no routed_experts (the server needs "
@@ -206,7 +255,7 @@ def decode_routed_experts(encoded, routing: RoutingShape, *, rows: int, fail=Non
     if routes.size and (routes.min() < 0 or routes.max() >= routing.num_experts):
         raise fail(f"routed_experts ids outside [0, {routing.num_experts}): "
                    f"range [{routes.min()}, {routes.max()}]")
-    return routes.astype(np.int32)
+    return routes.astype(route_dtype(routing.num_experts))
 
 
 def error_message(status: int, text: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
@@ -36,6 +37,7 @@ class CheckpointManager:
         self.hf_config = json.loads((initial_model / "config.json").read_text())
         self.total_steps, self.save_every, self.keep, self.export_every = total_steps, save_every, keep, export_every
         self.saved_at = 0  # the step of the newest checkpoint
+        self.resumed_from: Path | None = None
 
     def resume(self) -> int:
         """Load the newest checkpoint (or the initial weights); returns the step to start at."""
@@ -44,24 +46,28 @@ class CheckpointManager:
             load_hf_weights(self.learner.module, self.arch, self.initial_model)
             return 0
         self.saved_at = load_checkpoint(latest, self.learner)["step"]
+        self.resumed_from = latest
         say(f"resumed from {latest} at step {self.saved_at}")
         return self.saved_at
 
-    def after_step(self, done: int, *, stop: bool) -> dict[str, float]:
-        """After `done` steps: save and export what is due (a collective). Returns the time taken."""
+    def after_step(self, done: int, *, stop: bool, write_extra: Callable[[Path], None] | None = None
+                   ) -> dict[str, float]:
+        """After `done` steps: save and export what is due (a collective). `write_extra(dir)`:
+        rank 0's own files for the checkpoint. Returns the time taken."""
         metrics = {}
         final = done == self.total_steps
         if stop or final or (self.save_every and done % self.save_every == 0):
             started = time.monotonic()
-            self._save(done)
+            self._save(done, write_extra)
             metrics["time/checkpoint"] = time.monotonic() - started
         if self.export_every and (final or done % self.export_every == 0):
             save_hf(self.learner.module, self.arch, self.export_root / step_dir_name(done), config=self.hf_config,
                     dtype=self.learner.module.config.params_dtype, side_files_from=self.initial_model)
         return metrics
 
-    def _save(self, step: int) -> None:
-        path = save_checkpoint(self.root, self.learner, {"step": step}, self.hf_config, name_step=step)
+    def _save(self, step: int, write_extra: Callable[[Path], None] | None) -> None:
+        path = save_checkpoint(self.root, self.learner, {"step": step}, self.hf_config, name_step=step,
+                               write_extra=write_extra)
         if dist.get_rank() == 0:
             older = sorted(p for p in self.root.glob("step_*")
                            if p.is_dir() and p != path and not p.name.endswith(".partial"))

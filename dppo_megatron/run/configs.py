@@ -11,6 +11,7 @@ from dppo_megatron.config.schema import Recipe
 from dppo_megatron.learner.learner import LossConfig, OptimizerConfig
 from dppo_megatron.learner.model import ModelOptions
 from dppo_megatron.model.arch import Qwen3Arch
+from dppo_megatron.rewards import RewardSpec
 from dppo_megatron.rollout.client import ClientConfig
 from dppo_megatron.rollout.protocol import RoutingShape
 
@@ -57,4 +58,10 @@ def client_config(recipe: Recipe) -> ClientConfig:
     rollout = recipe.rollout
     return ClientConfig(request_timeout=rollout.request_timeout,
                         max_in_flight_per_server=rollout.max_in_flight_per_server,
-                        requests_per_call=rollout.requests_per_call)
+                        requests_per_call=rollout.requests_per_call, topk_b64=rollout.topk_b64)
+
+
+def reward_spec(recipe: Recipe) -> RewardSpec:
+    reward = recipe.reward
+    return RewardSpec(kind=reward.kind, timeout=reward.timeout, function=reward.function, url=reward.url,
+                      retries=reward.retries)

@@ -3,9 +3,11 @@ evaluation, checkpoint -> metrics.
 
 An SPMD program on every learner rank (`dppo-megatron run-rank RUN_DIR`, started by
 `dppo-megatron train` or by a cluster job). Rank 0 also drives the rollout: it runs the
-servers, sends the requests, scores the responses and hands each rank its share of the batch.
-Everything a step does is a function of the step number and the weights, so a run resumed
-from a checkpoint repeats exactly what the uninterrupted run would have done.
+servers, sends the requests, has the responses scored as they arrive and hands each
+data-parallel rank its share of the batch. With `trainer.max_staleness` N >= 1 the servers
+generate step k + N's batch while the learner trains step k (run/producer.py). Everything a
+step does is a function of the step number and the weights, so a run resumed from a
+checkpoint repeats exactly what the uninterrupted run would have done.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dppo_megatron.run.checkpoints import CheckpointManager
 from dppo_megatron.run.configs import learner_configs, micro_batch_layout
 from dppo_megatron.run.metrics import MetricsLog, mean_over_mini_batches
 from dppo_megatron.run.placement import server_specs
+from dppo_megatron.run.producer import PENDING_DIR, RolloutProducer, load_pending, save_pending
 from dppo_megatron.run.publisher import WeightPublisher
 from dppo_megatron.run.rollouts import Rollouts
 from dppo_megatron.run.run_dir import RECIPE_FILE, STOP_FILE, model_dir, write_status
@@ -69,7 +72,8 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
                             layout=micro_batch_layout(recipe, arch))
     servers: Servers = (RemoteServers(JobLayout.load(job_layout).agents) if job_layout is not None
                         else ServerManager(server_specs(recipe, run_dir), run_dir / "logs"))
-    rollouts = metrics_log = publisher = None
+    rollouts = producer = metrics_log = publisher = None
+    staleness = trainer.max_staleness
     try:
         if rank == 0:
             write_status(run_dir, "running", start, trainer.steps)
@@ -88,18 +92,30 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
                 publisher.bring_up_to_date(url)
 
             rollouts = Rollouts(recipe, run_dir, arch, servers.urls, restart_server)
+            pending = load_pending(checkpoints.resumed_from / PENDING_DIR) if checkpoints.resumed_from else {}
+            producer = RolloutProducer(rollouts, staleness, pending)
             metrics_log = MetricsLog(run_dir, first_step=start, total_steps=trainer.steps,
                                      tensorboard=trainer.tensorboard, wandb_project=trainer.wandb_project,
                                      run_name=run_dir.name, config=asdict(recipe))
         if start > 0:  # the servers started from the initial weights
             publisher.publish(start)
+        if rank == 0 and staleness:  # the first N batches (a resumed run has them from its checkpoint)
+            producer.fill(range(start, min(start + staleness, trainer.steps)), version=publisher.version)
 
         for step in range(start, trainer.steps):
             progress["step"] = step
             started = time.monotonic()
-            # 1. Rollout, rewards, advantages (rank 0); every rank gets its share of the batch.
-            samples, metrics = rollouts.step(step) if rank == 0 else (None, {})
+            # 1. Rollout, rewards, advantages (rank 0): start step + N's batch with the servers'
+            #    weights, take this step's; every rank gets its share.
+            samples, metrics = None, {}
+            if rank == 0:
+                if step + staleness < trainer.steps:
+                    producer.start(step + staleness, version=publisher.version)
+                samples, metrics = producer.take(step)
             share = scatter.share(samples)
+            if rank == 0:
+                metrics["batch/sent_mib"] = scatter.last_bytes_sent / 2**20
+                metrics["batch/compact_mib"] = scatter.last_compact_bytes / 2**20
             rollout_done = time.monotonic()
 
             # 2. Learner: one optimizer step per mini-batch.
@@ -108,7 +124,9 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
             learner_metrics = [learner.train_step(micro_batches) for micro_batches in share]
             learner_done = time.monotonic()
 
-            # 3. New weights to the servers.
+            # 3. New weights to the servers, once they are done generating with the old ones.
+            if rank == 0:
+                metrics["time/learner_waited_for_rollouts"] += producer.wait_idle()
             publisher.publish(step + 1)
             sync_done = time.monotonic()
 
@@ -119,7 +137,9 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
             if rank == 0 and trainer.eval_every and (step + 1) % trainer.eval_every == 0:
                 metrics.update(rollouts.evaluate())
             stop = stop_request.agreed()
-            metrics.update(checkpoints.after_step(step + 1, stop=stop))
+            pending = producer.pending() if rank == 0 else {}
+            metrics.update(checkpoints.after_step(
+                step + 1, stop=stop, write_extra=lambda directory: save_pending(directory / PENDING_DIR, pending)))
 
             # 5. Metrics.
             if rank == 0:
@@ -138,6 +158,10 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
         say(f"done: {trainer.steps} steps; checkpoints in {checkpoints.root}")
         return 0
     finally:
+        if producer is not None:
+            producer.close()
+        if rollouts is not None:
+            rollouts.close()
         if publisher is not None:
             publisher.close()
         if metrics_log is not None:

@@ -1,10 +1,13 @@
 """Rank 0's side of a step: prompts in, scored samples with their advantages out (and the
-held-out evaluation)."""
+held-out evaluation). Responses are scored in the reward pool as they arrive, so scoring
+overlaps generation; a group's advantages are computed as soon as its n rewards are in."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,14 +18,51 @@ from dppo_megatron.config.schema import Recipe
 from dppo_megatron.data.prompts import Prompt, PromptOrder, load_prompts
 from dppo_megatron.learner.batches import TrainSample
 from dppo_megatron.model.arch import Qwen3Arch
-from dppo_megatron.rewards import overlong_penalty, reward_function
+from dppo_megatron.rewards import overlong_penalty
+from dppo_megatron.rewards.pool import RewardPool
 from dppo_megatron.rollout.client import Request, RolloutClient
 from dppo_megatron.rollout.protocol import Sample, SamplingParams
-from dppo_megatron.run.configs import client_config, routing_shape, topk_of
+from dppo_megatron.run.configs import client_config, reward_spec, routing_shape, topk_of
 from dppo_megatron.run.run_dir import dataset_paths, tokenizer_dir
 
 log = logging.getLogger(__name__)
 EVAL_SEED = 104729
+
+
+class ScoredGroups:
+    """Rewards as they are scored (any thread); each group's advantages once its n are in."""
+
+    def __init__(self, groups: int, n: int, *, normalize_std: bool, with_advantages: bool = True):
+        self.n, self.normalize_std, self.with_advantages = n, normalize_std, with_advantages
+        self.rewards = torch.zeros(groups * n)
+        self.advantages = torch.zeros(groups * n)
+        self.missing = [n] * groups
+        self.errors: list[BaseException] = []
+        self._left = groups * n
+        self._done = threading.Condition()
+
+    def add(self, index: int, future: Future, penalty: float = 0.0) -> None:
+        """`future` (done) holds the reward of response `index`."""
+        error = RuntimeError("the reward pool was closed") if future.cancelled() else future.exception()
+        with self._done:
+            if error is not None:
+                self.errors.append(error)
+            else:
+                self.rewards[index] = future.result() + penalty
+            group = index // self.n
+            self.missing[group] -= 1
+            if self.missing[group] == 0 and self.with_advantages:
+                rows = slice(group * self.n, (group + 1) * self.n)
+                self.advantages[rows] = group_advantages(self.rewards[rows], self.n, normalize_std=self.normalize_std)
+            self._left -= 1
+            if self._left == 0:
+                self._done.notify_all()
+
+    def wait(self) -> None:
+        with self._done:
+            self._done.wait_for(lambda: self._left == 0)
+        if self.errors:
+            raise RuntimeError(f"scoring failed: {self.errors[0]}") from self.errors[0]
 
 
 class Rollouts:
@@ -43,7 +83,7 @@ class Rollouts:
         self.eval = load_prompts(eval_path, self.tokenizer, **encode)[0] if eval_path else []
         self.order = PromptOrder(len(self.train), recipe.trainer.prompts_per_step, seed=recipe.trainer.seed,
                                  shuffle=data.shuffle)
-        self.reward = reward_function(recipe.reward.kind, timeout=recipe.reward.timeout)
+        self.rewards = RewardPool(reward_spec(recipe), tokenizer_dir(recipe, run_dir), workers=recipe.reward.workers)
         rollout = recipe.rollout
         self.topk = topk_of(recipe)
         self.routing = routing_shape(recipe, arch)
@@ -62,44 +102,65 @@ class Rollouts:
                 requests.append(Request(f"{tag}-p{slot}-r{j}", prompt.prompt_ids, params, self.topk, self.routing))
         return requests
 
-    def _score(self, prompts: list[Prompt], samples: list[Sample], n: int) -> list[float]:
-        reward = self.recipe.reward
-        scores = []
-        for index, sample in enumerate(samples):
-            text = self.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
-            score = self.reward(text, prompts[index // n].answer)
-            if reward.overlong == "penalty":
-                score += overlong_penalty(len(sample.response_ids), self.recipe.rollout.max_new_tokens,
-                                          reward.overlong_buffer, reward.overlong_penalty)
-            scores.append(score)
-        return scores
+    def close(self) -> None:
+        self.rewards.close()
 
-    def step(self, step: int) -> tuple[list[TrainSample], dict[str, float]]:
-        """The step's samples (those kept for training) with their advantages, and its metrics."""
+    def _generate_scored(self, prompts: list[Prompt], n: int, tag: str, seed: int, *, advantages: bool
+                         ) -> tuple[list[Sample], ScoredGroups, dict[str, float]]:
+        """Generate n responses per prompt, each scored in the pool as soon as it arrives."""
+        reward = self.recipe.reward
+        groups = ScoredGroups(len(prompts), n, normalize_std=self.recipe.loss.normalize_std, with_advantages=advantages)
+
+        def arrived(index: int, sample: Sample) -> None:
+            penalty = 0.0
+            if reward.overlong == "penalty":
+                penalty = overlong_penalty(len(sample.response_ids), self.recipe.rollout.max_new_tokens,
+                                           reward.overlong_buffer, reward.overlong_penalty)
+            future = self.rewards.submit(sample.response_ids, prompts[index // n].answer)
+            future.add_done_callback(lambda done: groups.add(index, done, penalty))
+
+        samples = self.client.generate_sync(self._requests(prompts, n, tag, seed), on_sample=arrived)
+        groups.wait()
+        counts = self.rewards.counts.take()
+        if counts.errors == len(samples):
+            raise RuntimeError(f"the reward failed on every response of {tag}; the first: {counts.first_error}")
+        if counts.errors:
+            log.warning("%s: the reward failed on %d responses (scored 0); the first: %s", tag, counts.errors,
+                        counts.first_error)
+        return samples, groups, {"reward/timeouts": counts.timeouts, "reward/errors": counts.errors}
+
+    def step(self, step: int, version: int | None = None) -> tuple[list[TrainSample], dict[str, float]]:
+        """The step's samples (those kept for training) with their advantages, and its metrics.
+        `version`: the weight version the servers hold (default: `step`, the synchronous loop)."""
         recipe, n = self.recipe, self.recipe.rollout.n
+        version = step if version is None else version
         prompts = [self.train[i] for i in self.order.batch(step)]
-        samples = self.client.generate_sync(self._requests(prompts, n, f"s{step}", recipe.trainer.seed * 7919 + step))
-        rewards = torch.tensor(self._score(prompts, samples, n))
-        advantages = group_advantages(rewards, n, normalize_std=recipe.loss.normalize_std)
+        samples, groups, metrics = self._generate_scored(prompts, n, f"s{step}", recipe.trainer.seed * 7919 + step,
+                                                         advantages=True)
+        rewards, advantages = groups.rewards, groups.advantages
         keep = torch.ones(len(samples), dtype=torch.bool)
-        groups = rewards.view(-1, n)
+        grouped = rewards.view(-1, n)
         if recipe.trainer.dynamic_sampling:  # a group whose rewards all agree teaches nothing
-            keep &= (groups.max(1).values > groups.min(1).values).repeat_interleave(n)
+            keep &= (grouped.max(1).values > grouped.min(1).values).repeat_interleave(n)
         truncated = torch.tensor([s.truncated for s in samples])
         if recipe.reward.overlong == "drop":
             keep &= ~truncated
         lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float)
-        # Every sample should come from the weights published after the previous step.
-        stale = [s.weight_version is not None and s.weight_version != str(step) for s in samples]
-        metrics = {
+        # Each sample's distance from the weights the learner trains: it was generated with the
+        # weights the servers held (`version`); another version means a server was out of step.
+        versions = [int(s.weight_version) if s.weight_version and s.weight_version.isdigit() else version
+                    for s in samples]
+        metrics.update({
             "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "reward/solved_frac": (rewards >= 1.0).float().mean().item(),
             "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item(),
             "response/truncated_frac": truncated.float().mean().item(),
-            "batch/groups_all_equal_frac": (groups.max(1).values == groups.min(1).values).float().mean().item(),
+            "batch/groups_all_equal_frac": (grouped.max(1).values == grouped.min(1).values).float().mean().item(),
             "batch/samples_trained": int(keep.sum()),
-            "rollout/stale_frac": sum(stale) / len(samples),
-        }
+            "rollout/staleness_mean": sum(step - v for v in versions) / len(samples),
+            "rollout/staleness_max": max(step - v for v in versions),
+            "rollout/stale_frac": sum(v != version for v in versions) / len(samples),
+        })
         train = [
             TrainSample(s.prompt_ids, s.response_ids, s.logprobs, float(a), s.topk_ids, s.topk_logprobs, s.routed_experts)
             for s, a, k in zip(samples, advantages.tolist(), keep.tolist()) if k
@@ -109,7 +170,7 @@ class Rollouts:
     def evaluate(self) -> dict[str, float]:
         """Mean reward, avg@k and pass@k on the held-out prompts (fixed seeds: comparable over steps)."""
         k = self.recipe.trainer.eval_n
-        samples = self.client.generate_sync(self._requests(self.eval, k, "eval", EVAL_SEED))
-        rewards = torch.tensor(self._score(self.eval, samples, k)).view(-1, k)
+        _, groups, _ = self._generate_scored(self.eval, k, "eval", EVAL_SEED, advantages=False)
+        rewards = groups.rewards.view(-1, k)
         return {"eval/mean_reward": rewards.mean().item(), f"eval/avg@{k}": rewards.mean().item(),
                 f"eval/pass@{k}": (rewards >= 1.0).any(1).float().mean().item()}
