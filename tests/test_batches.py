@@ -49,7 +49,7 @@ def test_micro_batch_aligns_per_token_tensors_with_tokens_and_pads_to_the_tp_mul
     assert batch.advantages.tolist() == [0.5, -1.0]
     # Routes: one row per token that was fed forward (all but the last), -1 elsewhere.
     assert batch.routed_experts.shape == (2, 8, 2, 2)
-    assert torch.equal(batch.routed_experts[0, :4], torch.from_numpy(a.routed_experts).long())
+    assert torch.equal(batch.routed_experts[0, :4].long(), torch.from_numpy(a.routed_experts).long())
     assert (batch.routed_experts[0, 4:] == -1).all()
 
 

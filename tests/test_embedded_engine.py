@@ -107,7 +107,7 @@ def test_answers_agree_with_transformers_on_the_same_weights(server, models):
 def test_the_same_seed_gives_the_same_sample(server):
     first = generate(server, max_new_tokens=8, sampling_seed=11)
     second = generate(server, max_new_tokens=8, sampling_seed=11)
-    assert first.response_ids == second.response_ids and first.logprobs == second.logprobs
+    assert first.response_ids == second.response_ids and first.logprobs.tolist() == second.logprobs.tolist()
 
 
 def test_stop_token_ends_generation(server):
@@ -159,7 +159,7 @@ def test_weight_update_from_disk_serves_the_new_weights(server, models):
     assert status == 200 and answer["success"] and answer["weight_version"] == "42"
     assert json.loads(get(server, "/model_info")[1])["weight_version"] == "42"
     after = generate(server, max_new_tokens=6, sampling_seed=5)
-    assert after.weight_version == "42" and after.logprobs != before.logprobs
+    assert after.weight_version == "42" and after.logprobs.tolist() != before.logprobs.tolist()
     expected, _ = teacher_forced(models[1], PROMPT, after.response_ids, 1.0)
     assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
     status, answer = post(server, "/update_weights_from_disk", {"model_path": "/nonexistent"})
@@ -185,7 +185,7 @@ def test_disk_weight_sync_serves_the_learners_new_weights(server, models, tmp_pa
 
     sync.publish([server], 7)
     after = generate(server, max_new_tokens=6, sampling_seed=5)
-    assert after.weight_version == "7" and after.logprobs != before.logprobs
+    assert after.weight_version == "7" and after.logprobs.tolist() != before.logprobs.tolist()
     expected, _ = teacher_forced(published, PROMPT, after.response_ids, 1.0)
     assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
     assert not stale.exists() and published.exists()  # keep=1: older versions are removed
@@ -276,3 +276,27 @@ def test_bfloat16_engine_samples_from_a_distribution_close_to_float32(models):
     assert prefix >= 1
     difference = np.abs(low_lp[:prefix] - high_lp[:prefix])
     assert difference.max() < 0.1 and difference.max() > 0  # a mismatch, but a small one
+
+
+def test_top_k_as_flat_base64_arrays_is_the_json_triples_of_the_same_sample(models):
+    """return_flat_raw_output_top_logprobs + return_flat_raw_top_logprobs_b64: SGLang's layout
+    (shape, null prefix, little-endian float32 values / int32 ids, dtype markers), the same
+    numbers as the triples; b64 alone is refused, as SGLang refuses it."""
+    import base64
+
+    from dppo_megatron.rollout.engine import EmbeddedEngine, RequestError
+
+    engine = EmbeddedEngine(models[0])
+    body = {"input_ids": PROMPT, "rid": "x", "return_logprob": True, "top_logprobs_num": 3,
+            "sampling_params": SamplingParams(max_new_tokens=4, sampling_seed=5).to_json()}
+    nested = engine.generate(body)["meta_info"]["output_top_logprobs"]
+    flat = engine.generate(dict(body, return_flat_raw_output_top_logprobs=True,
+                                return_flat_raw_top_logprobs_b64=True))["meta_info"]
+    assert "output_top_logprobs" not in flat and flat["output_top_logprobs_shape"] == [4, 3]
+    assert flat["output_top_logprobs_null_prefix"] == 0 and flat["output_top_logprobs_idx_flat_b64_dtype"] == "int32"
+    values = np.frombuffer(base64.b64decode(flat["output_top_logprobs_val_flat_b64"]), "<f4").reshape(4, 3)
+    ids = np.frombuffer(base64.b64decode(flat["output_top_logprobs_idx_flat_b64"]), "<i4").reshape(4, 3)
+    assert ids.tolist() == [[e[1] for e in row] for row in nested]
+    np.testing.assert_array_equal(values, np.array([[e[0] for e in row] for row in nested], dtype=np.float32))
+    with pytest.raises(RequestError, match="requires return_flat_raw_top_logprobs"):
+        engine.generate(dict(body, return_flat_raw_top_logprobs_b64=True))

@@ -73,7 +73,9 @@ def micro_batch(samples: list[TrainSample], *, pad_multiple: int = 1, topk: int 
     rollout = torch.zeros(b, length)
     topk_ids = torch.zeros(b, length, topk, dtype=torch.long) if topk else None
     topk_logprobs = torch.full((b, length, topk), -math.inf) if topk else None
-    routes = torch.full((b, length, *routing), -1, dtype=torch.long) if routing else None
+    # int16 holds any expert id and the -1 of "no route" at a quarter of int64's memory; the
+    # routers get int64 one layer at a time (RoutingReplay.local_routes).
+    routes = torch.full((b, length, *routing), -1, dtype=torch.int16) if routing else None
     for row, sample in enumerate(samples):
         start, end = len(sample.prompt_ids), sample.length
         tokens[row, :start] = torch.as_tensor(np.asarray(sample.prompt_ids, dtype=np.int64))
@@ -84,7 +86,7 @@ def micro_batch(samples: list[TrainSample], *, pad_multiple: int = 1, topk: int 
             topk_ids[row, start:end] = torch.as_tensor(np.asarray(sample.topk_ids, dtype=np.int64))
             topk_logprobs[row, start:end] = torch.as_tensor(np.asarray(sample.topk_logprobs, dtype=np.float32))
         if routing:
-            routes[row, : end - 1] = torch.as_tensor(np.asarray(sample.routed_experts).astype(np.int64))
+            routes[row, : end - 1] = torch.as_tensor(np.asarray(sample.routed_experts).astype(np.int16))
     return MicroBatch(tokens=tokens, response_mask=mask, rollout_logprobs=rollout,
                       advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32),
                       topk_ids=topk_ids, topk_logprobs=topk_logprobs, routed_experts=routes)

@@ -64,7 +64,7 @@ class MicroBatch:
     advantages: torch.Tensor  # [b] per response
     topk_ids: torch.Tensor | None = None  # [b, s, K] the engine's top-K ids per position
     topk_logprobs: torch.Tensor | None = None  # [b, s, K]
-    routed_experts: torch.Tensor | None = None  # [b, s, layers, k] the engine's experts; -1 = none
+    routed_experts: torch.Tensor | None = None  # [b, s, layers, k] int16 the engine's experts; -1 = none
     old_logprobs: torch.Tensor | None = None  # [b, s] log pi_old, for the *_recompute ablations
 
     def as_dict(self) -> dict:

@@ -139,7 +139,8 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
             stop = stop_request.agreed()
             pending = producer.pending() if rank == 0 else {}
             metrics.update(checkpoints.after_step(
-                step + 1, stop=stop, write_extra=lambda directory: save_pending(directory / PENDING_DIR, pending)))
+                step + 1, stop=stop,
+                write_extra=lambda directory, pending=pending: save_pending(directory / PENDING_DIR, pending)))
 
             # 5. Metrics.
             if rank == 0:

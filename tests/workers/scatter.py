@@ -11,9 +11,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.test_batches import numbered_samples  # noqa: E402
-
 from dppo_megatron.run.scatter import SampleScatter  # noqa: E402
+from tests.test_batches import numbered_samples  # noqa: E402
 
 
 def main(out_dir: str, dp_of: str, count: str, mini_batches: str, micro_batch_size: str) -> None:
