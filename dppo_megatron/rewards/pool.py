@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 from dppo_megatron.rewards import RewardSpec
@@ -52,7 +52,6 @@ class _Worker:
     conn: object
     ready: bool = False
     task: tuple | None = None  # (task id, future, deadline)
-    started: float = field(default_factory=time.monotonic)
 
 
 class RewardPool:

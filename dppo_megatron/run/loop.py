@@ -93,7 +93,7 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
 
             rollouts = Rollouts(recipe, run_dir, arch, servers.urls, restart_server)
             pending = load_pending(checkpoints.resumed_from / PENDING_DIR) if checkpoints.resumed_from else {}
-            producer = RolloutProducer(rollouts, staleness, pending)
+            producer = RolloutProducer(rollouts, pending)
             metrics_log = MetricsLog(run_dir, first_step=start, total_steps=trainer.steps,
                                      tensorboard=trainer.tensorboard, wandb_project=trainer.wandb_project,
                                      run_name=run_dir.name, config=asdict(recipe))
@@ -113,7 +113,7 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
                     producer.start(step + staleness, version=publisher.version)
                 samples, metrics = producer.take(step)
             share = scatter.share(samples)
-            if rank == 0:
+            if rank == 0:  # what the scatter just sent
                 metrics["batch/sent_mib"] = scatter.last_bytes_sent / 2**20
                 metrics["batch/compact_mib"] = scatter.last_compact_bytes / 2**20
             rollout_done = time.monotonic()

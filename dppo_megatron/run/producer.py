@@ -26,8 +26,9 @@ PENDING_DIR = "rollouts"  # inside a checkpoint: the batches generated for the s
 
 
 class RolloutProducer:
-    def __init__(self, rollouts: Rollouts, max_staleness: int, pending: dict[int, Batch] | None = None):
-        self.rollouts, self.max_staleness = rollouts, max_staleness
+    def __init__(self, rollouts: Rollouts, pending: dict[int, Batch] | None = None):
+        """`pending`: batches already made (from the checkpoint a run resumes from)."""
+        self.rollouts = rollouts
         self.ready: dict[int, Batch] = dict(pending or {})
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
         self._in_flight: tuple[int, Future] | None = None
