@@ -18,9 +18,9 @@ data-parallel ranks; a step is done when every one holds its padded micro-batche
 - before (the loop before this change): top-K as JSON triples kept as Python lists; scoring
   one response after another on rank 0 once generation ends; rank 0 pickles every rank's
   samples to it (scatter_object_list).
-- after: top-K as SGLang's flat base64 arrays; responses scored in the reward pool as they
-  arrive (run/rollouts.ScoredGroups); each DP rank gets its own share as one compact buffer
-  (run/scatter.SampleScatter).
+- after: top-K as SGLang's flat base64 arrays; responses scored in the reward pool and packed
+  into their compact blocks as they arrive (run/rollouts); each DP rank gets its own samples'
+  blocks, sent as they are (run/scatter.SampleScatter).
 
 Both pad the micro-batches with the same function. Printed: the time from the last response
 to every rank holding its micro-batches, the bytes rank 0 sends against the compact size of
@@ -276,8 +276,11 @@ def _rank0_before(work: dict, url: str):
 
 
 def _rank0_after(work: dict, url: str):
-    """Today's loop: flat base64 top-K, scoring in the pool as responses arrive."""
-    from dppo_megatron.learner.batches import TrainSample
+    """Today's loop: flat base64 top-K, scoring in the pool and packing each sample's compact block
+    as responses arrive."""
+    from dataclasses import replace
+
+    from dppo_megatron.learner.batches import TrainSample, pack_sample
     from dppo_megatron.rewards import RewardSpec
     from dppo_megatron.rewards.pool import RewardPool
     from dppo_megatron.run.rollouts import ScoredGroups
@@ -288,16 +291,20 @@ def _rank0_after(work: dict, url: str):
     groups = ScoredGroups(len(work["prompts"]), N, normalize_std=False)
     last = [0.0]
 
-    def arrived(index, sample):
+    packed = [None] * len(work["responses"])
+
+    def arrived(index, sample):  # as run/rollouts.Rollouts does: scored and packed as it arrives
         pool.submit(sample.response_ids, work["answers"][index // N]).add_done_callback(
             lambda done: groups.add(index, done))
+        packed[index] = pack_sample(TrainSample(sample.prompt_ids, sample.response_ids, sample.logprobs, 0.0,
+                                                sample.topk_ids, sample.topk_logprobs, sample.routed_experts))
+        sample.topk_ids = sample.topk_logprobs = sample.routed_experts = None  # the block holds them
         last[0] = time.time()
 
     started = time.time()
-    samples = _client(url, topk_b64=True).generate_sync(_requests(work, "s0"), on_sample=arrived)
+    _client(url, topk_b64=True).generate_sync(_requests(work, "s0"), on_sample=arrived)
     groups.wait()
-    train = [TrainSample(s.prompt_ids, s.response_ids, s.logprobs, float(a), s.topk_ids, s.topk_logprobs,
-                         s.routed_experts) for s, a in zip(samples, groups.advantages.tolist())]
+    train = [replace(p, advantage=float(a)) for p, a in zip(packed, groups.advantages.tolist())]
     return train, {"started": started, "last_response": last[0], "scored_after_last_s": time.time() - last[0],
                    "reward_mean": float(groups.rewards.mean()), "pool_workers": pool.size}
 

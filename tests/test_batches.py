@@ -86,3 +86,21 @@ def test_a_share_packs_into_one_buffer_and_unpacks_to_the_same_micro_batches():
             for field in ("tokens", "response_mask", "rollout_logprobs", "advantages", "topk_ids", "topk_logprobs",
                           "routed_experts"):
                 assert torch.equal(getattr(expected, field), getattr(got, field)), field
+
+
+def test_samples_packed_as_they_arrive_are_sent_as_they_are_and_come_back_equal():
+    """The blocks made when responses arrived are the pieces of a share (nothing is copied after
+    the last response); what the receiving rank unpacks equals the samples as they came."""
+    from dppo_megatron.learner.batches import pack_sample, share_pieces, unpack_share
+
+    originals = numbered_samples(5, seed=3)
+    packed = [pack_sample(s) for s in originals]
+    assert all(np.shares_memory(p.topk_ids, p.block) and np.shares_memory(p.routed_experts, p.block) for p in packed)
+    pieces = share_pieces([[packed[:2]], [packed[2:]]])
+    assert all(piece is p.block for piece, p in zip(pieces[1:], packed))
+    received = [s for mini in unpack_share(np.concatenate(pieces)) for micro in mini for s in micro]
+    for original, got in zip(originals, received, strict=True):
+        assert got.advantage == original.advantage
+        assert got.routed_experts.dtype == original.routed_experts.dtype  # routes keep their small type
+        for name in ("prompt_ids", "response_ids", "rollout_logprobs", "topk_ids", "topk_logprobs", "routed_experts"):
+            assert np.array_equal(getattr(got, name), np.asarray(getattr(original, name))), name

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ class TrainSample:
     topk_ids: np.ndarray | None = None  # int32 [response_len, K]
     topk_logprobs: np.ndarray | None = None  # float32 [response_len, K]
     routed_experts: np.ndarray | None = None  # [prompt + response - 1, layers, k], small unsigned ints
+    block: np.ndarray | None = field(default=None, repr=False, compare=False)  # see pack_sample
 
     @property
     def length(self) -> int:
@@ -76,99 +77,135 @@ def micro_batch(samples: list[TrainSample], *, pad_multiple: int = 1, topk: int 
     # int16 holds any expert id and the -1 of "no route" at a quarter of int64's memory; the
     # routers get int64 one layer at a time (RoutingReplay.local_routes).
     routes = torch.full((b, length, *routing), -1, dtype=torch.int16) if routing else None
+    # Each array is copied once into its padded place; the copy converts the compact dtype.
     for row, sample in enumerate(samples):
         start, end = len(sample.prompt_ids), sample.length
-        tokens[row, :start] = torch.as_tensor(np.asarray(sample.prompt_ids, dtype=np.int64))
-        tokens[row, start:end] = torch.as_tensor(np.asarray(sample.response_ids, dtype=np.int64))
+        tokens[row, :start] = _tensor(sample.prompt_ids)
+        tokens[row, start:end] = _tensor(sample.response_ids)
         mask[row, start:end] = True
-        rollout[row, start:end] = torch.as_tensor(np.asarray(sample.rollout_logprobs, dtype=np.float32))
+        rollout[row, start:end] = _tensor(sample.rollout_logprobs)
         if topk:
-            topk_ids[row, start:end] = torch.as_tensor(np.asarray(sample.topk_ids, dtype=np.int64))
-            topk_logprobs[row, start:end] = torch.as_tensor(np.asarray(sample.topk_logprobs, dtype=np.float32))
+            topk_ids[row, start:end] = _tensor(sample.topk_ids)
+            topk_logprobs[row, start:end] = _tensor(sample.topk_logprobs)
         if routing:
-            routes[row, : end - 1] = torch.as_tensor(np.asarray(sample.routed_experts).astype(np.int16))
+            routes[row, : end - 1] = _tensor(sample.routed_experts)
     return MicroBatch(tokens=tokens, response_mask=mask, rollout_logprobs=rollout,
                       advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32),
                       topk_ids=topk_ids, topk_logprobs=topk_logprobs, routed_experts=routes)
 
 
+def _tensor(values) -> torch.Tensor:
+    """A numpy array as a tensor without a copy (lists become one)."""
+    return torch.from_numpy(np.asarray(values))
+
+
 # --- a rank's share of a step as one buffer ---------------------------------------------------
+#
+# A sample's arrays live in one compact block (`pack_sample`), made as its response arrives; a
+# share is a small JSON header (the nesting, the advantages, the blocks' sizes) followed by the
+# blocks, so that after the last response nothing is copied on rank 0: the blocks are sent as
+# they are (`share_pieces`), and the receiving rank's samples are views into what it received.
 
 _ALIGN = 8
+_HEAD = 6  # int64s at the start of a block: prompt len, response len, K, route layers, route k, route dtype
+
+
+def _aligned(nbytes: int) -> int:
+    return nbytes + (-nbytes % _ALIGN)
+
+
+def _block_fields(head: np.ndarray) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    prompt_len, response_len, topk, layers, k, route_code = (int(v) for v in head)
+    fields = [("tokens", np.dtype(np.int32), (prompt_len + response_len,)),
+              ("logprobs", np.dtype(np.float32), (response_len,))]
+    if topk:
+        fields += [("topk_ids", np.dtype(np.int32), (response_len, topk)),
+                   ("topk_logprobs", np.dtype(np.float32), (response_len, topk))]
+    if route_code:
+        fields.append(("routes", np.dtype(chr(route_code)), (prompt_len + response_len - 1, layers, k)))
+    return fields
+
+
+def pack_sample(sample: TrainSample) -> TrainSample:
+    """The sample with its arrays copied into one compact block (`block`; tokens int32, logprobs
+    float32, top-K int32/float32, routes in their own small type), its arrays views into it."""
+    routes = None if sample.routed_experts is None else np.asarray(sample.routed_experts)
+    head = np.array([len(sample.prompt_ids), len(sample.response_ids),
+                     0 if sample.topk_ids is None else np.shape(sample.topk_ids)[1],
+                     *((0, 0, 0) if routes is None else (*routes.shape[1:], ord(routes.dtype.char)))], dtype=np.int64)
+    fields = _block_fields(head)
+    sizes = [_aligned(dtype.itemsize * math.prod(shape)) for _, dtype, shape in fields]
+    block = np.zeros(head.nbytes + sum(sizes), dtype=np.uint8)
+    block[:head.nbytes] = head.view(np.uint8)
+    views = _block_views(block)
+    views["tokens"][:len(sample.prompt_ids)] = sample.prompt_ids
+    views["tokens"][len(sample.prompt_ids):] = sample.response_ids
+    sources = {"logprobs": sample.rollout_logprobs, "topk_ids": sample.topk_ids,
+               "topk_logprobs": sample.topk_logprobs, "routes": routes}
+    for name, view in views.items():
+        if name != "tokens":
+            view[...] = np.asarray(sources[name]).reshape(view.shape)
+    return _sample_of(block, views, sample.advantage)
+
+
+def _block_views(block: np.ndarray) -> dict[str, np.ndarray]:
+    head = block[:_HEAD * 8].view(np.int64)
+    views, at = {}, _HEAD * 8
+    for name, dtype, shape in _block_fields(head):
+        nbytes = dtype.itemsize * math.prod(shape)
+        views[name] = block[at:at + nbytes].view(dtype).reshape(shape)
+        at += _aligned(nbytes)
+    return views
+
+
+def unpack_sample(block: np.ndarray, advantage: float) -> TrainSample:
+    """The sample in a block made by `pack_sample` (its arrays views into it)."""
+    return _sample_of(block, _block_views(block), advantage)
+
+
+def _sample_of(block: np.ndarray, views: dict[str, np.ndarray], advantage: float) -> TrainSample:
+    prompt_len = int(block[:8].view(np.int64)[0])
+    return TrainSample(views["tokens"][:prompt_len], views["tokens"][prompt_len:], views["logprobs"], advantage,
+                       views.get("topk_ids"), views.get("topk_logprobs"), views.get("routes"), block=block)
+
+
+def share_pieces(share: list[list[list[TrainSample]]]) -> list[np.ndarray]:
+    """share[mini_batch][micro_batch] -> samples, as the pieces of one buffer: a header, then
+    each sample's block (packed here if it was not yet)."""
+    samples = [s for mini in share for micro in mini for s in micro]
+    blocks = [s.block if s.block is not None else pack_sample(s).block for s in samples]
+    header = json.dumps({"nesting": [[len(micro) for micro in mini] for mini in share],
+                         "advantages": [float(s.advantage) for s in samples],
+                         "blocks": [b.size for b in blocks]}).encode()
+    head = np.zeros(8 + _aligned(len(header)), dtype=np.uint8)
+    head[:8] = np.array([len(header)], dtype=np.int64).view(np.uint8)
+    head[8:8 + len(header)] = np.frombuffer(header, dtype=np.uint8)
+    return [head, *blocks]
 
 
 def pack_share(share: list[list[list[TrainSample]]]) -> np.ndarray:
-    """share[mini_batch][micro_batch] -> samples, as one uint8 buffer: a JSON header (the
-    nesting, each sample's lengths, dtypes) and the samples' arrays concatenated, in their
-    compact types (tokens int32, logprobs float32, top-K int32/float32, routes as they came)."""
-    samples = [s for mini in share for micro in mini for s in micro]
-    first = samples[0] if samples else None
-    topk = first.topk_ids.shape[1] if first is not None and first.topk_ids is not None else 0
-    routes = first.routed_experts if first is not None and first.routed_experts is not None else None
-    arrays = {
-        "tokens": np.concatenate([np.concatenate([np.asarray(s.prompt_ids), np.asarray(s.response_ids)])
-                                  for s in samples]).astype(np.int32) if samples else np.zeros(0, np.int32),
-        "logprobs": _concat([s.rollout_logprobs for s in samples], np.float32),
-        "advantages": np.array([s.advantage for s in samples], dtype=np.float32),
-    }
-    if topk:
-        arrays["topk_ids"] = _concat([s.topk_ids for s in samples], np.int32)
-        arrays["topk_logprobs"] = _concat([s.topk_logprobs for s in samples], np.float32)
-    if routes is not None:
-        arrays["routes"] = _concat([s.routed_experts for s in samples], routes.dtype)
-    header = {
-        "nesting": [[len(micro) for micro in mini] for mini in share],
-        "prompt_lens": [len(s.prompt_ids) for s in samples],
-        "response_lens": [len(s.response_ids) for s in samples],
-        "topk": topk, "route_shape": list(routes.shape[1:]) if routes is not None else None,
-        "arrays": {},
-    }
-    offset = 0
-    for name, array in arrays.items():
-        header["arrays"][name] = [array.dtype.str, offset, array.nbytes]
-        offset += array.nbytes + (-array.nbytes % _ALIGN)
-    encoded = json.dumps(header).encode()
-    start = 8 + len(encoded) + (-len(encoded) % _ALIGN)
-    buffer = np.zeros(start + offset, dtype=np.uint8)
-    buffer[:8] = np.frombuffer(np.int64(len(encoded)).tobytes(), dtype=np.uint8)
-    buffer[8:8 + len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
-    for name, array in arrays.items():
-        _, at, size = header["arrays"][name]
-        buffer[start + at:start + at + size] = np.frombuffer(np.ascontiguousarray(array).tobytes(), dtype=np.uint8)
-    return buffer
+    """A share as one uint8 buffer (`share_pieces` joined)."""
+    return np.concatenate(share_pieces(share))
+
+
+def share_header(head: np.ndarray) -> dict:
+    """The header at the start of a share's buffer (at least its first piece)."""
+    length = int(head[:8].view(np.int64)[0])
+    return json.loads(head[8:8 + length].tobytes())
+
+
+def _header_bytes(head: np.ndarray) -> int:
+    """The size of the header piece, from its first 8 bytes."""
+    return 8 + _aligned(int(head[:8].view(np.int64)[0]))
 
 
 def unpack_share(buffer: np.ndarray) -> list[list[list[TrainSample]]]:
     """The inverse of `pack_share`; the samples' arrays are views into `buffer`."""
-    header_len = int(np.frombuffer(buffer[:8].tobytes(), dtype=np.int64)[0])
-    header = json.loads(buffer[8:8 + header_len].tobytes())
-    start = 8 + header_len + (-header_len % _ALIGN)
-
-    def array(name: str):
-        if name not in header["arrays"]:
-            return None
-        dtype, at, size = header["arrays"][name]
-        return buffer[start + at:start + at + size].view(np.dtype(dtype))
-
-    tokens, logprobs, advantages = array("tokens"), array("logprobs"), array("advantages")
-    topk, route_shape = header["topk"], header["route_shape"]
-    topk_ids, topk_logprobs, routes = array("topk_ids"), array("topk_logprobs"), array("routes")
-    if topk:
-        topk_ids, topk_logprobs = topk_ids.reshape(-1, topk), topk_logprobs.reshape(-1, topk)
-    if route_shape is not None:
-        routes = routes.reshape(-1, *route_shape)
-    samples, token_at, response_at, route_at = [], 0, 0, 0
-    for index, (prompt_len, response_len) in enumerate(zip(header["prompt_lens"], header["response_lens"])):
-        end = token_at + prompt_len + response_len
-        rows = prompt_len + response_len - 1
-        samples.append(TrainSample(
-            prompt_ids=tokens[token_at:token_at + prompt_len], response_ids=tokens[token_at + prompt_len:end],
-            rollout_logprobs=logprobs[response_at:response_at + response_len], advantage=float(advantages[index]),
-            topk_ids=topk_ids[response_at:response_at + response_len] if topk else None,
-            topk_logprobs=topk_logprobs[response_at:response_at + response_len] if topk else None,
-            routed_experts=routes[route_at:route_at + rows] if route_shape is not None else None,
-        ))
-        token_at, response_at, route_at = end, response_at + response_len, route_at + rows
+    header = share_header(buffer)
+    at, samples = _header_bytes(buffer), []
+    for size, advantage in zip(header["blocks"], header["advantages"]):
+        samples.append(unpack_sample(buffer[at:at + size], advantage))
+        at += size
     share, at = [], 0
     for mini in header["nesting"]:
         share.append([])
@@ -186,6 +223,3 @@ def compact_bytes(sample: TrainSample) -> int:
             size += array.size * array.itemsize
     return size
 
-
-def _concat(arrays: list[np.ndarray], dtype) -> np.ndarray:
-    return np.concatenate([np.asarray(a, dtype=dtype) for a in arrays]) if arrays else np.zeros(0, dtype)

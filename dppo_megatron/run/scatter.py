@@ -1,8 +1,9 @@
 """A step's samples, from rank 0 to the ranks that train them: rank 0 plans the step
 (mini-batches, split over data-parallel ranks, cut into micro-batches) and sends each
-data-parallel rank only its own samples, as one compact buffer, to the first rank of that DP
-rank's model-parallel peers (TP x PP), which passes it on inside that group; every rank pads
-its own micro-batches. Rank 0 never pads, nor pickles, another rank's share."""
+data-parallel rank only its own samples, as the compact blocks made when they arrived, to the
+first rank of that DP rank's model-parallel peers (TP x PP), which passes them on inside that
+group; every rank pads its own micro-batches. Rank 0 never pads, copies nor pickles another
+rank's share."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dppo_megatron.learner.batches import TrainSample, compact_bytes, micro_batch, pack_share, plan_step, unpack_share
+from dppo_megatron.learner.batches import (
+    TrainSample, compact_bytes, micro_batch, plan_step, share_header, share_pieces, unpack_share,
+)
 from dppo_megatron.learner.learner import MicroBatch
 
 
@@ -43,11 +46,7 @@ class SampleScatter:
         if rank == 0:
             buffer = self._send(samples)
         elif rank == self.leader:
-            size = torch.zeros(1, dtype=torch.int64)
-            dist.recv(size, src=0, group=self.group)
-            received = torch.empty(int(size), dtype=torch.uint8)
-            dist.recv(received, src=0, group=self.group)
-            buffer = received.numpy()
+            buffer = self._receive()
         if self.peers is not None:
             size = torch.tensor([buffer.size if rank == self.leader else 0], dtype=torch.int64)
             dist.broadcast(size, src=self.leader, group=self.peers)
@@ -57,24 +56,39 @@ class SampleScatter:
         return [[micro_batch(micro, **self.layout) for micro in mini] for mini in unpack_share(buffer)]
 
     def _send(self, samples: list[TrainSample]) -> np.ndarray:
-        """Rank 0: pack and send every DP rank's share (to each leader at once); returns its own."""
+        """Rank 0: send every DP rank's share (to each leader at once, the samples' blocks as they
+        are: nothing is copied); returns its own, joined."""
         plan = plan_step(samples, mini_batches=self.mini_batches, dp_size=self.dp_size,
                          micro_batch_size=self.micro_batch_size)
-        own, pending, alive, sent = None, [], [], 0
+        own, pending, sent = None, [], 0
         for index in range(self.dp_size):
-            buffer = pack_share([mini[index] for mini in plan])
+            pieces = share_pieces([mini[index] for mini in plan])
             leader = self.leaders[index]
             if leader == 0:
-                own = buffer
+                own = np.concatenate(pieces)
                 continue
-            size = torch.tensor([buffer.size], dtype=torch.int64)
-            payload = torch.from_numpy(buffer)
-            pending += [dist.isend(size, dst=leader, group=self.group), dist.isend(payload, dst=leader, group=self.group)]
-            alive.append((size, payload))  # until sent
-            sent += buffer.size + size.numel() * 8
-        for request in pending:
+            sizes = torch.tensor([pieces[0].size, sum(piece.size for piece in pieces)], dtype=torch.int64)
+            tensors = [sizes, *(torch.from_numpy(piece) for piece in pieces)]
+            pending += [dist.isend(tensor, dst=leader, group=self.group) for tensor in tensors]
+            sent += sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        for request in pending:  # `pending` keeps the tensors alive until they are sent
             request.wait()
         self.last_bytes_sent = sent
         self.last_compact_bytes = sum(compact_bytes(s) for mini in plan for share in mini for micro in share
                                       for s in micro)
         return own
+
+    def _receive(self) -> np.ndarray:
+        """A DP rank's leader: its share from rank 0, the header and then each block in its place."""
+        sizes = torch.zeros(2, dtype=torch.int64)
+        dist.recv(sizes, src=0, group=self.group)
+        received = torch.empty(int(sizes[1]), dtype=torch.uint8)
+        head_size = int(sizes[0])
+        dist.recv(received[:head_size], src=0, group=self.group)
+        at, pending = head_size, []
+        for size in share_header(received[:head_size].numpy())["blocks"]:
+            pending.append(dist.irecv(received[at:at + size], src=0, group=self.group))
+            at += size
+        for request in pending:
+            request.wait()
+        return received.numpy()
