@@ -1,6 +1,7 @@
-"""Asynchronous rollouts against the synchronous loop: the quickstart recipe with its engine
-pinned to one core and its one learner rank to the other, trainer.max_staleness 0 and 1 over
-the same steps and seeds. Prints steps per second and the reward curves' gap; writes a plot.
+"""Asynchronous rollouts against the synchronous loop: the quickstart recipe with its rollout
+side (the engine, rank 0's rollout process and its reward worker) pinned to one core and its
+one learner rank to the other, trainer.max_staleness 0 and 1 over the same steps and seeds.
+Prints steps per second and the reward curves' gap; writes a plot.
 
     python benchmarks/async_rollouts.py                  # 3 seeds x 60 steps
     python benchmarks/async_rollouts.py --seeds 1 --steps 20
@@ -40,14 +41,17 @@ def pin(pid: int, cores: set[int]) -> None:
             pass
 
 
-def engine_pids() -> list[int]:
+def rollout_side_pids() -> list[int]:
+    """The engine, and rank 0's rollout process with its reward workers (the processes it
+    starts with multiprocessing's spawn: nothing else in a run does)."""
     pids = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if b"serve-embedded" in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
+            command = (proc / "cmdline").read_bytes()
         except OSError:
-            pass
+            continue
+        if b"serve-embedded" in command or b"multiprocessing.spawn" in command:
+            pids.append(int(proc.name))
     return pids
 
 
@@ -57,11 +61,12 @@ def train(run_dir: Path, seed: int, steps: int, staleness: int) -> list[dict]:
                f"rollout.base_port={free_port()}", "reward.workers=1", *ONE_RANK]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     log = open(run_dir.parent / f"{run_dir.name}.log", "wb")  # noqa: SIM115 - closed below
-    # The learner (and everything it starts) on core 1; the engine is moved to core 0 as it comes up.
+    # The learner on core 1; the rollout side (the engine, the client's process and the reward
+    # worker) is moved to core 0 as it comes up.
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                preexec_fn=lambda: os.sched_setaffinity(0, {1}))
     while process.poll() is None:
-        for pid in engine_pids():
+        for pid in rollout_side_pids():
             pin(pid, {0})
         time.sleep(0.5)
     log.close()
@@ -84,7 +89,7 @@ def main() -> None:
             for staleness in (0, 1):
                 metrics = train(Path(tmp) / f"s{staleness}-seed{seed}", seed, args.steps, staleness)
                 runs[staleness].append(metrics)
-    print(f"\nquickstart, 1 learner rank on core 1, the engine on core 0, {args.steps} steps x {args.seeds} seeds")
+    print(f"\nquickstart, 1 learner rank on core 1, the rollout side on core 0, {args.steps} steps x {args.seeds} seeds")
     print("| max_staleness | steps/s | rollout wait (s/step) | learner (s/step) | final reward (mean of last 10 steps) |")
     print("|---|---|---|---|---|")
     rates, finals = {}, {}

@@ -3,8 +3,8 @@ evaluation, checkpoint -> metrics.
 
 An SPMD program on every learner rank (`dppo-megatron run-rank RUN_DIR`, started by
 `dppo-megatron train` or by a cluster job). Rank 0 also drives the rollout: it runs the
-servers, sends the requests, has the responses scored as they arrive and hands each
-data-parallel rank its share of the batch. With `trainer.max_staleness` N >= 1 the servers
+servers, has a process of its own send the requests and score the responses as they arrive
+(run/rollout_process.py), and hands each data-parallel rank its share of the batch. With `trainer.max_staleness` N >= 1 the servers
 generate step k + N's batch while the learner trains step k (run/producer.py). Everything a
 step does is a function of the step number and the weights, so a run resumed from a
 checkpoint repeats exactly what the uninterrupted run would have done.
@@ -32,7 +32,7 @@ from dppo_megatron.run.metrics import MetricsLog, mean_over_mini_batches
 from dppo_megatron.run.placement import server_specs
 from dppo_megatron.run.producer import PENDING_DIR, RolloutProducer, load_pending, save_pending
 from dppo_megatron.run.publisher import WeightPublisher
-from dppo_megatron.run.rollouts import Rollouts
+from dppo_megatron.run.rollout_process import RolloutProcess
 from dppo_megatron.run.run_dir import RECIPE_FILE, STOP_FILE, model_dir, write_status
 from dppo_megatron.run.scatter import SampleScatter
 from dppo_megatron.run.stop import StopRequest
@@ -91,7 +91,7 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
                 servers.restart(url)
                 publisher.bring_up_to_date(url)
 
-            rollouts = Rollouts(recipe, run_dir, arch, servers.urls, restart_server)
+            rollouts = RolloutProcess(recipe, run_dir, arch, servers.urls, restart_server)
             pending = load_pending(checkpoints.resumed_from / PENDING_DIR) if checkpoints.resumed_from else {}
             producer = RolloutProducer(rollouts, pending)
             metrics_log = MetricsLog(run_dir, first_step=start, total_steps=trainer.steps,
@@ -124,7 +124,9 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
             learner_metrics = [learner.train_step(micro_batches) for micro_batches in share]
             learner_done = time.monotonic()
 
-            # 3. New weights to the servers, once they are done generating with the old ones.
+            # 3. New weights to the servers: written while they may still be generating (the
+            #    batch made ahead), loaded once they are done with the old ones.
+            publisher.write(step + 1)
             if rank == 0:
                 metrics["time/learner_waited_for_rollouts"] += producer.wait_idle()
             publisher.publish(step + 1)

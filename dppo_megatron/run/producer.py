@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from dppo_megatron.learner.batches import TrainSample, pack_share, unpack_share
-from dppo_megatron.run.rollouts import Rollouts
+from dppo_megatron.run.rollout_process import RolloutProcess
 
 Batch = tuple[list[TrainSample], dict[str, float]]
 PENDING_DIR = "rollouts"  # inside a checkpoint: the batches generated for the steps after it
 
 
 class RolloutProducer:
-    def __init__(self, rollouts: Rollouts, pending: dict[int, Batch] | None = None):
+    def __init__(self, rollouts: RolloutProcess, pending: dict[int, Batch] | None = None):
         """`pending`: batches already made (from the checkpoint a run resumes from)."""
         self.rollouts = rollouts
         self.ready: dict[int, Batch] = dict(pending or {})

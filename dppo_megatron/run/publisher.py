@@ -33,6 +33,7 @@ class WeightPublisher:
         self.side_files_from = side_files_from
         self.servers = servers
         self.version = 0  # what the servers hold: 0 is the initial model they start from
+        self.written: int | None = None  # the last version written to disk
         self.disk = DiskWeightSync(weights_dir) if method == "disk" else None
         self.distributed = None
         if method == "distributed" and sends_weights(arch):
@@ -42,10 +43,19 @@ class WeightPublisher:
                 backend="nccl" if torch.cuda.is_available() else "gloo", server_tp=[server_tp] * len(urls))
             self.distributed.connect()
 
-    def publish(self, version: int) -> None:
-        if self.disk is not None:
+    def write(self, version: int) -> None:
+        """Disk: every rank writes its part of `version` (a collective). The servers may still be
+        generating with the weights they hold: they load it only in `publish`."""
+        if self.disk is not None and self.written != version:
             save_hf(self.learner.module, self.arch, self.disk.version_dir(version), config=self.hf_config,
                     dtype=self.learner.module.config.params_dtype, side_files_from=self.side_files_from)
+            self.written = version
+
+    def publish(self, version: int) -> None:
+        """The servers take `version` (written first if `write` was not called). A collective;
+        the servers must be done generating."""
+        if self.disk is not None:
+            self.write(version)
             if dist.get_rank() == 0:
                 try:
                     self.disk.publish(self.urls, version)

@@ -1,6 +1,7 @@
-"""Rank 0's side of a step: prompts in, scored samples with their advantages out (and the
-held-out evaluation). Responses are scored in the reward pool as they arrive, so scoring
-overlaps generation; a group's advantages are computed as soon as its n rewards are in."""
+"""Rank 0's side of a step, run in the rollout process (run/rollout_process.py): prompts in,
+scored samples with their advantages out (and the held-out evaluation). Responses are scored
+in the reward pool and packed into their compact blocks as they arrive, so that both overlap
+generation; a group's advantages are computed as soon as its n rewards are in."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from dppo_megatron.algo import group_advantages
 from dppo_megatron.config.schema import Recipe
 from dppo_megatron.data.prompts import Prompt, PromptOrder, load_prompts
-from dppo_megatron.learner.batches import TrainSample
+from dppo_megatron.learner.batches import TrainSample, pack_sample
 from dppo_megatron.model.arch import Qwen3Arch
 from dppo_megatron.rewards import overlong_penalty
 from dppo_megatron.rewards.pool import RewardPool
@@ -105,13 +106,20 @@ class Rollouts:
     def close(self) -> None:
         self.rewards.close()
 
-    def _generate_scored(self, prompts: list[Prompt], n: int, tag: str, seed: int, *, advantages: bool
+    def _generate_scored(self, prompts: list[Prompt], n: int, tag: str, seed: int, *, advantages: bool,
+                         on_packed: Callable[[int, TrainSample], None] | None = None
                          ) -> tuple[list[Sample], ScoredGroups, dict[str, float]]:
-        """Generate n responses per prompt, each scored in the pool as soon as it arrives."""
+        """Generate n responses per prompt, each scored in the pool as soon as it arrives.
+        `on_packed(index, sample)`: each response as it arrives, in its compact block
+        (`pack_sample`), its advantage left at 0; the block then holds the arrays."""
         reward = self.recipe.reward
         groups = ScoredGroups(len(prompts), n, normalize_std=self.recipe.loss.normalize_std, with_advantages=advantages)
 
         def arrived(index: int, sample: Sample) -> None:
+            if on_packed is not None:
+                on_packed(index, pack_sample(TrainSample(sample.prompt_ids, sample.response_ids, sample.logprobs, 0.0,
+                                                         sample.topk_ids, sample.topk_logprobs, sample.routed_experts)))
+                sample.logprobs = sample.topk_ids = sample.topk_logprobs = sample.routed_experts = None
             penalty = 0.0
             if reward.overlong == "penalty":
                 penalty = overlong_penalty(len(sample.response_ids), self.recipe.rollout.max_new_tokens,
@@ -129,14 +137,15 @@ class Rollouts:
                         counts.first_error)
         return samples, groups, {"reward/timeouts": counts.timeouts, "reward/errors": counts.errors}
 
-    def step(self, step: int, version: int | None = None) -> tuple[list[TrainSample], dict[str, float]]:
-        """The step's samples (those kept for training) with their advantages, and its metrics.
-        `version`: the weight version the servers hold (default: `step`, the synchronous loop)."""
+    def step(self, step: int, version: int, on_packed: Callable[[int, TrainSample], None]
+             ) -> tuple[list[tuple[int, float]], dict[str, float]]:
+        """Generate and score the step's responses; each goes to `on_packed(index, sample)` as
+        it arrives. Returns the (index, advantage) of those kept for training, and the step's
+        metrics. `version`: the weight version the servers hold."""
         recipe, n = self.recipe, self.recipe.rollout.n
-        version = step if version is None else version
         prompts = [self.train[i] for i in self.order.batch(step)]
         samples, groups, metrics = self._generate_scored(prompts, n, f"s{step}", recipe.trainer.seed * 7919 + step,
-                                                         advantages=True)
+                                                         advantages=True, on_packed=on_packed)
         rewards, advantages = groups.rewards, groups.advantages
         keep = torch.ones(len(samples), dtype=torch.bool)
         grouped = rewards.view(-1, n)
@@ -161,11 +170,7 @@ class Rollouts:
             "rollout/staleness_max": max(step - v for v in versions),
             "rollout/stale_frac": sum(v != version for v in versions) / len(samples),
         })
-        train = [
-            TrainSample(s.prompt_ids, s.response_ids, s.logprobs, float(a), s.topk_ids, s.topk_logprobs, s.routed_experts)
-            for s, a, k in zip(samples, advantages.tolist(), keep.tolist()) if k
-        ]
-        return train, metrics
+        return [(index, a) for index, (a, k) in enumerate(zip(advantages.tolist(), keep.tolist())) if k], metrics
 
     def evaluate(self) -> dict[str, float]:
         """Mean reward, avg@k and pass@k on the held-out prompts (fixed seeds: comparable over steps)."""
