@@ -18,13 +18,15 @@ data-parallel ranks; a step is done when every one holds its padded micro-batche
 - before (the loop before this change): top-K as JSON triples kept as Python lists; scoring
   one response after another on rank 0 once generation ends; rank 0 pickles every rank's
   samples to it (scatter_object_list).
-- after: top-K as SGLang's flat base64 arrays; responses scored in the reward pool and packed
-  into their compact blocks as they arrive (run/rollouts); each DP rank gets its own samples'
-  blocks, sent as they are (run/scatter.SampleScatter).
+- after: rank 0's rollout process (run/rollout_process.py) with top-K as SGLang's flat base64
+  arrays, each response scored in the reward pool and packed into its compact block as it
+  arrives, the block passed to rank 0 at once; each DP rank gets its own samples' blocks, sent
+  as they are (run/scatter.SampleScatter).
 
 Both pad the micro-batches with the same function. Printed: the time from the last response
 to every rank holding its micro-batches, the bytes rank 0 sends against the compact size of
-the data, and rank 0's peak memory (its own process; reward workers not included).
+the data, and the peak memory of rank 0's process and (after) of its largest child, the
+rollout process or a reward worker.
 """
 
 from __future__ import annotations
@@ -200,14 +202,15 @@ def rank_main(path: str, workload_file: str, url: str, result_file: str) -> None
                                 layout=layout)
         samples = None
         if rank == 0:
-            samples, result = _rank0_after(work, url)
+            samples, result = _rank0_after(workload_file, url)
         share = scatter.share(samples)
         if rank == 0:
             result["bytes_sent"] = scatter.last_bytes_sent
             result["compact_bytes"] = scatter.last_compact_bytes
     ready = time.time()
     if rank == 0 and path == "after":
-        _rank0_after.pool.close()
+        _rank0_after.process.close()
+        result["rollouts_peak_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     held = sum(mb.tokens.shape[0] for mini in share for mb in mini)
     times = [None] * DP
     dist.all_gather_object(times, (ready, held))
@@ -275,38 +278,56 @@ def _rank0_before(work: dict, url: str):
                    "reward_mean": float(np.mean(rewards)), "per_response_ms": 1000 * (scored - scoring) / len(samples)}
 
 
-def _rank0_after(work: dict, url: str):
-    """Today's loop: flat base64 top-K, scoring in the pool and packing each sample's compact block
-    as responses arrive."""
-    from dataclasses import replace
+class WorkloadRollouts:
+    """The loop's `Rollouts` on the load generator's workload, made in rank 0's rollout process
+    (run/rollout_process.py) as the loop makes its own: flat base64 top-K; each response scored
+    in the reward pool and packed into its compact block as it arrives."""
 
-    from dppo_megatron.learner.batches import TrainSample, pack_sample
-    from dppo_megatron.rewards import RewardSpec
-    from dppo_megatron.rewards.pool import RewardPool
-    from dppo_megatron.run.rollouts import ScoredGroups
+    def __init__(self, workload_file: str, url: str, restart=None):
+        from dppo_megatron.rewards import RewardSpec
+        from dppo_megatron.rewards.pool import RewardPool
 
-    # The pool lives as long as the run: started before the step, closed after it (not timed).
-    pool = _rank0_after.pool = RewardPool(RewardSpec(kind="math", timeout=5), work["tokenizer"])
-    pool.submit([1, 2], "1").result()
-    groups = ScoredGroups(len(work["prompts"]), N, normalize_std=False)
-    last = [0.0]
+        self.work, self.url = json.loads(Path(workload_file).read_text()), url
+        self.pool = RewardPool(RewardSpec(kind="math", timeout=5), self.work["tokenizer"])
+        self.pool.submit([1, 2], "1").result()  # the pool lives as long as the run: started before the step
 
-    packed = [None] * len(work["responses"])
+    def step(self, step: int, version: int, on_packed):
+        from dppo_megatron.learner.batches import TrainSample, pack_sample
+        from dppo_megatron.run.rollouts import ScoredGroups
 
-    def arrived(index, sample):  # as run/rollouts.Rollouts does: scored and packed as it arrives
-        pool.submit(sample.response_ids, work["answers"][index // N]).add_done_callback(
-            lambda done: groups.add(index, done))
-        packed[index] = pack_sample(TrainSample(sample.prompt_ids, sample.response_ids, sample.logprobs, 0.0,
-                                                sample.topk_ids, sample.topk_logprobs, sample.routed_experts))
-        sample.topk_ids = sample.topk_logprobs = sample.routed_experts = None  # the block holds them
-        last[0] = time.time()
+        work = self.work
+        groups = ScoredGroups(len(work["prompts"]), N, normalize_std=False)
+        last = [0.0]
 
+        def arrived(index, sample):
+            on_packed(index, pack_sample(TrainSample(sample.prompt_ids, sample.response_ids, sample.logprobs, 0.0,
+                                                     sample.topk_ids, sample.topk_logprobs, sample.routed_experts)))
+            sample.logprobs = sample.topk_ids = sample.topk_logprobs = sample.routed_experts = None
+            self.pool.submit(sample.response_ids, work["answers"][index // N]).add_done_callback(
+                lambda done: groups.add(index, done))
+            last[0] = time.time()
+
+        _client(self.url, topk_b64=True).generate_sync(_requests(work, f"s{step}"), on_sample=arrived)
+        groups.wait()
+        return list(enumerate(groups.advantages.tolist())), {
+            "last_response": last[0], "scored_after_last_s": time.time() - last[0], "result_sent": time.time(),
+            "reward_mean": float(groups.rewards.mean()), "pool_workers": self.pool.size}
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _rank0_after(workload_file: str, url: str):
+    """Today's loop: rank 0's rollout process (started before the step, closed after it, not
+    timed) sends each response's block as it arrives, then the advantages."""
+    from functools import partial
+
+    from dppo_megatron.run.rollout_process import RolloutProcess
+
+    process = _rank0_after.process = RolloutProcess(partial(WorkloadRollouts, workload_file, url))
     started = time.time()
-    _client(url, topk_b64=True).generate_sync(_requests(work, "s0"), on_sample=arrived)
-    groups.wait()
-    train = [replace(p, advantage=float(a)) for p, a in zip(packed, groups.advantages.tolist())]
-    return train, {"started": started, "last_response": last[0], "scored_after_last_s": time.time() - last[0],
-                   "reward_mean": float(groups.rewards.mean()), "pool_workers": pool.size}
+    samples, metrics = process.step(0, 0)
+    return samples, dict(metrics, started=started, rank0_has_samples=time.time())
 
 
 def _plan_shares(samples):
@@ -378,15 +399,20 @@ def main() -> None:
           f"{LAYERS}x{EXPERTS_PER_TOKEN}, window {args.window:.0f} s, {DP} DP ranks; {platform.processor() or 'cpu'}, "
           f"{os.cpu_count()} cores")
     print("| path | last response -> learner ready (s) | step total (s) | rank 0 sends (MiB) | compact data (MiB) "
-          "| sent / compact | rank 0 peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|---|")
+          "| sent / compact | rank 0 peak RSS (MiB) | rollout process peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for path, r in results.items():
         tail, total = r["learner_ready"] - r["last_response"], r["learner_ready"] - r["started"]
+        child = f"{r['rollouts_peak_mib']:.0f}" if "rollouts_peak_mib" in r else "-"
         print(f"| {path} | {tail:.2f} | {total:.1f} | {r['bytes_sent'] / 2**20:.0f} | {r['compact_bytes'] / 2**20:.0f} "
-              f"| {r['bytes_sent'] / r['compact_bytes']:.2f} | {r['rank0_peak_mib']:.0f} |")
+              f"| {r['bytes_sent'] / r['compact_bytes']:.2f} | {r['rank0_peak_mib']:.0f} | {child} |")
     before, after = results["before"], results["after"]
     ratio = (after["learner_ready"] - after["last_response"]) / (before["learner_ready"] - before["last_response"])
-    print(f"\ntail after / before: {ratio:.3f} (target <= 0.05); math-verify {before['per_response_ms']:.0f} ms a "
+    print(f"\nafter, from the last response: scored {after['scored_after_last_s']:.2f} s, result sent "
+          f"{after['result_sent'] - after['last_response']:.2f} s, rank 0 holds the samples "
+          f"{after['rank0_has_samples'] - after['last_response']:.2f} s, every rank its micro-batches "
+          f"{after['learner_ready'] - after['last_response']:.2f} s")
+    print(f"tail after / before: {ratio:.3f} (target <= 0.05); math-verify {before['per_response_ms']:.0f} ms a "
           f"response on rank 0; mean reward {before['reward_mean']:.3f} / {after['reward_mean']:.3f}; "
           f"{after['pool_workers']} reward workers; every rank held its samples: "
           f"{before['samples_held']} / {after['samples_held']} of {args.responses}")

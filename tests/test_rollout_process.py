@@ -12,7 +12,7 @@ import pytest
 from dppo_megatron.config.validate import load_recipe, recipe_arch
 from dppo_megatron.data.prompts import DatasetError
 from dppo_megatron.data.toy import build_toy_tokenizer
-from dppo_megatron.run.rollout_process import RolloutProcess, RolloutProcessError
+from dppo_megatron.run.rollout_process import RolloutProcess, RolloutProcessError, run_rollouts
 from dppo_megatron.run.run_dir import INIT_MODEL_DIR
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "quickstart.yaml"
@@ -30,12 +30,12 @@ def recipe_with_dataset(tmp_path: Path, rows: str):
 def test_an_error_in_the_rollout_process_reaches_rank_0_as_it_was(tmp_path):
     recipe, arch = recipe_with_dataset(tmp_path, '{"prompt": "reverse 1 2 3 :", "answer": "3 2 1"}\n{"prompt": \n')
     with pytest.raises(DatasetError, match=r"train\.jsonl:2: not valid JSON"):
-        RolloutProcess(recipe, tmp_path, arch, ["http://127.0.0.1:9"])
+        RolloutProcess(run_rollouts(recipe, tmp_path, arch, ["http://127.0.0.1:9"]))
 
 
 def test_a_rollout_process_that_dies_is_reported_with_its_exit_code(tmp_path):
     recipe, arch = recipe_with_dataset(tmp_path, '{"prompt": "reverse 1 2 3 :", "answer": "3 2 1"}\n')
-    rollouts = RolloutProcess(recipe, tmp_path, arch, ["http://127.0.0.1:9"])
+    rollouts = RolloutProcess(run_rollouts(recipe, tmp_path, arch, ["http://127.0.0.1:9"]))
     try:
         os.kill(rollouts._process.pid, signal.SIGTERM)  # ignored: rank 0 decides when rollouts stop
         time.sleep(0.5)

@@ -32,7 +32,7 @@ from dppo_megatron.run.metrics import MetricsLog, mean_over_mini_batches
 from dppo_megatron.run.placement import server_specs
 from dppo_megatron.run.producer import PENDING_DIR, RolloutProducer, load_pending, save_pending
 from dppo_megatron.run.publisher import WeightPublisher
-from dppo_megatron.run.rollout_process import RolloutProcess
+from dppo_megatron.run.rollout_process import RolloutProcess, run_rollouts
 from dppo_megatron.run.run_dir import RECIPE_FILE, STOP_FILE, model_dir, write_status
 from dppo_megatron.run.scatter import SampleScatter
 from dppo_megatron.run.stop import StopRequest
@@ -91,7 +91,7 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
                 servers.restart(url)
                 publisher.bring_up_to_date(url)
 
-            rollouts = RolloutProcess(recipe, run_dir, arch, servers.urls, restart_server)
+            rollouts = RolloutProcess(run_rollouts(recipe, run_dir, arch, servers.urls), restart_server)
             pending = load_pending(checkpoints.resumed_from / PENDING_DIR) if checkpoints.resumed_from else {}
             producer = RolloutProducer(rollouts, pending)
             metrics_log = MetricsLog(run_dir, first_step=start, total_steps=trainer.steps,

@@ -22,6 +22,7 @@ import signal
 import threading
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import numpy as np
 from dppo_megatron.config.schema import Recipe
 from dppo_megatron.learner.batches import TrainSample, unpack_sample
 from dppo_megatron.model.arch import Qwen3Arch
+from dppo_megatron.run.rollouts import Rollouts
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +39,17 @@ class RolloutProcessError(RuntimeError):
     """The rollout process died, or failed in a way that cannot be passed on as it was."""
 
 
+def run_rollouts(recipe: Recipe, run_dir: Path, arch: Qwen3Arch, urls: list[str]) -> Callable[..., object]:
+    """What the child makes: the run's `Rollouts` (a picklable recipe for it)."""
+    return partial(Rollouts, recipe, run_dir, arch, urls)
+
+
 class RolloutProcess:
-    def __init__(self, recipe: Recipe, run_dir: Path, arch: Qwen3Arch, urls: list[str],
-                 restart: Callable[[str], None] | None = None):
-        """Start the child and wait until its `Rollouts` is ready (the datasets, tokenizer and
-        reward pool loaded: their errors are raised here). `restart(url)`: rank 0's call for a
-        server that died (None: the run fails instead)."""
+    def __init__(self, make_rollouts: Callable[..., object], restart: Callable[[str], None] | None = None):
+        """Start the child and wait until `make_rollouts(restart=...)` made its rollouts there (a
+        `Rollouts`: the datasets, tokenizer and reward pool loaded; their errors are raised
+        here). It must pickle (`run_rollouts`). `restart(url)`: rank 0's call for a server that
+        died (None: the run fails instead)."""
         context = multiprocessing.get_context("spawn")  # never fork a process with torch threads
         self._events, child_events = context.Pipe(duplex=False)
         child_commands, self._commands = context.Pipe(duplex=False)
@@ -50,8 +57,7 @@ class RolloutProcess:
         self._send_lock, self._call_lock = threading.Lock(), threading.Lock()
         # Not a daemon: it starts the reward pool's workers. It dies with rank 0 (die_with_parent).
         self._process = context.Process(target=_child_main, name="rollouts",
-                                        args=(recipe, run_dir, arch, urls, restart is not None, child_commands,
-                                              child_events))
+                                        args=(make_rollouts, restart is not None, child_commands, child_events))
         self._process.start()
         child_events.close()
         child_commands.close()
@@ -128,8 +134,7 @@ class RolloutProcess:
 
 # --- the child ---------------------------------------------------------------------------------
 
-def _child_main(recipe: Recipe, run_dir: Path, arch: Qwen3Arch, urls: list[str], can_restart: bool,
-                commands, events) -> None:
+def _child_main(make_rollouts: Callable[..., object], can_restart: bool, commands, events) -> None:
     from dppo_megatron.processes import die_with_parent
 
     die_with_parent()
@@ -139,9 +144,7 @@ def _child_main(recipe: Recipe, run_dir: Path, arch: Qwen3Arch, urls: list[str],
     child = _Child(commands, events)
     threading.Thread(target=child.read_commands, name="commands", daemon=True).start()
     try:
-        from dppo_megatron.run.rollouts import Rollouts
-
-        rollouts = Rollouts(recipe, run_dir, arch, urls, child.restart if can_restart else None)
+        rollouts = make_rollouts(restart=child.restart if can_restart else None)
     except BaseException as error:  # noqa: BLE001 - passed on to rank 0, which fails the run with it
         child.send_error(error)
         return
