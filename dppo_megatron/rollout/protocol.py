@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The SGLang release the protocol, the server command line and the weight-update group are
+# checked against (tests/test_sglang_contract.py runs its own code); the `gpu` extra pins it.
+SGLANG_RELEASE = "0.5.23"
+
 
 class ProtocolError(ValueError):
     """A response that does not follow the protocol, or cannot be trained on."""

@@ -60,15 +60,30 @@ class DiskWeightSync:
 def weight_update_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
                         *, backend: str = "gloo", timeout: float = 600.0):
     """A process group of its own (not torch.distributed's default one) between a weight
-    sender (rank 0, which hosts the store) and rollout server ranks."""
+    sender (rank 0, which hosts the store) and rollout server ranks, formed exactly as SGLang's
+    receiver forms it (`sglang.srt.utils.common.init_custom_process_group`): a TCP rendezvous,
+    the store wrapped in PrefixStore(group_name), then torch's own group constructor, which adds
+    its f"{group_name}/" prefix. A group built any other way waits on other store keys than the
+    server does, and both sides time out. The sender's default group must not be bound to a
+    device (torch would then split the new group from it); the learner does not bind it."""
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"unknown backend {backend!r}; choose gloo or nccl")
     wait = datetime.timedelta(seconds=timeout)
-    store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=wait)
-    prefixed = dist.PrefixStore(group_name, store)
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(prefixed, rank, world_size, wait)
-    if backend == "nccl":
-        return dist.ProcessGroupNCCL(prefixed, rank, world_size)
-    raise ValueError(f"unknown backend {backend!r}; choose gloo or nccl")
+    # The store SGLang's tcp:// rendezvous makes (rank 0 hosts it), made here directly: under
+    # torchrun (TORCHELASTIC_USE_AGENT_STORE) torch's rendezvous would expect the launcher's
+    # agent to host it, and nobody would.
+    store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=wait, multi_tenant=True)
+    group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
+                                         group_name=group_name, timeout=wait)
+    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}  # as SGLang does: group rank = rank
+    return group
+
+
+def destroy_weight_update_group(group) -> None:
+    """Leave a group made by `weight_update_group` (its name can then be used again)."""
+    dist.destroy_process_group(group)
 
 
 def broadcast_from_first(group, tensor: torch.Tensor) -> None:
@@ -162,4 +177,5 @@ class DistributedWeightSync:
         if self.group is not None:
             _post_to_all(self.servers, "/destroy_weights_update_group",
                          [{"group_name": self.group_name}] * len(self.servers), self.timeout)
+            destroy_weight_update_group(self.group)
             self.group = None

@@ -1,0 +1,68 @@
+"""Contract tests: the project against SGLang's own code (the pinned release, see
+tests/sglang_contract.py), not against the embedded engine, which shares our assumptions."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from dppo_megatron.processes import free_port
+from tests.sglang_contract import run_with_sglang
+
+# SGLang's receiver, as its weight updater runs it (model_runner_components/weight_updater.py:
+# init_weights_update_group, then receive_weights_from_distributed): its own group constructor,
+# then one torch.distributed.broadcast from rank 0 per tensor announced.
+SGLANG_RECEIVER = """
+import json, sys, torch
+from sglang.srt.utils.common import init_custom_process_group
+port, group_name, manifest, out = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+group = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=1,
+                                  group_name=group_name, timeout=__import__("datetime").timedelta(seconds=30))
+received = {}
+for name, dtype, shape in manifest:
+    tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+    torch.distributed.broadcast(tensor, src=0, group=group, async_op=True).wait()
+    received[name] = tensor
+torch.save(received, out)
+"""
+
+# The project's sender, as a learner rank under torchrun runs it (torchrun's agent-store
+# setting included, which torch's own tcp:// rendezvous would obey).
+PROJECT_SENDER = """
+import sys, torch
+from dppo_megatron.rollout.weight_sync import broadcast_from_first, destroy_weight_update_group, weight_update_group
+port, group_name, tensors = int(sys.argv[1]), sys.argv[2], torch.load(sys.argv[3])
+group = weight_update_group("127.0.0.1", port, 0, 2, group_name, timeout=30)
+for tensor in tensors.values():
+    broadcast_from_first(group, tensor)
+destroy_weight_update_group(group)
+"""
+
+
+def test_the_weight_sender_forms_a_group_with_sglangs_own_receiver_and_a_bucket_arrives_bit_identical(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"model.embed_tokens.weight": torch.randn(7, 5, generator=generator),
+               "model.layers.0.mlp.experts.3.down_proj.weight": torch.randn(4, 6, generator=generator).bfloat16(),
+               "model.norm.weight": torch.randn(5, generator=generator).half(),
+               "counts": torch.arange(6, dtype=torch.int64).view(2, 3)}
+    torch.save(tensors, tmp_path / "sent.pt")
+    manifest = [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in tensors.items()]
+    port, group_name = free_port(), "dppo-weights-r0"
+    receiver = run_with_sglang(SGLANG_RECEIVER, str(port), group_name, json.dumps(manifest), str(tmp_path / "got.pt"))
+    sender = subprocess.Popen([sys.executable, "-c", PROJECT_SENDER, str(port), group_name, str(tmp_path / "sent.pt")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, TORCHELASTIC_USE_AGENT_STORE="True"))
+    try:
+        sender_out, _ = sender.communicate(timeout=120)
+        receiver_out, _ = receiver.communicate(timeout=120)
+    finally:
+        for process in (sender, receiver):
+            if process.poll() is None:
+                process.kill()
+    assert sender.returncode == 0 and receiver.returncode == 0, f"sender:\n{sender_out}\nSGLang:\n{receiver_out}"
+    got = torch.load(tmp_path / "got.pt")
+    assert list(got) == list(tensors)
+    for name, tensor in tensors.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name].view(torch.uint8), tensor.view(torch.uint8))
