@@ -1,6 +1,7 @@
 """`dppo-megatron serve-embedded` over HTTP: SGLang's protocol, answers that agree with
 transformers, weight updates from disk, and clear 400s."""
 
+import contextlib
 import json
 import os
 import re
@@ -48,11 +49,19 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(models):
+    with running_server(models[0]) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_server(model_dir):
     port = free_port()
     exe = shutil.which("dppo-megatron")
     command = ([exe] if exe else [sys.executable, "-m", "dppo_megatron"]) + [
-        "serve-embedded", "--model-path", str(models[0]), "--port", str(port), "--enable-return-routed-experts"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        "serve-embedded", "--model-path", str(model_dir), "--port", str(port), "--enable-return-routed-experts"]
+    log = Path(model_dir).parent / f"server-{port}.log"  # a file: a pipe nobody reads would block the server
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     try:
@@ -62,7 +71,7 @@ def server(models):
                     break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"server did not start: {proc.stdout.read().decode()[-3000:]}") from None
+                    raise AssertionError(f"server did not start: {log.read_text()[-3000:]}") from None
                 time.sleep(0.3)
         yield url
     finally:
@@ -212,6 +221,23 @@ def test_distributed_weight_sync_over_gloo_serves_the_learners_new_weights(serve
     status, answer = post(server, "/update_weights_from_distributed",
                           {"names": ["x"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "dppo-weights"})
     assert status == 400 and "no weight update group" in answer["message"]  # closed after the sync
+    post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "0"})
+
+
+def test_two_sending_ranks_publish_to_two_servers_version_after_version_without_deadlock(server, models, tmp_path):
+    """Each EP rank sends the experts it owns, through its own group with both servers; a
+    server takes one weight-group call at a time (as SGLang's scheduler does), so the senders
+    take turns: with both at once, two servers that took them in opposite orders would hang."""
+    from tests.distributed import run_torchrun
+
+    worker = str(Path(__file__).parent / "workers" / "weight_sync_two_senders.py")
+    with running_server(models[0]) as second:
+        run_torchrun(worker, 2, str(tmp_path), str(models[0]), f"{server},{second}", "4", timeout=240)
+        for url in (server, second):
+            after = generate(url, max_new_tokens=6, sampling_seed=5)
+            assert after.weight_version == "4"
+            expected, _ = teacher_forced(tmp_path / "reference", PROMPT, after.response_ids, 1.0)
+            assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
     post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "0"})
 
 

@@ -33,6 +33,9 @@ class EmbeddedEngine:
         self.enable_routed_experts = enable_routed_experts
         self.generator = torch.Generator().manual_seed(seed)
         self.lock = threading.Lock()  # one forward at a time; weight updates wait for it
+        # One weight-group call (join, receive) at a time, as SGLang's scheduler runs them: a
+        # sender that the others wait for must not be able to overtake them (see WeightPublisher).
+        self.group_lock = threading.Lock()
         self.weight_version = "0"
         self.aborted: set = set()  # rids to stop at the next token; None in it aborts all
         self.groups: dict = {}  # weight update process groups by name
@@ -87,8 +90,9 @@ class EmbeddedEngine:
 
         if backend != "gloo":
             raise RequestError(f"the embedded engine joins gloo groups only, not {backend!r}")
-        self.groups[group_name] = weight_update_group(master_address, int(master_port), int(rank_offset),
-                                                      int(world_size), group_name)
+        with self.group_lock:
+            self.groups[group_name] = weight_update_group(master_address, int(master_port), int(rank_offset),
+                                                          int(world_size), group_name)
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                         group_name: str, weight_version: str | None = None) -> None:
@@ -106,17 +110,22 @@ class EmbeddedEngine:
         except AttributeError as error:
             raise RequestError(f"unknown dtype in {dtypes}: {error}") from None
         received = {}
-        for name, kind, shape in zip(names, kinds, shapes):
-            tensor = torch.empty([int(n) for n in shape], dtype=kind)
-            broadcast_from_first(group, tensor)
-            received[name] = tensor
+        with self.group_lock:
+            for name, kind, shape in zip(names, kinds, shapes):
+                tensor = torch.empty([int(n) for n in shape], dtype=kind)
+                broadcast_from_first(group, tensor)
+                received[name] = tensor
         with self.lock:
             self._load_hf_tensors(received)
             if weight_version is not None:
                 self.weight_version = str(weight_version)
 
     def destroy_weights_update_group(self, group_name: str) -> None:
-        self.groups.pop(group_name, None)
+        from dppo_megatron.rollout.weight_sync import destroy_weight_update_group
+
+        group = self.groups.pop(group_name, None)
+        if group is not None:
+            destroy_weight_update_group(group)
 
     def _load_hf_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy tensors named as in a HF checkpoint into the model. Transformers keeps Qwen3-MoE

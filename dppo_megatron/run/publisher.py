@@ -35,13 +35,17 @@ class WeightPublisher:
         self.version = 0  # what the servers hold: 0 is the initial model they start from
         self.written: int | None = None  # the last version written to disk
         self.disk = DiskWeightSync(weights_dir) if method == "disk" else None
-        self.distributed = None
-        if method == "distributed" and sends_weights(arch):
-            self.distributed = DistributedWeightSync(
-                urls, master_address=_address_for(urls), master_port=free_port(),
-                group_name=f"dppo-weights-r{dist.get_rank()}",
-                backend="nccl" if torch.cuda.is_available() else "gloo", server_tp=[server_tp] * len(urls))
-            self.distributed.connect()
+        self.distributed, self.senders = None, []
+        if method == "distributed":
+            sending = [None] * dist.get_world_size()
+            dist.all_gather_object(sending, sends_weights(arch))
+            self.senders = [rank for rank, sends in enumerate(sending) if sends]
+            if sends_weights(arch):
+                self.distributed = DistributedWeightSync(
+                    urls, master_address=_address_for(urls), master_port=free_port(),
+                    group_name=f"dppo-weights-r{dist.get_rank()}",
+                    backend="nccl" if torch.cuda.is_available() else "gloo", server_tp=[server_tp] * len(urls))
+            self._in_turns(lambda: self.distributed.connect())
 
     def write(self, version: int) -> None:
         """Disk: every rank writes its part of `version` (a collective). The servers may still be
@@ -69,13 +73,27 @@ class WeightPublisher:
                     self.disk.publish(self.urls, version)
         else:
             tensors = iter_hf_tensors(self.learner.module, self.arch, experts_from_owners=True)
-            if self.distributed is not None:
-                self.distributed.publish(tensors, version)
-            else:
-                for _ in tensors:  # the iterator is a collective: every rank runs it through
-                    pass
+            if len(self.senders) == 1:  # streamed, bucket by bucket, as the iterator makes them
+                if self.distributed is not None:
+                    self.distributed.publish(tensors, version)
+                else:
+                    for _ in tensors:  # the iterator is a collective: every rank runs it through
+                        pass
+            else:  # each sender keeps what it sends (owned experts are views) until its turn
+                mine = list(tensors)
+                self._in_turns(lambda: self.distributed.publish(mine, version))
+                del mine
         dist.barrier()
         self.version = version
+
+    def _in_turns(self, action) -> None:
+        """Each sending rank runs `action` in turn (a collective). A server takes one weight-group
+        call at a time (SGLang's scheduler, and an exclusive lock around updates): two senders
+        whose calls two servers took in opposite orders would wait for each other forever."""
+        for sender in self.senders:
+            if dist.get_rank() == sender:
+                action()
+            dist.barrier()
 
     def bring_up_to_date(self, url: str) -> None:
         """Rank 0, after a server was restarted (it starts from the initial model): give it the
