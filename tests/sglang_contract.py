@@ -42,8 +42,9 @@ def sglang_dir() -> Path:
     return target
 
 
-def run_with_sglang(code: str, *args: str, timeout: float = 120, env: dict | None = None) -> subprocess.Popen:
+def run_with_sglang(code: str, *args: str, env: dict | None = None) -> subprocess.Popen:
     """Start `python -c code args...` with the pinned SGLang importable."""
     path = os.pathsep.join([str(sglang_dir()), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=dict(os.environ if env is None else env, PYTHONPATH=path))
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ if env is None else env, PYTHONPATH=path))

@@ -179,7 +179,8 @@ def test_sglang_command_line_from_the_30b_recipe_with_r3_on(tmp_path):
     assert server_command(specs[1]) == [
         sys.executable, "-m", "sglang.launch_server", "--model-path", "Qwen/Qwen3-30B-A3B-Base",
         "--host", "0.0.0.0", "--port", "30001", "--tp-size", "4", "--dp-size", "1", "--ep-size", "1",
-        "--mem-fraction-static", "0.8", "--skip-tokenizer-init", "--enable-return-routed-experts",
+        "--mem-fraction-static", "0.8", "--skip-tokenizer-init", "--weight-version", "0",
+        "--enable-return-routed-experts",
     ]
     options, _, loss = learner_configs(recipe)
     assert options.routing_replay is True and loss.temperature == recipe.rollout.temperature

@@ -59,6 +59,8 @@ def server_command(spec: ServerSpec) -> list[str]:
             sys.executable, "-m", "sglang.launch_server", "--model-path", spec.model_path,
             "--host", spec.host, "--port", str(spec.port), "--tp-size", str(spec.tp), "--dp-size", str(spec.dp),
             "--ep-size", str(spec.ep), "--mem-fraction-static", str(spec.mem_fraction), "--skip-tokenizer-init",
+            # The trainer counts versions from 0, the initial model (SGLang's default is "default").
+            "--weight-version", "0",
         ]
         if spec.dtype:
             command += ["--dtype", spec.dtype]
