@@ -34,7 +34,7 @@ def test_sglang_command_line_from_a_spec():
     assert server_command(spec) == [
         sys.executable, "-m", "sglang.launch_server", "--model-path", "/models/Qwen3-30B-A3B",
         "--host", "127.0.0.1", "--port", "30001", "--tp-size", "4", "--dp-size", "2", "--ep-size", "4",
-        "--mem-fraction-static", "0.8", "--skip-tokenizer-init", "--dtype", "bfloat16",
+        "--mem-fraction-static", "0.8", "--skip-tokenizer-init", "--weight-version", "0", "--dtype", "bfloat16",
         "--enable-return-routed-experts",
     ]
     assert spec.url == "http://127.0.0.1:30001"
@@ -97,20 +97,32 @@ class _Misbehaving(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.mode == "error":
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        if self.mode == "retry":  # as SGLang: a rid seen before is refused (still in flight there)
+            self.seen.append(body["rid"])
+            if self.seen.count(body["rid"]) > 1:
+                status, payload = 400, b'{"error": {"message": "Duplicate request ID"}}'
+            elif len(self.seen) == 1:
+                status, payload = 503, b'{"error": {"message": "busy"}}'
+            else:
+                status, payload = 200, self.answer()
+        elif self.mode == "error":
             status, payload = 500, b'{"error": {"message": "CUDA out of memory"}}'
         elif self.mode == "garbage":
             status, payload = 200, b"{not json"
         else:  # a well-formed answer without the routes that were asked for
-            status, payload = 200, json.dumps({"output_ids": [7], "meta_info": {
-                "finish_reason": {"type": "length", "length": 1},
-                "output_token_logprobs": [[-1.0, 7, None]], "output_top_logprobs": [[[-1.0, 7, None]] * 3],
-            }}).encode()
+            status, payload = 200, self.answer()
         self.send_response(status)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+    @staticmethod
+    def answer() -> bytes:
+        return json.dumps({"output_ids": [7], "meta_info": {
+            "finish_reason": {"type": "length", "length": 1},
+            "output_token_logprobs": [[-1.0, 7, None]], "output_top_logprobs": [[[-1.0, 7, None]] * 3],
+        }}).encode()
 
 
 @pytest.fixture
@@ -118,7 +130,7 @@ def misbehaving():
     servers = []
 
     def start(mode: str) -> str:
-        handler = type("Handler", (_Misbehaving,), {"mode": mode})
+        handler = type("Handler", (_Misbehaving,), {"mode": mode, "seen": []})
         server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
@@ -137,6 +149,13 @@ def test_malformed_json_and_500_are_retried_then_the_server_marked_dead(manager,
     assert [s.rid for s in samples] == [f"q{i}" for i in range(6)]
     assert {s.server for s in samples} == {manager.urls[1]}
     assert client.dead_servers() == [bad]
+
+
+def test_a_retry_carries_a_fresh_rid_so_that_sglang_does_not_refuse_it_as_a_duplicate(misbehaving):
+    url = misbehaving("retry")
+    server = RolloutClient([url], FAST)
+    (sample,) = server.generate_sync(requests(1, routing=None))
+    assert sample.rid == "q0" and sample.response_ids == [7]
 
 
 def test_with_only_broken_servers_the_run_stops_naming_them(misbehaving):

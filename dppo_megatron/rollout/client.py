@@ -3,7 +3,8 @@
 Requests travel in batches of up to `requests_per_call` (consecutive requests that want the
 same extras), one /generate call each. Each call goes to the live server with the fewest requests in flight, under a per-server
 concurrency bound and a timeout. Connection errors, timeouts, 5xx, malformed JSON and aborted
-requests are retried with backoff (the whole call), on another server when there is one; a server that fails
+requests are retried with backoff (the whole call, under fresh rids: SGLang refuses a rid
+still in flight), on another server when there is one; a server that fails
 `failures_before_dead` times in a row is marked dead and handed to `restart` (the server
 manager), and takes requests again once that returns. A 4xx is the request's fault and a
 well-formed answer that breaks the protocol (say, no routes under R3) stops the run: neither
@@ -145,6 +146,9 @@ class RolloutClient:
         for attempt in range(1, self.config.max_attempts + 1):
             server = await self._pick(exclude=last_server)
             last_server = server
+            if attempt > 1:  # SGLang refuses a rid still in flight ("Duplicate request ID"): a fresh one
+                rids = [f"{r.rid}~{attempt}" for r in chunk]
+                body = dict(body, rid=rids if len(chunk) > 1 else rids[0])
             failure = await self._attempt(session, server, body, chunk)
             if isinstance(failure, list):
                 return failure
