@@ -10,6 +10,7 @@ One request at a time, with a KV cache: fast enough for the tiny recipes.
 from __future__ import annotations
 
 import base64
+import inspect
 import threading
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class EmbeddedEngine:
         config = model.config
         self.model_path = str(model_path)
         self.model = model
+        # transformers 5.x renamed forward's `past_key_values` to `cache` (the old name goes in 5.40).
+        self._cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.vocab_size = config.vocab_size
         self.num_layers = config.num_hidden_layers
         self.experts_per_token = getattr(config, "num_experts_per_tok", 0) or 0
@@ -227,7 +230,8 @@ class EmbeddedEngine:
                         running[row] = False
                 if not any(running):
                     break
-                logits = self.model(input_ids=feed, past_key_values=cache, use_cache=True).logits[:, -1].float()
+                forward = self.model(input_ids=feed, **{self._cache_keyword: cache}, use_cache=True)
+                logits = forward.logits[:, -1].float()
                 next_tokens = []
                 for row in range(rows):
                     if not running[row]:
