@@ -78,13 +78,15 @@ for name, argv in json.loads(sys.stdin.read()):
         args = ServerArgs.from_cli_args(parser.parse_args(argv))
     except SystemExit:
         sys.exit(f"{name}: SGLang refused {argv}")
-    print(json.dumps([name, args.weight_version, args.enable_return_routed_experts, args.tp_size, args.port]))
+    print(json.dumps([name, args.weight_version, args.enable_return_routed_experts, args.enable_deterministic_inference,
+                      args.tp_size, args.port]))
 """
 
 
 def test_every_sglang_command_line_of_the_shipped_recipes_parses_with_sglangs_server_args(tmp_path):
-    """For every shipped recipe that runs SGLang, R3 on and off (MoE): the command line the project
-    builds is what SGLang's own ServerArgs reads, with the weight version the trainer counts."""
+    """For every shipped recipe that runs SGLang, R3 on and off (MoE) and with deterministic
+    inference: the command line the project builds is what SGLang's own ServerArgs reads, with
+    the weight version the trainer counts."""
     from pathlib import Path
 
     from dppo_megatron.config.validate import load_recipe, recipe_arch
@@ -97,14 +99,15 @@ def test_every_sglang_command_line_of_the_shipped_recipes_parses_with_sglangs_se
         shipped = load_recipe(path)
         if shipped.rollout.engine != "sglang":
             continue
-        for r3 in ("true", "false") if recipe_arch(shipped).is_moe else ("false",):  # R3 needs a MoE model
-            recipe = load_recipe(path, [f"rollout.r3={r3}"])
+        variants = [[f"rollout.r3={r3}"] for r3 in (("true", "false") if recipe_arch(shipped).is_moe else ("false",))]
+        for overrides in variants + [["rollout.deterministic=true"]]:  # R3 needs a MoE model
+            recipe = load_recipe(path, overrides)
             for spec in server_specs(recipe, tmp_path):
                 command = server_command(spec)
                 assert command[1:3] == ["-m", "sglang.launch_server"]
-                lines.append([f"{path.parent.name}/{path.name} r3={r3}", command[3:]])
-                expected.append([lines[-1][0], "0", spec.routed_experts, spec.tp, spec.port])
-    assert len({name for name, _ in lines}) == 16  # 7 MoE recipes with R3 on and off, 2 dense ones
+                lines.append([f"{path.parent.name}/{path.name} {' '.join(overrides)}", command[3:]])
+                expected.append([lines[-1][0], "0", spec.routed_experts, spec.deterministic, spec.tp, spec.port])
+    assert len({name for name, _ in lines}) == 25  # 7 MoE recipes with R3 on and off, 2 dense, 9 deterministic
     parser = run_with_sglang(SGLANG_PARSES)
     output, _ = parser.communicate(json.dumps(lines), timeout=300)
     assert parser.returncode == 0, output[-3000:]

@@ -108,6 +108,8 @@ class RolloutConfig:
     gpus_per_node: int = doc("GPUs per rollout node; with rollout.nodes 0, the GPUs of each learner node after "
                              "the learner's own ranks", 8)
     mem_fraction: float = doc("SGLang --mem-fraction-static", 0.85)
+    deterministic: bool = doc("SGLang --enable-deterministic-inference: honour each response's sampling seed, so a "
+                              "resumed step samples the same tokens (off: SGLang ignores the seeds; slower on)", False)
     dtype: Literal["auto", "float32", "bfloat16"] = doc("engine dtype (auto: the checkpoint's)", "auto")
     host: str = doc("interface servers bind to", "127.0.0.1")
     base_port: int = doc("port of the first server; the others count up", 30000)

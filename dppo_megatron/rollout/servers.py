@@ -42,6 +42,7 @@ class ServerSpec:
     ep: int = 1
     mem_fraction: float = 0.85
     routed_experts: bool = False  # R3: --enable-return-routed-experts
+    deterministic: bool = False  # SGLang: --enable-deterministic-inference (honours sampling seeds)
     dtype: str | None = None  # None: the engine's default
     gpus: tuple[int, ...] = ()  # CUDA_VISIBLE_DEVICES for this server
     extra_args: tuple[str, ...] = field(default_factory=tuple)
@@ -64,7 +65,9 @@ def server_command(spec: ServerSpec) -> list[str]:
         ]
         if spec.dtype:
             command += ["--dtype", spec.dtype]
-    elif spec.engine == "embedded":
+        if spec.deterministic:
+            command.append("--enable-deterministic-inference")
+    elif spec.engine == "embedded":  # always deterministic: seeded sampling on CPU
         command = [sys.executable, "-m", "dppo_megatron", "serve-embedded", "--model-path", spec.model_path,
                    "--host", spec.host, "--port", str(spec.port), "--dtype", spec.dtype or "float32"]
     else:

@@ -21,7 +21,7 @@ def server_specs(recipe: Recipe, run_dir: Path) -> list[ServerSpec]:
     return [
         ServerSpec(model_path=str(model_dir(recipe, run_dir)), port=p.port, engine=rollout.engine, host=rollout.host,
                    tp=rollout.server_tp, dp=rollout.server_dp, ep=rollout.server_ep, mem_fraction=rollout.mem_fraction,
-                   routed_experts=wants_routes(recipe),
+                   routed_experts=wants_routes(recipe), deterministic=rollout.deterministic,
                    dtype=None if rollout.dtype == "auto" else rollout.dtype, gpus=p.gpus,
                    extra_args=tuple(rollout.extra_args))
         for p in server_placements(recipe)
