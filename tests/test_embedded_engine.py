@@ -292,7 +292,7 @@ def test_bfloat16_engine_samples_from_a_distribution_close_to_float32(models):
     fp32 = EmbeddedEngine(models[0])
     bf16 = EmbeddedEngine(models[0], dtype=torch.bfloat16)
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
-    params = SamplingParams(max_new_tokens=6, sampling_seed=11, temperature=1e-6).to_json()  # greedy
+    params = SamplingParams(max_new_tokens=6, sampling_seed=11, temperature=0.0).to_json()  # greedy
     low = bf16.generate({"input_ids": PROMPT, "rid": "b", "sampling_params": params, "return_logprob": True})
     high = fp32.generate({"input_ids": PROMPT, "rid": "f", "sampling_params": params, "return_logprob": True})
     low_lp = np.array([t[0] for t in low["meta_info"]["output_token_logprobs"]])
@@ -326,3 +326,13 @@ def test_top_k_as_flat_base64_arrays_is_the_json_triples_of_the_same_sample(mode
     np.testing.assert_array_equal(values, np.array([[e[0] for e in row] for row in nested], dtype=np.float32))
     with pytest.raises(RequestError, match="requires return_flat_raw_top_logprobs"):
         engine.generate(dict(body, return_flat_raw_top_logprobs_b64=True))
+
+
+def test_sampling_is_greedy_only_below_sglangs_threshold_and_then_reports_logprobs_at_t1(server):
+    """SGLang (sampling_params.py) samples greedily for 0 <= T < 1e-6, reporting logprobs at
+    T = 1 (top_k = 1); at T = 5e-6 it samples at that temperature: the argmax has all the mass."""
+    greedy = generate(server, max_new_tokens=4, temperature=0.0)
+    cold = generate(server, max_new_tokens=4, temperature=5e-6, sampling_seed=1)
+    assert cold.response_ids == greedy.response_ids
+    assert max(abs(lp) for lp in cold.logprobs) < 1e-3
+    assert min(greedy.logprobs) < -1e-2

@@ -20,7 +20,7 @@ import torch
 from dppo_megatron.model.mapping import hf_expert_tensor
 from dppo_megatron.rollout.protocol import encode_routed_experts
 
-GREEDY_TEMPERATURE = 1e-5  # below this, SGLang samples greedily
+GREEDY_TEMPERATURE = 1e-6  # below this SGLang samples greedily, its logprobs at T = 1 (sampling_params.py)
 
 
 class RequestError(ValueError):
@@ -226,7 +226,9 @@ class EmbeddedEngine:
                 for row in range(rows):
                     if running[row] and (rids[row] in self.aborted or None in self.aborted):
                         self.aborted.discard(rids[row])
-                        finish[row] = {"type": "abort", "message": "aborted by /abort_request", "status_code": 499}
+                        # As SGLang's plain abort: no status code (one >= 400 would make it an HTTP error).
+                        finish[row] = {"type": "abort", "message": "aborted by /abort_request", "status_code": None,
+                                       "err_type": None}
                         running[row] = False
                 if not any(running):
                     break
