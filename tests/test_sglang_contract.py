@@ -26,6 +26,7 @@ for name, dtype, shape in manifest:
     torch.distributed.broadcast(tensor, src=0, group=group, async_op=True).wait()
     received[name] = tensor
 torch.save(received, out)
+torch.distributed.destroy_process_group(group)
 """
 
 # The project's sender, as a learner rank under torchrun runs it (torchrun's agent-store
@@ -41,31 +42,82 @@ destroy_weight_update_group(group)
 """
 
 
-def test_the_weight_sender_forms_a_group_with_sglangs_own_receiver_and_a_bucket_arrives_bit_identical(tmp_path):
-    generator = torch.Generator().manual_seed(0)
-    tensors = {"model.embed_tokens.weight": torch.randn(7, 5, generator=generator),
-               "model.layers.0.mlp.experts.3.down_proj.weight": torch.randn(4, 6, generator=generator).bfloat16(),
-               "model.norm.weight": torch.randn(5, generator=generator).half(),
-               "counts": torch.arange(6, dtype=torch.int64).view(2, 3)}
+# SGLang's receiver for load_format "flattened_bucket" (weight_updater.py:
+# _receive_bucketed_weights_from_distributed): its own bucket layout, one broadcast.
+SGLANG_FLAT_RECEIVER = """
+import json, sys, torch
+from sglang.srt.utils.common import init_custom_process_group
+from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+port, group_name, manifest, out = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+group = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=1,
+                                  group_name=group_name, timeout=__import__("datetime").timedelta(seconds=30))
+order = json.loads(sys.stdin.readline())  # the sender's order of the bucket
+names = [name for name in order]
+kinds = {name: (dtype, shape) for name, dtype, shape in manifest}
+bucket = FlattenedTensorBucket.empty(names, [kinds[n][0] for n in names], [kinds[n][1] for n in names], "cpu")
+torch.distributed.broadcast(bucket.get_flattened_tensor(), src=0, group=group)
+torch.save({name: tensor.clone() for name, tensor in bucket.reconstruct_tensors()}, out)
+torch.distributed.destroy_process_group(group)
+"""
+
+PROJECT_FLAT_SENDER = """
+import json, sys, torch
+from dppo_megatron.rollout.weight_sync import (
+    broadcast_from_first, destroy_weight_update_group, flatten_bucket, weight_update_group)
+port, group_name, tensors = int(sys.argv[1]), sys.argv[2], torch.load(sys.argv[3])
+ordered, flat = flatten_bucket(list(tensors.items()))
+print(json.dumps([name for name, _ in ordered]), flush=True)
+group = weight_update_group("127.0.0.1", port, 0, 2, group_name, timeout=30)
+broadcast_from_first(group, flat)
+destroy_weight_update_group(group)
+"""
+
+
+def sync_through_sglang(tmp_path, tensors: dict, receiver: str, sender: str) -> dict:
+    """Run the project's `sender` against SGLang's `receiver` (gloo, two processes); what arrived."""
     torch.save(tensors, tmp_path / "sent.pt")
     manifest = [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in tensors.items()]
     port, group_name = free_port(), "dppo-weights-r0"
-    receiver = run_with_sglang(SGLANG_RECEIVER, str(port), group_name, json.dumps(manifest), str(tmp_path / "got.pt"))
-    sender = subprocess.Popen([sys.executable, "-c", PROJECT_SENDER, str(port), group_name, str(tmp_path / "sent.pt")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=dict(os.environ, TORCHELASTIC_USE_AGENT_STORE="True"))
+    sglang = run_with_sglang(receiver, str(port), group_name, json.dumps(manifest), str(tmp_path / "got.pt"))
+    ours = subprocess.Popen([sys.executable, "-c", sender, str(port), group_name, str(tmp_path / "sent.pt")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, TORCHELASTIC_USE_AGENT_STORE="True"))
     try:
-        sender_out, _ = sender.communicate(timeout=120)
-        receiver_out, _ = receiver.communicate(timeout=120)
+        if sender is PROJECT_FLAT_SENDER:  # the order the sender flattened in, as its request body names it
+            sglang.stdin.write(ours.stdout.readline())
+            sglang.stdin.flush()
+        sender_out, _ = ours.communicate(timeout=120)
+        receiver_out, _ = sglang.communicate(timeout=120)
     finally:
-        for process in (sender, receiver):
+        for process in (ours, sglang):
             if process.poll() is None:
                 process.kill()
-    assert sender.returncode == 0 and receiver.returncode == 0, f"sender:\n{sender_out}\nSGLang:\n{receiver_out}"
-    got = torch.load(tmp_path / "got.pt")
-    assert list(got) == list(tensors)
-    for name, tensor in tensors.items():
+    assert ours.returncode == 0 and sglang.returncode == 0, f"sender:\n{sender_out}\nSGLang:\n{receiver_out}"
+    return torch.load(tmp_path / "got.pt")
+
+
+def assert_bit_identical(got: dict, sent: dict) -> None:
+    assert sorted(got) == sorted(sent)
+    for name, tensor in sent.items():
         assert got[name].dtype == tensor.dtype and torch.equal(got[name].view(torch.uint8), tensor.view(torch.uint8))
+
+
+def bucket_of_four_dtypes() -> dict:
+    generator = torch.Generator().manual_seed(0)
+    return {"model.norm.weight": torch.randn(5, generator=generator).half(),  # odd sizes: alignment matters
+            "model.embed_tokens.weight": torch.randn(7, 5, generator=generator),
+            "model.layers.0.mlp.experts.3.down_proj.weight": torch.randn(3, 5, generator=generator).bfloat16(),
+            "counts": torch.arange(6, dtype=torch.int64).view(2, 3)}
+
+
+def test_a_flattened_bucket_from_the_sender_is_what_sglangs_flattened_bucket_receiver_rebuilds(tmp_path):
+    tensors = bucket_of_four_dtypes()
+    assert_bit_identical(sync_through_sglang(tmp_path, tensors, SGLANG_FLAT_RECEIVER, PROJECT_FLAT_SENDER), tensors)
+
+
+def test_the_weight_sender_forms_a_group_with_sglangs_own_receiver_and_a_bucket_arrives_bit_identical(tmp_path):
+    tensors = bucket_of_four_dtypes()
+    assert_bit_identical(sync_through_sglang(tmp_path, tensors, SGLANG_RECEIVER, PROJECT_SENDER), tensors)
 
 
 SGLANG_PARSES = """

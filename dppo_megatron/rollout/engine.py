@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import inspect
+import math
 import threading
 from pathlib import Path
 
@@ -98,7 +99,8 @@ class EmbeddedEngine:
                                                           int(world_size), group_name)
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
-                                        group_name: str, weight_version: str | None = None) -> None:
+                                        group_name: str, weight_version: str | None = None,
+                                        load_format: str | None = None) -> None:
         """Receive each tensor by broadcast from rank 0, in list order, then load them. The
         request is checked before receiving, so the sender is never left hanging mid-bucket."""
         from dppo_megatron.rollout.weight_sync import broadcast_from_first
@@ -112,12 +114,25 @@ class EmbeddedEngine:
             kinds = [getattr(torch, str(d).removeprefix("torch.")) for d in dtypes]
         except AttributeError as error:
             raise RequestError(f"unknown dtype in {dtypes}: {error}") from None
+        if load_format not in (None, "flattened_bucket"):
+            raise RequestError(f"unknown load_format {load_format!r}")
+        shapes = [[int(n) for n in shape] for shape in shapes]
+        sizes = [math.prod(shape) * kind.itemsize for shape, kind in zip(shapes, kinds)]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        if load_format and any(at % kind.itemsize for at, kind in zip(offsets, kinds)):
+            raise RequestError("a flattened bucket whose tensors are not each aligned to their dtype")
         received = {}
         with self.group_lock:
-            for name, kind, shape in zip(names, kinds, shapes):
-                tensor = torch.empty([int(n) for n in shape], dtype=kind)
-                broadcast_from_first(group, tensor)
-                received[name] = tensor
+            if load_format:  # one broadcast: the tensors back to back, as SGLang's FlattenedTensorBucket
+                flat = torch.empty(sum(sizes), dtype=torch.uint8)
+                broadcast_from_first(group, flat)
+                for name, kind, shape, at, size in zip(names, kinds, shapes, offsets, sizes):
+                    received[name] = flat[at:at + size].view(kind).reshape(shape)
+            else:
+                for name, kind, shape in zip(names, kinds, shapes):
+                    tensor = torch.empty(shape, dtype=kind)
+                    broadcast_from_first(group, tensor)
+                    received[name] = tensor
         with self.lock:
             self._load_hf_tensors(received)
             if weight_version is not None:

@@ -135,7 +135,8 @@ class _Handler(BaseHTTPRequestHandler):
                                                  body["world_size"], body["group_name"], body.get("backend", "gloo"))
             elif path == "/update_weights_from_distributed":
                 engine.update_weights_from_distributed(body["names"], body["dtypes"], body["shapes"],
-                                                       body["group_name"], body.get("weight_version"))
+                                                       body["group_name"], body.get("weight_version"),
+                                                       body.get("load_format"))
             else:
                 engine.destroy_weights_update_group(body["group_name"])
         except KeyError as missing:

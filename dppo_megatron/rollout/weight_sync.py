@@ -86,6 +86,14 @@ def destroy_weight_update_group(group) -> None:
     dist.destroy_process_group(group)
 
 
+def flatten_bucket(bucket: list[tuple[str, torch.Tensor]]) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
+    """The bucket in SGLang's "flattened_bucket" layout (`FlattenedTensorBucket`): the tensors'
+    bytes back to back in one uint8 tensor, in the returned order (wider dtypes first, so that
+    every tensor starts at a multiple of its own size, which the receiver requires)."""
+    ordered = sorted(bucket, key=lambda item: -item[1].element_size())
+    return ordered, torch.cat([tensor.contiguous().reshape(-1).view(torch.uint8) for _, tensor in ordered])
+
+
 def broadcast_from_first(group, tensor: torch.Tensor) -> None:
     options = dist.BroadcastOptions()
     options.rootRank = 0
@@ -122,12 +130,14 @@ class DistributedWeightSync:
 
     def __init__(self, servers: list[str], *, master_address: str, master_port: int,
                  group_name: str = "dppo-weights", backend: str = "gloo", server_tp: list[int] | None = None,
-                 bucket_bytes: int = 512 * 1024**2, timeout: float = 600.0):
+                 bucket_bytes: int = 512 * 1024**2, timeout: float = 600.0, flattened: bool = True):
+        """`flattened`: one broadcast per bucket (SGLang's load_format "flattened_bucket"), not one
+        per tensor."""
         self.servers = servers
         self.master_address, self.master_port = master_address, master_port
         self.group_name, self.backend = group_name, backend
         self.server_tp = server_tp or [1] * len(servers)
-        self.bucket_bytes, self.timeout = bucket_bytes, timeout
+        self.bucket_bytes, self.timeout, self.flattened = bucket_bytes, timeout, flattened
         self.group = None
 
     def connect(self) -> None:
@@ -161,11 +171,19 @@ class DistributedWeightSync:
         return sent
 
     def _send(self, bucket: list[tuple[str, torch.Tensor]], version: int) -> int:
+        flat = None
+        if self.flattened:
+            bucket, flat = flatten_bucket(bucket)
         body = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
                 "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
                 "weight_version": str(version), "flush_cache": True}
+        if self.flattened:
+            body["load_format"] = "flattened_bucket"
 
         def broadcast() -> None:
+            if flat is not None:
+                broadcast_from_first(self.group, flat)
+                return
             for _, tensor in bucket:
                 broadcast_from_first(self.group, tensor)
 
