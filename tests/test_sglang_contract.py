@@ -38,6 +38,7 @@ port, group_name, tensors = int(sys.argv[1]), sys.argv[2], torch.load(sys.argv[3
 group = weight_update_group("127.0.0.1", port, 0, 2, group_name, timeout=30)
 for tensor in tensors.values():
     broadcast_from_first(group, tensor)
+sys.stdin.readline()  # as in a run: the group is closed once the server has answered
 destroy_weight_update_group(group)
 """
 
@@ -69,6 +70,7 @@ ordered, flat = flatten_bucket(list(tensors.items()))
 print(json.dumps([name for name, _ in ordered]), flush=True)
 group = weight_update_group("127.0.0.1", port, 0, 2, group_name, timeout=30)
 broadcast_from_first(group, flat)
+sys.stdin.readline()  # as in a run: the group is closed once the server has answered
 destroy_weight_update_group(group)
 """
 
@@ -80,14 +82,14 @@ def sync_through_sglang(tmp_path, tensors: dict, receiver: str, sender: str) -> 
     port, group_name = free_port(), "dppo-weights-r0"
     sglang = run_with_sglang(receiver, str(port), group_name, json.dumps(manifest), str(tmp_path / "got.pt"))
     ours = subprocess.Popen([sys.executable, "-c", sender, str(port), group_name, str(tmp_path / "sent.pt")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, TORCHELASTIC_USE_AGENT_STORE="True"))
     try:
         if sender is PROJECT_FLAT_SENDER:  # the order the sender flattened in, as its request body names it
             sglang.stdin.write(ours.stdout.readline())
             sglang.stdin.flush()
-        sender_out, _ = ours.communicate(timeout=120)
         receiver_out, _ = sglang.communicate(timeout=120)
+        sender_out, _ = ours.communicate("done\n", timeout=120)  # the server is done: close the group
     finally:
         for process in (ours, sglang):
             if process.poll() is None:
