@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import inspect
+import itertools
 import math
 import threading
 from pathlib import Path
@@ -118,7 +119,7 @@ class EmbeddedEngine:
             raise RequestError(f"unknown load_format {load_format!r}")
         shapes = [[int(n) for n in shape] for shape in shapes]
         sizes = [math.prod(shape) * kind.itemsize for shape, kind in zip(shapes, kinds)]
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        offsets = [0, *itertools.accumulate(sizes)][:-1]  # a bucket can hold thousands of experts
         if load_format and any(at % kind.itemsize for at, kind in zip(offsets, kinds)):
             raise RequestError("a flattened bucket whose tensors are not each aligned to their dtype")
         received = {}
