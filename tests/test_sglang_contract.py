@@ -167,3 +167,229 @@ def test_every_sglang_command_line_of_the_shipped_recipes_parses_with_sglangs_se
     assert parser.returncode == 0, output[-3000:]
     parsed = [json.loads(line) for line in output.splitlines() if line.startswith("[")]
     assert parsed == expected
+
+
+# SGLang reads each body as its HTTP server does (entrypoints/http_server.py): FastAPI validates
+# it against the endpoint's type (pydantic; fields it does not know are dropped without a word,
+# so they are refused here), /generate's bodies also pass SGLang's API contract gate, then
+# TokenizerManager's normalisation, one sub-request per prompt and SamplingParams built, normalised
+# and verified against the model's vocabulary. What SGLang understood comes back for each request.
+SGLANG_READS_BODIES = """
+import dataclasses, json, sys, msgspec
+from pydantic import TypeAdapter
+from sglang.srt.entrypoints.api_contract import generate_contract_error
+from sglang.srt.managers import io_struct
+from sglang.srt.sampling.sampling_params import TOP_K_ALL, SamplingParams
+ENDPOINTS = {"/generate": io_struct.GenerateReqInput,
+             "/update_weights_from_disk": io_struct.UpdateWeightFromDiskReqInput,
+             "/init_weights_update_group": io_struct.InitWeightsUpdateGroupReqInput,
+             "/update_weights_from_distributed": io_struct.UpdateWeightsFromDistributedReqInput,
+             "/destroy_weights_update_group": io_struct.DestroyWeightsUpdateGroupReqInput}
+for name, path, body, vocab_size in json.loads(sys.stdin.read()):
+    kind = ENDPOINTS[path]
+    fields = ({f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind)
+              else {f.name for f in msgspec.structs.fields(kind)})
+    if set(body) - fields:
+        sys.exit(f"{name}: SGLang's {kind.__name__} has no field {sorted(set(body) - fields)} (dropped silently)")
+    request = TypeAdapter(kind).validate_python(body)
+    if path != "/generate":
+        print(json.dumps([name, {key: msgspec.to_builtins(getattr(request, key)) for key in body}]))
+        continue
+    error = generate_contract_error(body)
+    if error:
+        sys.exit(f"{name}: SGLang's API contract refuses the body: {error}")
+    request.normalize_batch_and_arguments()
+    understood = []
+    for item in ([request] if request.is_single else [request[i] for i in range(request.batch_size)]):
+        params = SamplingParams(**item.sampling_params)
+        params.normalize(None)
+        params.verify(vocab_size)
+        understood.append({"rid": item.rid, "input_ids": item.input_ids, "return_logprob": item.return_logprob,
+                           "logprob_start_len": item.logprob_start_len, "top_logprobs_num": item.top_logprobs_num,
+                           "flat_b64": item.return_flat_raw_output_top_logprobs and item.return_flat_raw_top_logprobs_b64,
+                           "return_routed_experts": item.return_routed_experts, "stream": item.stream,
+                           "max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+                           "top_p": params.top_p, "top_k": "all" if params.top_k == TOP_K_ALL else params.top_k,
+                           "min_p": params.min_p, "stop_token_ids": sorted(params.stop_token_ids or []), "ignore_eos": params.ignore_eos,
+                           "skip_special_tokens": params.skip_special_tokens, "no_stop_trim": params.no_stop_trim,
+                           "sampling_seed": params.sampling_seed})
+    print(json.dumps([name, understood]))
+"""
+
+
+def read_by_sglang(bodies: list) -> dict:
+    """[name, endpoint, body, vocab size] -> {name: what SGLang understood}; fails with SGLang's reason."""
+    reader = run_with_sglang(SGLANG_READS_BODIES)
+    output, _ = reader.communicate(json.dumps(bodies), timeout=300)
+    assert reader.returncode == 0, output[-3000:]
+    return dict(json.loads(line) for line in output.splitlines() if line.startswith("["))
+
+
+def shipped_recipes():
+    from pathlib import Path
+
+    from dppo_megatron.config.validate import load_recipe
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*/*.yaml")):
+        yield f"{path.parent.name}/{path.name}", path, load_recipe(path)
+
+
+def test_every_request_body_the_trainer_sends_is_read_by_sglangs_own_code_as_meant(tmp_path):
+    """Every /generate body of every shipped recipe (R3 on and off, one prompt and a batch, a
+    retry's fresh rids, top-K as JSON or base64) and every weight-update body: SGLang's schema
+    takes it, knows every field, and understands the rid, prompt, top-K, routes and sampling
+    (the seed included) as the trainer means them."""
+    from dataclasses import replace
+
+    from dppo_megatron.config.validate import load_recipe, recipe_arch
+    from dppo_megatron.rollout.client import Request, chunk_request
+    from dppo_megatron.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
+    from dppo_megatron.run.configs import client_config, routing_shape, sampling_params, topk_of
+
+    bodies, meant = [], {}
+    for name, path, shipped in shipped_recipes():
+        arch = recipe_arch(shipped)
+        for r3 in ((True, False) if arch.is_moe else (False,)):
+            recipe = load_recipe(path, [f"rollout.r3={str(r3).lower()}"])
+            params = sampling_params(recipe, eos_token_id=arch.vocab_size - 1)
+            topk, routing, topk_b64 = topk_of(recipe), routing_shape(recipe, arch), client_config(recipe).topk_b64
+            chunk = [Request(f"step3-p{i}-r1", [5 + i, 9, 2][: 2 + i], replace(params, sampling_seed=1000 + i),
+                             topk, routing) for i in range(2)]
+            for label, requests, flat, attempt in (("one", chunk[:1], topk_b64, 1), ("batch", chunk, topk_b64, 1),
+                                                   ("retry", chunk[:1], topk_b64, 2), ("json", chunk, False, 1)):
+                case = f"{name} r3={r3} {label}"
+                bodies.append([case, "/generate", chunk_request(requests, topk_b64=flat, attempt=attempt),
+                               arch.vocab_size])
+                meant[case] = [{
+                    "rid": r.rid if attempt == 1 else f"{r.rid}~{attempt}", "input_ids": r.prompt_ids,
+                    "return_logprob": True, "logprob_start_len": -1, "top_logprobs_num": topk,
+                    "flat_b64": bool(topk and flat), "return_routed_experts": routing is not None, "stream": False,
+                    "max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+                    "top_p": params.top_p, "top_k": "all" if params.top_k == -1 else params.top_k, "min_p": params.min_p,
+                    "stop_token_ids": [arch.vocab_size - 1], "ignore_eos": False, "skip_special_tokens": False,
+                    "no_stop_trim": True, "sampling_seed": r.params.sampling_seed} for r in requests]
+    assert len(meant) == 4 * 18  # 10 recipes: 8 MoE (the tiny one too) with R3 on and off, 2 dense
+    disk = DiskWeightSync(tmp_path / "weights")
+    sync = DistributedWeightSync(["http://a:1", "http://b:2"], master_address="10.0.0.1", master_port=29600,
+                                 server_tp=[2, 1], backend="nccl")
+    bucket = list(bucket_of_four_dtypes().items())
+    weight_bodies = {"disk": ("/update_weights_from_disk", disk.update_body(7)),
+                     "init 0": ("/init_weights_update_group", sync.init_bodies()[0]),
+                     "init 1": ("/init_weights_update_group", sync.init_bodies()[1]),
+                     "update": ("/update_weights_from_distributed", sync.update_body(bucket, 7)),
+                     "update per tensor": ("/update_weights_from_distributed",
+                                           replace_flattened(sync, False).update_body(bucket, 7)),
+                     "destroy": ("/destroy_weights_update_group", sync.destroy_body())}
+    bodies += [[case, endpoint, body, 0] for case, (endpoint, body) in weight_bodies.items()]
+
+    understood = read_by_sglang(bodies)
+    for case, requests in meant.items():
+        assert understood[case] == requests, case
+    for case, (_, body) in weight_bodies.items():
+        assert understood[case] == body, case  # every field kept, with its value and type
+    assert understood["init 1"]["rank_offset"] == 3 and understood["update"]["load_format"] == "flattened_bucket"
+    assert "load_format" not in understood["update per tensor"]
+
+
+def replace_flattened(sync, flattened: bool):
+    sync = __import__("copy").copy(sync)
+    sync.flattened = flattened
+    return sync
+
+
+# A finished /generate response as SGLang builds it (managers/tokenizer_manager.py,
+# _handle_batch_output for a BatchStrOutput): the request parsed and normalised as the server
+# does, the scheduler's output in SGLang's own BatchStrOutput, finish reasons from its FINISH_*
+# classes, routes base64-encoded by its detokenizer, logprobs and top-K (nested or flat base64)
+# converted by TokenizerManager.convert_logprob_style, serialised by its JSON response encoder;
+# SGLang's own response schema must take the result.
+SGLANG_BUILDS_RESPONSES = """
+import json, sys, torch
+from pydantic import TypeAdapter
+from sglang.api.v1.api_types import GenerateResponse
+from sglang.srt.managers.detokenizer_manager import DetokenizerManager
+from sglang.srt.managers.io_struct import BatchStrOutput, GenerateReqInput
+from sglang.srt.managers.schedule_batch import FINISH_LENGTH, FINISH_MATCHED_TOKEN
+from sglang.srt.managers.tokenizer_manager import ReqState, TokenizerManager
+from sglang.srt.utils.json_response import dumps_json
+manager = object.__new__(TokenizerManager)  # its logprob conversion reads only the tokenizer, unused here
+manager.tokenizer = None
+for case in json.loads(sys.stdin.read()):
+    request = TypeAdapter(GenerateReqInput).validate_python(case["body"])
+    request.normalize_batch_and_arguments()
+    state = ReqState(out_list=[], finished=False, event=None, obj=request, time_stats=None)
+    kind, value = case["finish"]
+    finish = (FINISH_MATCHED_TOKEN(matched=value) if kind == "stop" else FINISH_LENGTH(length=value)).to_json()
+    routes = [None]
+    if request.return_routed_experts:
+        routes = DetokenizerManager._b64_encode_per_request([torch.tensor(case["routes"], dtype=torch.int32)])
+    top = request.top_logprobs_num > 0
+    output_ids, n = case["output_ids"], len(case["output_ids"])
+    recv = BatchStrOutput(
+        rids=[request.rid], finished_reasons=[finish], output_strs=[""], output_ids=[output_ids],
+        prompt_tokens=[len(request.input_ids)], completion_tokens=[n], reasoning_tokens=[0], cached_tokens=[0],
+        input_token_logprobs_val=[], input_token_logprobs_idx=[], output_token_logprobs_val=[case["logprobs"]],
+        output_token_logprobs_idx=[output_ids], input_top_logprobs_val=[], input_top_logprobs_idx=[],
+        output_top_logprobs_val=[case["top_values"]] if top else None,
+        output_top_logprobs_idx=[case["top_ids"]] if top else None, input_token_ids_logprobs_val=None,
+        input_token_ids_logprobs_idx=None, output_token_ids_logprobs_val=None, output_token_ids_logprobs_idx=None,
+        output_token_entropy_val=None, output_token_sampling_mask=None, output_hidden_states=None,
+        routed_experts=routes, indexer_topk=None, placeholder_tokens_idx=None, placeholder_tokens_val=None)
+    meta = {"id": request.rid, "finish_reason": recv.finished_reasons[0], "prompt_tokens": recv.prompt_tokens[0],
+            "weight_version": case["weight_version"], "num_retractions": 0}
+    manager.convert_logprob_style(meta, state, request.top_logprobs_num, request.token_ids_logprob, False, recv, 0,
+                                  finished=True)
+    meta.update(reasoning_tokens=0, completion_tokens=n, cached_tokens=0)
+    if recv.routed_experts[0] is not None:
+        meta["routed_experts"] = recv.routed_experts[0]
+    body = dumps_json({"text": "", "output_ids": list(recv.output_ids[0]), "meta_info": meta})
+    GenerateResponse.from_json_value(json.loads(body))
+    print(json.dumps([case["name"], body.decode()]))
+"""
+
+
+def test_responses_built_by_sglangs_own_code_decode_to_what_the_engine_returned():
+    """What the scheduler produced (tokens, logprobs, top-K as JSON triples or flat base64,
+    routes, finish reason, version), passed through SGLang's own response code, is what the
+    client decodes, to the bit of float32."""
+    import numpy as np
+
+    from dppo_megatron.rollout.client import Request, chunk_request
+    from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams, parse_generate_response
+
+    rng = np.random.default_rng(0)
+    prompt, output_ids, k, routing = [5, 9, 2], [7, 3, 11, 1], 3, RoutingShape(2, 2, 8)
+    logprobs = -rng.random(len(output_ids)) * 3  # float64 from the sampler, as SGLang keeps them
+    top_ids = [[token, (token + 1) % 16, (token + 5) % 16] for token in output_ids]
+    for row in top_ids:
+        rng.shuffle(row)  # the sampled token anywhere among the K
+    top_values = np.sort(-rng.random((len(output_ids), k)) * 4, axis=1)[:, ::-1]
+    routes = rng.integers(0, 8, (len(prompt) + len(output_ids) - 1, 2, 2))
+    cases = {"top-K base64, routes, stop": (k, True, routing, ["stop", 1]),
+             "top-K as JSON triples, length": (k, False, None, ["length", 4]),
+             "no top-K, routes": (0, True, routing, ["stop", 1])}
+    sent = []
+    for name, (topk, b64, shape, finish) in cases.items():
+        request = Request("step3-p0-r1", prompt, SamplingParams(sampling_seed=5), topk, shape)
+        sent.append({"name": name, "body": chunk_request([request], topk_b64=b64), "output_ids": output_ids,
+                     "logprobs": logprobs.tolist(), "top_ids": top_ids, "top_values": top_values.tolist(),
+                     "routes": routes.tolist(), "finish": finish, "weight_version": "3"})
+    builder = run_with_sglang(SGLANG_BUILDS_RESPONSES)
+    output, _ = builder.communicate(json.dumps(sent), timeout=300)
+    assert builder.returncode == 0, output[-3000:]
+    bodies = dict(json.loads(line) for line in output.splitlines() if line.startswith("["))
+    for name, (topk, b64, shape, finish) in cases.items():
+        sample = parse_generate_response(json.loads(bodies[name]), rid="step3-p0-r1", prompt_ids=prompt, topk=topk,
+                                         routing=shape)
+        assert sample.response_ids == output_ids and sample.finish_reason == finish[0]
+        assert sample.weight_version == "3"
+        np.testing.assert_array_equal(sample.logprobs, logprobs.astype(np.float32))
+        if topk:
+            np.testing.assert_array_equal(sample.topk_ids, np.array(top_ids, dtype=np.int32))
+            np.testing.assert_array_equal(sample.topk_logprobs, top_values.astype(np.float32))
+        else:
+            assert sample.topk_ids is None
+        if shape is not None:
+            np.testing.assert_array_equal(sample.routed_experts, routes)
+        else:
+            assert sample.routed_experts is None

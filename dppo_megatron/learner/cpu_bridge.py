@@ -6,7 +6,9 @@ CUDA RNG behind its RNG tracker and activation recompute, CUDA-only tensor check
 optimizer, and (0.16.1) a TransformerEngine name read in the MoE router. This module maps
 each of them to its CPU meaning. It is applied only when CUDA is absent (on a GPU nothing is
 patched), it is the only place that patches Megatron, and it logs every call site it catches
-the first time, so that an upgrade that adds a new CUDA-only call shows up at once.
+the first time, so that an upgrade that adds a new CUDA-only call shows up at once. A patch
+that replaces one of Megatron's own functions says which releases it was written for
+(`_targets`) and steps aside, with a warning, on any other.
 
 One more fix lives here because it is the same kind of thing: without TransformerEngine or
 Apex, Megatron's distributed optimizer falls back to torch Adam, whose per-parameter `step`
@@ -24,6 +26,9 @@ import threading
 import torch
 
 log = logging.getLogger(__name__)
+
+# The releases the CPU suite passed on: 0.16.1 (Python 3.11), 0.19.x (Python 3.12).
+TESTED_MEGATRON = ">=0.16.1,<0.20"
 
 _applied = False
 _adam_fix_applied = False
@@ -57,6 +62,8 @@ def apply_torch_adam_checkpoint_fix() -> bool:
 
     if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
         return False
+    if not _targets("the torch-Adam checkpoint fix", TESTED_MEGATRON):  # still needed in 0.19.2
+        return False
     with _lock:
         if _adam_fix_applied:
             return True
@@ -89,6 +96,27 @@ def apply_torch_adam_checkpoint_fix() -> bool:
         cls.load_state_dict = load_state_dict
         _adam_fix_applied = True
     return True
+
+
+def megatron_version():
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return Version(version("megatron-core"))
+
+
+def _targets(patch: str, versions: str) -> bool:
+    """Whether the installed megatron-core is a release `patch` was written for (`versions`, a
+    PEP 440 range). Elsewhere the Megatron function it replaces may differ: it steps aside."""
+    from packaging.specifiers import SpecifierSet
+
+    installed = megatron_version()
+    if SpecifierSet(versions).contains(installed, prereleases=True):
+        return True
+    log.warning("cpu bridge: %s was written for megatron-core %s, this is %s: not applied", patch, versions,
+                installed)
+    return False
 
 
 def _caught(what: str, depth: int = 2) -> None:
@@ -286,8 +314,9 @@ def _patch_megatron() -> None:
 
     mcore_random._get_cuda_rng_state = get_rng_state
     mcore_random._set_cuda_rng_state = set_rng_state
-    mcore_random.CudaRNGStatesTracker.add = tracker_add
-    mcore_random.CudaRNGStatesTracker.fork = tracker_fork
+    if _targets("the RNG tracker's add and fork on the CPU generator", TESTED_MEGATRON):
+        mcore_random.CudaRNGStatesTracker.add = tracker_add
+        mcore_random.CudaRNGStatesTracker.fork = tracker_fork
 
     # The alltoall dispatcher hands split sizes to all_to_all_single as numpy arrays, but only
     # converts CUDA tensors.
@@ -307,6 +336,7 @@ def _patch_megatron() -> None:
     for name in _MODULES_WITH_CUDA_FACTORIES:
         importlib.import_module(name).torch = _TorchOnCpu()
 
-    # 0.16.1's router reads `te_general_gemm`, defined only when TransformerEngine imports.
-    if not hasattr(moe_utils, "te_general_gemm"):
+    # 0.16's router reads `te_general_gemm`, defined only when TransformerEngine imports (0.19
+    # defines it either way).
+    if not hasattr(moe_utils, "te_general_gemm") and _targets("te_general_gemm = None", ">=0.16,<0.19"):
         moe_utils.te_general_gemm = None

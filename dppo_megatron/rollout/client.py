@@ -54,6 +54,19 @@ class Request:
     routing: RoutingShape | None = None  # R3: routes of this shape are required
 
 
+def chunk_request(chunk: list[Request], *, topk_b64: bool, attempt: int = 1) -> dict:
+    """The /generate body for a chunk of requests (one request, or a batch) with the same top-K
+    and routing wishes. A retry (attempt > 1) gets fresh rids: SGLang refuses a rid still in
+    flight ("Duplicate request ID"), and the first attempt may still be."""
+    first = chunk[0]
+    rids = [r.rid if attempt == 1 else f"{r.rid}~{attempt}" for r in chunk]
+    if len(chunk) == 1:
+        return generate_request(rids[0], first.prompt_ids, first.params, topk=first.topk,
+                                return_routed_experts=first.routing is not None, topk_b64=topk_b64)
+    return generate_request(rids, [r.prompt_ids for r in chunk], [r.params for r in chunk], topk=first.topk,
+                            return_routed_experts=first.routing is not None, topk_b64=topk_b64)
+
+
 @dataclass
 class _Server:
     url: str
@@ -133,22 +146,15 @@ class RolloutClient:
 
     async def _serve(self, session, chunk: list[Request]) -> list[Sample]:
         first = chunk[0]
-        if len(chunk) == 1:
-            body = generate_request(first.rid, first.prompt_ids, first.params, topk=first.topk,
-                                    return_routed_experts=first.routing is not None, topk_b64=self.config.topk_b64)
-        else:
-            body = generate_request([r.rid for r in chunk], [r.prompt_ids for r in chunk], [r.params for r in chunk],
-                                    topk=first.topk, return_routed_experts=first.routing is not None,
-                                    topk_b64=self.config.topk_b64)
+        body = chunk_request(chunk, topk_b64=self.config.topk_b64)
         name = first.rid if len(chunk) == 1 else f"{first.rid} (+{len(chunk) - 1} batched)"
         backoff = self.config.backoff_seconds
         last_failure, last_server = "", None
         for attempt in range(1, self.config.max_attempts + 1):
             server = await self._pick(exclude=last_server)
             last_server = server
-            if attempt > 1:  # SGLang refuses a rid still in flight ("Duplicate request ID"): a fresh one
-                rids = [f"{r.rid}~{attempt}" for r in chunk]
-                body = dict(body, rid=rids if len(chunk) > 1 else rids[0])
+            if attempt > 1:
+                body = chunk_request(chunk, topk_b64=self.config.topk_b64, attempt=attempt)
             failure = await self._attempt(session, server, body, chunk)
             if isinstance(failure, list):
                 return failure

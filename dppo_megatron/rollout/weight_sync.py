@@ -44,11 +44,14 @@ class DiskWeightSync:
         path = self.version_dir(version)
         if not (path / "config.json").is_file():
             raise WeightSyncError(f"version {version} has not been written: no {path / 'config.json'}")
-        body = {"model_path": str(path.resolve()), "weight_version": str(version),
-                "flush_cache": True, "abort_all_requests": False}
-        _post_to_all(servers, "/update_weights_from_disk", [body] * len(servers), self.timeout,
+        _post_to_all(servers, "/update_weights_from_disk", [self.update_body(version)] * len(servers), self.timeout,
                      context=f"weight version {version} from {path}")
         self._clean(version)
+
+    def update_body(self, version: int) -> dict:
+        """The /update_weights_from_disk body that loads `version`."""
+        return {"model_path": str(self.version_dir(version).resolve()), "weight_version": str(version),
+                "flush_cache": True, "abort_all_requests": False}
 
     def _clean(self, newest: int) -> None:
         versions = sorted(p for p in self.root.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit())
@@ -140,18 +143,34 @@ class DistributedWeightSync:
         self.bucket_bytes, self.timeout, self.flattened = bucket_bytes, timeout, flattened
         self.group = None
 
-    def connect(self) -> None:
+    def init_bodies(self) -> list[dict]:
+        """The /init_weights_update_group body of each server."""
         world_size = 1 + sum(self.server_tp)
         offsets = [1 + sum(self.server_tp[:i]) for i in range(len(self.servers))]
-        bodies = [{"master_address": self.master_address, "master_port": self.master_port, "rank_offset": offset,
-                   "world_size": world_size, "group_name": self.group_name, "backend": self.backend}
-                  for offset in offsets]
+        return [{"master_address": self.master_address, "master_port": self.master_port, "rank_offset": offset,
+                 "world_size": world_size, "group_name": self.group_name, "backend": self.backend}
+                for offset in offsets]
+
+    def update_body(self, bucket: list[tuple[str, torch.Tensor]], version: int) -> dict:
+        """The /update_weights_from_distributed body announcing `bucket` (in its send order)."""
+        body = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
+                "weight_version": str(version), "flush_cache": True}
+        if self.flattened:
+            body["load_format"] = "flattened_bucket"
+        return body
+
+    def destroy_body(self) -> dict:
+        return {"group_name": self.group_name}
+
+    def connect(self) -> None:
+        world_size = 1 + sum(self.server_tp)
 
         def join() -> None:
             self.group = weight_update_group(self.master_address, self.master_port, 0, world_size,
                                              self.group_name, backend=self.backend, timeout=self.timeout)
 
-        _post_to_all(self.servers, "/init_weights_update_group", bodies, self.timeout, work=join)
+        _post_to_all(self.servers, "/init_weights_update_group", self.init_bodies(), self.timeout, work=join)
 
     def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """Send every (HF name, tensor), bucket by bucket. Returns the bytes sent."""
@@ -174,11 +193,7 @@ class DistributedWeightSync:
         flat = None
         if self.flattened:
             bucket, flat = flatten_bucket(bucket)
-        body = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
-                "weight_version": str(version), "flush_cache": True}
-        if self.flattened:
-            body["load_format"] = "flattened_bucket"
+        body = self.update_body(bucket, version)
 
         def broadcast() -> None:
             if flat is not None:
@@ -194,6 +209,6 @@ class DistributedWeightSync:
     def close(self) -> None:
         if self.group is not None:
             _post_to_all(self.servers, "/destroy_weights_update_group",
-                         [{"group_name": self.group_name}] * len(self.servers), self.timeout)
+                         [self.destroy_body()] * len(self.servers), self.timeout)
             destroy_weight_update_group(self.group)
             self.group = None

@@ -13,7 +13,7 @@ from dppo_megatron.learner.model import ModelOptions
 from dppo_megatron.model.arch import Qwen3Arch
 from dppo_megatron.rewards import RewardSpec
 from dppo_megatron.rollout.client import ClientConfig
-from dppo_megatron.rollout.protocol import RoutingShape
+from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams
 
 
 def learner_configs(recipe: Recipe) -> tuple[ModelOptions, OptimizerConfig, LossConfig]:
@@ -44,6 +44,14 @@ def routing_shape(recipe: Recipe, arch: Qwen3Arch) -> RoutingShape | None:
     if not wants_routes(recipe):
         return None
     return RoutingShape(arch.num_layers, arch.num_experts_per_tok, arch.num_experts)
+
+
+def sampling_params(recipe: Recipe, eos_token_id: int | None) -> SamplingParams:
+    """How the engines sample a response (each request adds its own seed); the tokenizer's end
+    of sequence stops it."""
+    rollout = recipe.rollout
+    return SamplingParams(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
+                          top_k=rollout.top_k, stop_token_ids=() if eos_token_id is None else (eos_token_id,))
 
 
 def micro_batch_layout(recipe: Recipe, arch: Qwen3Arch) -> dict:

@@ -23,7 +23,7 @@ from dppo_megatron.rewards import overlong_penalty
 from dppo_megatron.rewards.pool import RewardPool
 from dppo_megatron.rollout.client import Request, RolloutClient
 from dppo_megatron.rollout.protocol import Sample, SamplingParams
-from dppo_megatron.run.configs import client_config, reward_spec, routing_shape, topk_of
+from dppo_megatron.run.configs import client_config, reward_spec, routing_shape, sampling_params, topk_of
 from dppo_megatron.run.run_dir import dataset_paths, tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,9 @@ class Rollouts:
         self.order = PromptOrder(len(self.train), recipe.trainer.prompts_per_step, seed=recipe.trainer.seed,
                                  shuffle=data.shuffle)
         self.rewards = RewardPool(reward_spec(recipe), tokenizer_dir(recipe, run_dir), workers=recipe.reward.workers)
-        rollout = recipe.rollout
         self.topk = topk_of(recipe)
         self.routing = routing_shape(recipe, arch)
-        stop = (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
-        self.params = SamplingParams(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
-                                     top_p=rollout.top_p, top_k=rollout.top_k, stop_token_ids=stop)
+        self.params = sampling_params(recipe, self.tokenizer.eos_token_id)
         self.client = RolloutClient(urls, client_config(recipe), restart=restart)
 
     def _requests(self, prompts: list[Prompt], n: int, tag: str, seed: int) -> list[Request]:
