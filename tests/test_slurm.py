@@ -212,10 +212,13 @@ def test_a_stopped_job_checkpoints_requeues_and_resumes_to_completion_without_lo
 def test_the_warning_before_the_time_limit_checkpoints_and_requeues(cluster, tmp_path):
     """A two-minute job asking for USR1 100 s before its limit: SLURM's own signal, not ours. It
     comes about 20 s in, while the job is still in its setup lines (a slow `module load`): the
-    stop waits for the trainer's first step instead of killing the starting job."""
+    stop waits for the trainer's first step instead of killing the starting job. Also runs
+    with R3 off but the engine's routes recorded: the learner's own routing then differs from
+    the engine's on some token-layer pairs, and the metric says how often."""
     run_dir = tmp_path / "time-limited"
     job_id = quickstart_job(cluster, run_dir, "trainer.steps=5000", "trainer.save_every=0", "trainer.eval_every=0",
-                            "--time", "2", "slurm.signal_seconds=100", "slurm.setup=['sleep 30']")
+                            "--time", "2", "slurm.signal_seconds=100", "slurm.setup=['sleep 30']",
+                            "rollout.r3=false", "rollout.record_routes=true")
     wait_until_requeued(cluster, job_id, run_dir)
     log = job_log(run_dir)
     cluster.run("scancel", job_id)  # requeued, it would run again and stop again
@@ -226,6 +229,8 @@ def test_the_warning_before_the_time_limit_checkpoints_and_requeues(cluster, tmp
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{status['step']:08d}"
     assert len(read_metrics(run_dir)) == status["step"]
     assert "DUE TO TIME LIMIT" not in log  # it stopped before SLURM killed it
+    agreement = [m["train/routing_agreement"] for m in read_metrics(run_dir)]
+    assert all(0.5 < a < 1.0 for a in agreement), agreement
 
 
 def test_a_failing_job_writes_its_reason_into_the_log(cluster, tmp_path):
