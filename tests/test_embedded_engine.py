@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import torch
 
 from dppo_megatron.processes import free_port
 from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams, generate_request, parse_generate_response
+from tests.generate_bodies import BODIES, STRICTER, UNSERVED
 from tests.tiny_models import make_moe
 
 ROUTING = RoutingShape(num_layers=2, experts_per_token=2, num_experts=4)
@@ -135,25 +137,34 @@ def test_a_batch_returns_one_answer_per_prompt(server):
     assert [a["meta_info"]["prompt_tokens"] for a in answers] == [4, 2]
 
 
-@pytest.mark.parametrize(
-    "body, message",
-    [
-        (b"{not json", "not JSON"),
-        ({"text": "hello"}, "input_ids is required"),
-        ({"input_ids": [5, 100000]}, "token ids in \\[0, 300\\)"),
-        ({"input_ids": [5], "sampling_params": {"bogus": 1}}, "unknown sampling_params \\['bogus'\\]"),
-        ({"input_ids": [5], "sampling_params": {"temperature": "hot"}}, "temperature must be a number"),
-        ({"input_ids": [5], "sampling_params": {"n": 2}}, "n > 1 is not supported"),
-        ({"input_ids": [5], "stream": True}, "stream=true is not supported"),
-        ({"rid": ["a"], "input_ids": [[5], [6]]}, "1 rids for 2 prompts"),
-        ({"input_ids": [5], "top_logprobs_num": 301}, "top_logprobs_num must be in \\[0, 300\\]"),
-        ({"rid": ["a", "b"], "input_ids": [[5], [6]], "sampling_params": [{}]}, "1 sampling_params for 2 prompts"),
-    ],
-)
-def test_malformed_requests_get_400_with_the_reason(server, body, message):
+@pytest.mark.parametrize("name", list(BODIES) + list(UNSERVED) + list(STRICTER))
+def test_every_generate_body_is_served_or_refused_with_a_400_naming_the_field(server, name):
+    body, message = {**BODIES, **UNSERVED, **STRICTER}[name]
     status, answer = post(server, "/generate", body)
-    assert status == 400
-    assert re.search(message, answer["error"]["message"])
+    if message is None:
+        assert status == 200, answer
+    else:
+        assert status == 400, answer
+        assert re.search(message, answer["error"]["message"]), answer
+
+
+def test_bodies_that_are_not_json_or_too_big_get_an_answer(server):
+    """Each on a connection of its own: a body the server did not read ends the connection."""
+    host, port = server.removeprefix("http://").split(":")
+    def sized(payload: bytes) -> bytes:
+        return b"Content-Length: %d\r\n\r\n" % len(payload) + payload
+
+    cases = {b"Content-Length: 100000000000\r\n\r\n": "413 Request Entity Too Large",
+             b"Content-Length: -5\r\n\r\n": "400 Bad Request",
+             sized(b"{nope}"): "400 Bad Request",
+             sized(b'{"input_ids": [5], "sampling_params": {"temperature": NaN}}'): "400 Bad Request",
+             sized(b"[" * 100_000 + b"]" * 100_000): "400 Bad Request"}
+    for request, status in cases.items():
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            connection.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n" + request)
+            answer = connection.recv(65536).decode(errors="replace")
+        assert answer.startswith(f"HTTP/1.1 {status}"), (request[:60], answer[:300])
+    assert post(server, "/generate", BODIES["plain"][0])[0] == 200  # and the server still serves
 
 
 def test_health_and_info_endpoints(server, models):

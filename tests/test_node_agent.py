@@ -60,7 +60,7 @@ def test_the_agent_restarts_a_killed_server_mid_batch_and_stops_when_the_trainer
     victim_pid = next(s["pid"] for s in health["servers"] if s["url"] == victim)
     client = RolloutClient(servers.urls, ClientConfig(backoff_seconds=0.05, failures_before_dead=2, max_attempts=8,
                                                       wait_for_servers_seconds=120), restart=servers.restart)
-    requests = [Request(f"q{i}", [5 + i, 17, 42], SamplingParams(max_new_tokens=150, sampling_seed=i))
+    requests = [Request(f"q{i}", [5 + i, 17, 42], SamplingParams(max_new_tokens=125, sampling_seed=i))
                 for i in range(16)]
     timer = threading.Timer(0.5, lambda: os.killpg(victim_pid, signal.SIGKILL))
     timer.start()

@@ -73,11 +73,12 @@ def test_a_server_killed_mid_batch_is_restarted_and_the_batch_completes(manager)
     victim = manager.urls[0]
     client = RolloutClient(manager.urls, FAST, restart=manager.restart)
     before = manager.restarts[victim]
-    # Each engine serves one request at a time: 12 queued requests of 150 tokens keep the
-    # victim busy for seconds, so the kill lands mid-batch on any machine.
+    # Each engine serves one request at a time: 12 queued requests of 125 tokens (the model's
+    # 128 positions less the prompt) keep the victim busy for seconds, so the kill lands
+    # mid-batch on any machine.
     timer = threading.Timer(0.5, lambda: os.killpg(manager.processes[victim].pid, signal.SIGKILL))
     timer.start()
-    samples = client.generate_sync(requests(24, max_new_tokens=150))
+    samples = client.generate_sync(requests(24, max_new_tokens=125))
     timer.join()
     assert [s.rid for s in samples] == [f"q{i}" for i in range(24)]  # nothing lost, nothing twice
     assert sum(s.server == victim for s in samples) < 12  # its queued requests went elsewhere

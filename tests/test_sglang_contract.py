@@ -393,3 +393,77 @@ def test_responses_built_by_sglangs_own_code_decode_to_what_the_engine_returned(
             np.testing.assert_array_equal(sample.routed_experts, routes)
         else:
             assert sample.routed_experts is None
+
+
+# SGLang's verdict on a /generate body, step by step as its server takes it: Starlette's JSON
+# parse, the API contract gate, FastAPI's validation of GenerateReqInput, normalisation, then
+# per prompt SamplingParams built, normalised (no tokenizer: the project starts SGLang with
+# --skip-tokenizer-init) and verified, and the tokenizer manager's length
+# rules (tokenizer_manager.py, _validate_one_request, restated here: the method needs a running
+# server around it).
+SGLANG_JUDGES_BODIES = """
+import json, sys
+from pydantic import TypeAdapter
+from sglang.srt.entrypoints.api_contract import generate_contract_error
+from sglang.srt.managers.io_struct import GenerateReqInput
+from sglang.srt.sampling.sampling_params import SamplingParams
+vocab, context = int(sys.argv[1]), int(sys.argv[2])
+
+def verdict(raw):
+    try:
+        body = json.loads(raw)
+        error = generate_contract_error(body)
+        if error:
+            return "contract: " + error
+        request = TypeAdapter(GenerateReqInput).validate_python(body)
+        request.normalize_batch_and_arguments()
+        for item in [request] if request.is_single else [request[i] for i in range(request.batch_size)]:
+            params = SamplingParams(**item.sampling_params)
+            params.normalize(None)
+            params.verify(vocab)
+            prompt = len(item.input_ids) if item.input_ids is not None else 0
+            if prompt >= context:
+                return "length: the input is longer than the context"
+            asked = item.sampling_params.get("max_new_tokens")
+            if asked is not None and prompt + asked > context:
+                return "length: input + max_new_tokens exceed the context"
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"[:300]
+    return None
+
+for name, raw in json.loads(sys.stdin.read()):
+    print(json.dumps([name, verdict(raw)]))
+"""
+
+
+def engine_verdict(body: dict, vocab_size: int, context_len: int) -> str | None:
+    """The embedded engine's reading of a body (what its server answers 400 with, or None)."""
+    from dppo_megatron.rollout.engine_request import RequestError, parse_generate
+
+    try:
+        parse_generate(body, vocab_size=vocab_size, context_len=context_len, eos_token_ids={2}, routes_enabled=True)
+    except RequestError as error:
+        return str(error)
+    return None
+
+
+def test_the_embedded_engine_refuses_exactly_the_generate_bodies_sglangs_own_code_refuses():
+    """For every body of tests/generate_bodies.py: SGLang refuses it if and only if the engine
+    answers 400; what SGLang serves and the engine does not (UNSERVED), and what the engine
+    checks and SGLang does not (STRICTER), SGLang does serve: should a release start refusing
+    one, the test says so."""
+    from tests.generate_bodies import BODIES, CONTEXT, STRICTER, UNSERVED, VOCAB
+
+    judge = run_with_sglang(SGLANG_JUDGES_BODIES, str(VOCAB), str(CONTEXT))
+    corpus = {**BODIES, **UNSERVED, **STRICTER}
+    output, _ = judge.communicate(json.dumps([[name, json.dumps(body)] for name, (body, _) in corpus.items()]),
+                                  timeout=300)
+    assert judge.returncode == 0, output[-3000:]
+    verdicts = dict(json.loads(line) for line in output.splitlines() if line.startswith("["))
+    assert set(verdicts) == set(corpus)
+    engine = {name: engine_verdict(body, VOCAB, CONTEXT) for name, (body, _) in corpus.items()}
+    disagreements = {name: (verdicts[name], engine[name]) for name in BODIES
+                     if (verdicts[name] is None) != (engine[name] is None)}
+    assert not disagreements, disagreements
+    assert all(engine[name] is not None for name in [*UNSERVED, *STRICTER])
+    assert {name: verdicts[name] for name in [*UNSERVED, *STRICTER] if verdicts[name] is not None} == {}

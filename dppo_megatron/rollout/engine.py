@@ -20,13 +20,10 @@ import numpy as np
 import torch
 
 from dppo_megatron.model.mapping import hf_expert_tensor
+from dppo_megatron.rollout.engine_request import RequestError, Sampling, parse_generate
 from dppo_megatron.rollout.protocol import encode_routed_experts
 
 GREEDY_TEMPERATURE = 1e-6  # below this SGLang samples greedily, its logprobs at T = 1 (sampling_params.py)
-
-
-class RequestError(ValueError):
-    """A request the engine cannot serve (answered with HTTP 400 and this message)."""
 
 
 class EmbeddedEngine:
@@ -56,6 +53,7 @@ class EmbeddedEngine:
         # transformers 5.x renamed forward's `past_key_values` to `cache` (the old name goes in 5.40).
         self._cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.vocab_size = config.vocab_size
+        self.context_len = config.max_position_embeddings
         self.num_layers = config.num_hidden_layers
         self.experts_per_token = getattr(config, "num_experts_per_tok", 0) or 0
         try:
@@ -178,34 +176,10 @@ class EmbeddedEngine:
         """Serve one /generate body (single prompt or a batch), SGLang response format. Prompts
         of a batch that have the same length run together, one row each (no padding, so a
         row's numbers do not depend on its neighbours)."""
-        input_ids = body.get("input_ids")
-        if input_ids is None:
-            raise RequestError("input_ids is required (this engine takes token ids, not text)")
-        batched = bool(input_ids) and isinstance(input_ids[0], list)
-        prompts = input_ids if batched else [input_ids]
-        rids = body.get("rid")
-        rids = rids if isinstance(rids, list) else [rids] * len(prompts)
-        if len(rids) != len(prompts):
-            raise RequestError(f"{len(rids)} rids for {len(prompts)} prompts")
-        params = body.get("sampling_params") or {}
-        params = params if isinstance(params, list) else [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise RequestError(f"{len(params)} sampling_params for {len(prompts)} prompts")
-        topk = int(body.get("top_logprobs_num") or 0)
-        if not 0 <= topk <= self.vocab_size:
-            raise RequestError(f"top_logprobs_num must be in [0, {self.vocab_size}] (the vocabulary), got {topk}")
-        flat_topk = bool(body.get("return_flat_raw_output_top_logprobs"))
-        topk_b64 = bool(body.get("return_flat_raw_top_logprobs_b64"))
-        if topk_b64 and not flat_topk:  # SGLang's own rule (GenerateReqInput)
-            raise RequestError("return_flat_raw_top_logprobs_b64 requires return_flat_raw_top_logprobs or "
-                               "return_flat_raw_output_top_logprobs.")
-        with_routes = bool(body.get("return_routed_experts"))
-        if with_routes and not self.enable_routed_experts:
-            raise RequestError("return_routed_experts needs the server flag --enable-return-routed-experts")
-        for prompt in prompts:
-            if not prompt or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
-                raise RequestError(f"input_ids must be non-empty lists of token ids in [0, {self.vocab_size})")
-        samplings = [_Sampling.from_json(p or {}, self.eos_token_ids) for p in params]
+        call = parse_generate(body, vocab_size=self.vocab_size, context_len=self.context_len,
+                              eos_token_ids=self.eos_token_ids, routes_enabled=self.enable_routed_experts)
+        prompts, rids, samplings, topk = call.prompts, call.rids, call.samplings, call.topk
+        flat_topk, topk_b64, with_routes, batched = call.flat_topk, call.topk_b64, call.with_routes, call.batched
         outputs: list = [None] * len(prompts)
         by_length: dict[int, list[int]] = {}
         for index, prompt in enumerate(prompts):
@@ -220,7 +194,7 @@ class EmbeddedEngine:
         return outputs if batched else outputs[0]
 
     @torch.no_grad()
-    def _generate_rows(self, prompts: list[list[int]], rids: list, samplings: list["_Sampling"], topk: int,
+    def _generate_rows(self, prompts: list[list[int]], rids: list, samplings: list[Sampling], topk: int,
                        with_routes: bool) -> list[dict]:
         """Generate for prompts of one length together, with a KV cache; each row samples with
         its own generator and stops on its own."""
@@ -256,7 +230,7 @@ class EmbeddedEngine:
                         next_tokens.append(0)  # fed but never read: the row is done
                         continue
                     sampling = samplings[row]
-                    token, logprobs = sampling.choose(logits[row], generators[row])
+                    token, logprobs = choose(sampling, logits[row], generators[row])
                     next_tokens.append(token)
                     output_ids[row].append(token)
                     token_logprobs[row].append([float(logprobs[token]), token, None])
@@ -300,66 +274,24 @@ class EmbeddedEngine:
         return routes
 
 
-class _Sampling:
-    """SGLang's sampling parameters, as this engine applies them."""
-
-    def __init__(self, max_new_tokens, temperature, top_p, top_k, min_p, stop_ids, seed):
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.top_k, self.min_p, self.stop_ids, self.seed = top_k, min_p, stop_ids, seed
-
-    @classmethod
-    def from_json(cls, params: dict, eos_token_ids: set[int]) -> "_Sampling":
-        def number(name, default, kind=float):
-            value = params.get(name, default)
-            try:
-                return kind(value) if value is not None else default
-            except (TypeError, ValueError):
-                raise RequestError(f"sampling_params.{name} must be a number, got {value!r}") from None
-
-        unknown = set(params) - _KNOWN_SAMPLING_PARAMS
-        if unknown:
-            raise RequestError(f"unknown sampling_params {sorted(unknown)}")
-        max_new_tokens = number("max_new_tokens", 128, int)
-        if max_new_tokens < 1:
-            raise RequestError(f"sampling_params.max_new_tokens must be >= 1, got {max_new_tokens}")
-        top_p = number("top_p", 1.0)
-        if not 0 < top_p <= 1:
-            raise RequestError(f"sampling_params.top_p must be in (0, 1], got {top_p}")
-        if number("n", 1, int) != 1:
-            raise RequestError("sampling_params.n > 1 is not supported; send the prompt n times")
-        if params.get("stop"):
-            raise RequestError("sampling_params.stop (strings) is not supported; use stop_token_ids")
-        stop_ids = set(params.get("stop_token_ids") or [])
-        if not params.get("ignore_eos", False):
-            stop_ids |= eos_token_ids
-        seed = params.get("sampling_seed")
-        return cls(max_new_tokens, number("temperature", 1.0), top_p, number("top_k", -1, int),
-                   number("min_p", 0.0), stop_ids, None if seed is None else int(seed))
-
-    def choose(self, logits: torch.Tensor, generator: torch.Generator) -> tuple[int, torch.Tensor]:
-        """The next token, and the log-probabilities of the sampling distribution
-        softmax(logits / T) (before top-k / top-p / min-p truncation, as SGLang reports them)."""
-        if self.temperature < GREEDY_TEMPERATURE:
-            logprobs = torch.log_softmax(logits, dim=-1)
-            return int(logprobs.argmax()), logprobs
-        logprobs = torch.log_softmax(logits / self.temperature, dim=-1)
-        probs = logprobs.exp()
-        if self.top_k > 0:
-            kth = probs.topk(min(self.top_k, probs.numel())).values[-1]
-            probs = torch.where(probs >= kth, probs, 0.0)
-        if self.top_p < 1.0:
-            ordered, order = probs.sort(descending=True)
-            outside = ordered.cumsum(0) - ordered > self.top_p * ordered.sum()
-            probs = probs.scatter(0, order, torch.where(outside, 0.0, ordered))
-        if self.min_p > 0:
-            probs = torch.where(probs >= self.min_p * probs.max(), probs, 0.0)
-        return int(torch.multinomial(probs, 1, generator=generator)), logprobs
-
-
-_KNOWN_SAMPLING_PARAMS = {
-    "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "ignore_eos",
-    "skip_special_tokens", "no_stop_trim", "n", "sampling_seed", "spaces_between_special_tokens",
-}
+def choose(sampling: Sampling, logits: torch.Tensor, generator: torch.Generator) -> tuple[int, torch.Tensor]:
+    """The next token, and the log-probabilities of the sampling distribution softmax(logits / T)
+    (before top-k / top-p / min-p truncation, as SGLang reports them)."""
+    if sampling.temperature < GREEDY_TEMPERATURE:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return int(logprobs.argmax()), logprobs
+    logprobs = torch.log_softmax(logits / sampling.temperature, dim=-1)
+    probs = logprobs.exp()
+    if sampling.top_k > 0:
+        kth = probs.topk(min(sampling.top_k, probs.numel())).values[-1]
+        probs = torch.where(probs >= kth, probs, 0.0)
+    if sampling.top_p < 1.0:
+        ordered, order = probs.sort(descending=True)
+        outside = ordered.cumsum(0) - ordered > sampling.top_p * ordered.sum()
+        probs = probs.scatter(0, order, torch.where(outside, 0.0, ordered))
+    if sampling.min_p > 0:
+        probs = torch.where(probs >= sampling.min_p * probs.max(), probs, 0.0)
+    return int(torch.multinomial(probs, 1, generator=generator)), logprobs
 
 
 def flat_top_logprobs(nested: list[list[list]], topk: int, *, b64: bool) -> dict:

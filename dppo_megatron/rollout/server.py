@@ -18,6 +18,15 @@ from dppo_megatron.rollout.engine import EmbeddedEngine, RequestError
 log = logging.getLogger(__name__)
 
 
+# A /generate body of 4096 prompts of 2k tokens is about 60 MB of JSON; nothing the trainer
+# sends comes near this, and a bigger one would only exhaust the engine's memory.
+MAX_BODY_BYTES = 64 * 1024**2
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON value")
+
+
 class _Server(ThreadingHTTPServer):
     # The listen backlog: a client opens up to max_in_flight_per_server connections at once,
     # and the default (5) resets the rest.
@@ -52,12 +61,26 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, {"error": {"message": message}})
 
     def _body(self) -> dict | None:
-        length = int(self.headers.get("Content-Length") or 0)
+        header = self.headers.get("Content-Length") or "0"
+        if not header.isdigit():
+            self.close_connection = True  # the body's end is unknown: nothing more can be read
+            self._error(HTTPStatus.BAD_REQUEST, f"Content-Length must be a byte count, got {header!r:.40}")
+            return None
+        length = int(header)
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True  # not read: the connection cannot be reused
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                        f"request body of {length} bytes is over the limit of {MAX_BODY_BYTES} bytes")
+            return None
         raw = self.rfile.read(length) if length else b"{}"
         try:
-            body = json.loads(raw or b"{}")
-        except ValueError as error:
+            # As SGLang (orjson): NaN and Infinity are not JSON.
+            body = json.loads(raw or b"{}", parse_constant=_not_json)
+        except (ValueError, UnicodeDecodeError) as error:
             self._error(HTTPStatus.BAD_REQUEST, f"request body is not JSON: {error}")
+            return None
+        except RecursionError:
+            self._error(HTTPStatus.BAD_REQUEST, "request body is not JSON this server reads: nested too deeply")
             return None
         if not isinstance(body, dict):
             self._error(HTTPStatus.BAD_REQUEST, "request body must be a JSON object")
@@ -100,8 +123,6 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             return None
         if path == "/generate":
-            if body.get("stream"):
-                return self._error(HTTPStatus.BAD_REQUEST, "stream=true is not supported by the embedded engine")
             try:
                 return self._send(HTTPStatus.OK, engine.generate(body))
             except RequestError as error:
