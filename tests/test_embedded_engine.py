@@ -39,8 +39,11 @@ def post(url: str, path: str, body) -> tuple[int, dict]:
 
 
 def get(url: str, path: str) -> tuple[int, str]:
-    with urllib.request.urlopen(url + path, timeout=60) as response:
-        return response.status, response.read().decode()
+    try:
+        with urllib.request.urlopen(url + path, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 @pytest.fixture(scope="module")
@@ -347,3 +350,84 @@ def test_sampling_is_greedy_only_below_sglangs_threshold_and_then_reports_logpro
     assert cold.response_ids == greedy.response_ids
     assert max(abs(lp) for lp in cold.logprobs) < 1e-3
     assert min(greedy.logprobs) < -1e-2
+
+
+@pytest.fixture
+def engine_server(models):
+    """An engine served in this process, so that a test can see what it is doing."""
+    import threading
+
+    from dppo_megatron.rollout.engine import EmbeddedEngine
+    from dppo_megatron.rollout.server import make_server
+
+    engine = EmbeddedEngine(models[0], seed=0)
+    httpd = make_server(engine, port=0, stall_seconds=2.0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield engine, f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+# 60 prompts of 60 lengths, each generating to the end of the 128 positions: thousands of
+# forwards, seconds of work even for the tiny model.
+LONG_BATCH = {"rid": [f"long-{n}" for n in range(1, 61)], "input_ids": [[5] * n for n in range(1, 61)],
+              "sampling_params": [{"max_new_tokens": 128 - n, "ignore_eos": True} for n in range(1, 61)]}
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_an_abort_stops_the_requests_it_names_and_an_abort_for_no_request_is_forgotten(engine_server):
+    import threading
+
+    engine, url = engine_server
+    answers = {}
+    worker = threading.Thread(target=lambda: answers.update(long=post(url, "/generate", LONG_BATCH)))
+    worker.start()
+    wait_until(lambda: engine.lock.locked())
+    queued = threading.Thread(target=lambda: answers.update(queued=post(url, "/generate", dict(
+        BODIES["plain"][0], rid="queued"))))
+    queued.start()
+    wait_until(lambda: "queued" in engine.active)
+    assert post(url, "/abort_request", {"abort_all": True}) == (200, {"success": True})
+    worker.join(30)
+    queued.join(30)
+    status, outputs = answers["long"]
+    assert status == 200 and {o["meta_info"]["finish_reason"]["type"] for o in outputs} == {"abort"}
+    assert sum(len(o["output_ids"]) for o in outputs) < sum(p["max_new_tokens"] for p in LONG_BATCH["sampling_params"])
+    assert answers["queued"][1]["meta_info"]["finish_reason"] == {
+        "type": "abort", "message": "aborted by /abort_request", "status_code": None, "err_type": None}
+    # An abort for a request that is not here does nothing, now or later.
+    assert post(url, "/abort_request", {"rid": "later"})[0] == 200
+    status, answer = post(url, "/generate", dict(BODIES["plain"][0], rid="later"))
+    assert status == 200 and answer["meta_info"]["finish_reason"]["type"] in ("stop", "length")
+    assert not engine.active and not engine.aborted
+
+
+def test_a_client_that_goes_away_frees_the_engine_for_the_next_request(engine_server):
+    engine, url = engine_server
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(LONG_BATCH).encode()
+    connection = socket.create_connection((host, int(port)))
+    connection.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+    wait_until(lambda: engine.lock.locked())
+    started = time.monotonic()
+    connection.close()
+    wait_until(lambda: not engine.active, timeout=10)
+    assert time.monotonic() - started < 5  # the batch alone runs for seconds more
+    assert post(url, "/generate", BODIES["plain"][0])[0] == 200
+
+
+def test_health_says_unavailable_while_the_engine_makes_no_progress(engine_server):
+    engine, url = engine_server
+    assert get(url, "/health") == (200, "OK")
+    with engine.lock:  # what a stuck forward or weight load looks like from outside
+        engine.progress_at = time.monotonic() - 10
+        status, answer = get(url, "/health")
+    assert status == 503 and "no progress for 10 s" in answer
+    assert get(url, "/health") == (200, "OK")

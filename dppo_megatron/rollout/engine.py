@@ -14,6 +14,7 @@ import inspect
 import itertools
 import math
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,12 @@ class EmbeddedEngine:
         # sender that the others wait for must not be able to overtake them (see WeightPublisher).
         self.group_lock = threading.Lock()
         self.weight_version = "0"
-        self.aborted: set = set()  # rids to stop at the next token; None in it aborts all
+        # Requests that arrived and have not answered (queued or running), by key: their rid, or
+        # a key of their own; an abort marks those only (an abort for no request does nothing).
+        self.active: dict = {}
+        self.aborted: set = set()  # keys to stop at the next token
+        self.requests_lock = threading.Lock()
+        self.progress_at: float | None = None  # when the lock holder last made progress
         self.groups: dict = {}  # weight update process groups by name
         self._load(model_path)
 
@@ -82,6 +88,7 @@ class EmbeddedEngine:
         """Load new weights (an HF directory). The model is rebuilt from the directory, so the
         engine runs exactly what transformers would load from it."""
         with self.lock:
+            self.progress_at = time.monotonic()
             self._load(model_path)
             self.weight_version = str(weight_version) if weight_version is not None else \
                 str(int(self.weight_version) + 1 if self.weight_version.isdigit() else 1)
@@ -133,6 +140,7 @@ class EmbeddedEngine:
                     broadcast_from_first(group, tensor)
                     received[name] = tensor
         with self.lock:
+            self.progress_at = time.monotonic()
             self._load_hf_tensors(received)
             if weight_version is not None:
                 self.weight_version = str(weight_version)
@@ -172,12 +180,28 @@ class EmbeddedEngine:
 
     # --- generation ---------------------------------------------------------------------
 
-    def generate(self, body: dict) -> dict | list[dict]:
+    def generate(self, body: dict, cancelled: threading.Event | None = None) -> dict | list[dict]:
         """Serve one /generate body (single prompt or a batch), SGLang response format. Prompts
         of a batch that have the same length run together, one row each (no padding, so a
-        row's numbers do not depend on its neighbours)."""
+        row's numbers do not depend on its neighbours). `cancelled` set (its client went away)
+        aborts every row at the next token."""
         call = parse_generate(body, vocab_size=self.vocab_size, context_len=self.context_len,
                               eos_token_ids=self.eos_token_ids, routes_enabled=self.enable_routed_experts)
+        keys = [rid if rid is not None else object() for rid in call.rids]
+        with self.requests_lock:
+            for key in keys:
+                self.active[key] = self.active.get(key, 0) + 1
+        try:
+            return self._generate(call, keys, cancelled)
+        finally:
+            with self.requests_lock:
+                for key in keys:
+                    self.active[key] -= 1
+                    if not self.active[key]:
+                        del self.active[key]
+                        self.aborted.discard(key)
+
+    def _generate(self, call, keys: list, cancelled: threading.Event | None) -> dict | list[dict]:
         prompts, rids, samplings, topk = call.prompts, call.rids, call.samplings, call.topk
         flat_topk, topk_b64, with_routes, batched = call.flat_topk, call.topk_b64, call.with_routes, call.batched
         outputs: list = [None] * len(prompts)
@@ -185,8 +209,10 @@ class EmbeddedEngine:
         for index, prompt in enumerate(prompts):
             by_length.setdefault(len(prompt), []).append(index)
         for rows in by_length.values():
-            for row, output in zip(rows, self._generate_rows([list(prompts[i]) for i in rows], [rids[i] for i in rows],
-                                                             [samplings[i] for i in rows], topk, with_routes)):
+            generated = self._generate_rows([list(prompts[i]) for i in rows], [rids[i] for i in rows],
+                                            [keys[i] for i in rows], [samplings[i] for i in rows], topk, with_routes,
+                                            cancelled)
+            for row, output in zip(rows, generated):
                 if topk and flat_topk:
                     output["meta_info"].update(flat_top_logprobs(output["meta_info"].pop("output_top_logprobs"),
                                                                  topk, b64=topk_b64))
@@ -194,8 +220,8 @@ class EmbeddedEngine:
         return outputs if batched else outputs[0]
 
     @torch.no_grad()
-    def _generate_rows(self, prompts: list[list[int]], rids: list, samplings: list[Sampling], topk: int,
-                       with_routes: bool) -> list[dict]:
+    def _generate_rows(self, prompts: list[list[int]], rids: list, keys: list, samplings: list[Sampling], topk: int,
+                       with_routes: bool, cancelled: threading.Event | None) -> list[dict]:
         """Generate for prompts of one length together, with a KV cache; each row samples with
         its own generator and stops on its own."""
         from transformers import DynamicCache
@@ -209,16 +235,18 @@ class EmbeddedEngine:
         finish = [{"type": "length", "length": s.max_new_tokens} for s in samplings]
         running = [True] * rows
         with self.lock:
+            self.progress_at = time.monotonic()
             self._routes.clear()
             cache = DynamicCache()
             feed = torch.tensor(prompts)
             for _ in range(max(s.max_new_tokens for s in samplings)):
+                self.progress_at = time.monotonic()
                 for row in range(rows):
-                    if running[row] and (rids[row] in self.aborted or None in self.aborted):
-                        self.aborted.discard(rids[row])
+                    gone = cancelled is not None and cancelled.is_set()
+                    if running[row] and (keys[row] in self.aborted or gone):
                         # As SGLang's plain abort: no status code (one >= 400 would make it an HTTP error).
-                        finish[row] = {"type": "abort", "message": "aborted by /abort_request", "status_code": None,
-                                       "err_type": None}
+                        why = "the client disconnected" if gone else "aborted by /abort_request"
+                        finish[row] = {"type": "abort", "message": why, "status_code": None, "err_type": None}
                         running[row] = False
                 if not any(running):
                     break
@@ -260,8 +288,15 @@ class EmbeddedEngine:
         return outputs
 
     def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
-        """Stop a running request (or all of them) at its next token."""
-        self.aborted.add(None if abort_all else rid)
+        """Stop a request that is queued or running (or all of them) at its next token; an
+        abort for a request that is not here does nothing."""
+        with self.requests_lock:
+            self.aborted |= set(self.active) if abort_all else ({rid} & set(self.active))
+
+    def stalled_for(self) -> float:
+        """Seconds since a running generation last made a token (0 when none runs)."""
+        started = self.progress_at
+        return 0.0 if started is None or not self.lock.locked() else time.monotonic() - started
 
     def _collect_routes(self, rows: int) -> np.ndarray:
         """[rows, positions, layers, k] int32 from every forward of this batch: the prompts, then

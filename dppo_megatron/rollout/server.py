@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import select
+import socket
+import sys
+import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -23,6 +27,11 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024**2
 
 
+# /health answers 503 when the engine has made no progress for this long: a forward of the
+# models it serves takes milliseconds.
+STALL_SECONDS = 120.0
+
+
 def _not_json(constant: str):
     raise ValueError(f"{constant} is not a JSON value")
 
@@ -32,9 +41,16 @@ class _Server(ThreadingHTTPServer):
     # and the default (5) resets the rest.
     request_queue_size = 1024
 
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            log.debug("%s went away", client_address)  # a client that left is not a server error
+            return
+        super().handle_error(request, client_address)
 
-def make_server(engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 30000) -> ThreadingHTTPServer:
-    handler = type("EngineHandler", (_Handler,), {"engine": engine})
+
+def make_server(engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 30000, *,
+                stall_seconds: float = STALL_SECONDS) -> ThreadingHTTPServer:
+    handler = type("EngineHandler", (_Handler,), {"engine": engine, "stall_seconds": stall_seconds})
     server = _Server((host, port), handler)
     server.daemon_threads = True
     return server
@@ -42,6 +58,7 @@ def make_server(engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 300
 
 class _Handler(BaseHTTPRequestHandler):
     engine: EmbeddedEngine
+    stall_seconds: float
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format, *args):  # route access logs through logging, quietly
@@ -51,11 +68,36 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload) -> None:
         data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain" if isinstance(payload, str) else "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain" if isinstance(payload, str) else "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client left: nobody to answer
+            self.close_connection = True
+            log.debug("%s left before its answer", self.address_string())
+
+    def _watch_disconnect(self) -> threading.Event:
+        """An event set when the client closes its connection (checked twice a second until the
+        answer is sent): the engine then stops the request."""
+        gone, done = threading.Event(), threading.Event()
+        connection = self.connection
+
+        def watch() -> None:
+            while not done.wait(0.5):
+                try:
+                    readable, _, _ = select.select([connection], [], [], 0)
+                    if readable and not connection.recv(1, socket.MSG_PEEK):
+                        gone.set()
+                        return
+                except (OSError, ValueError):
+                    gone.set()
+                    return
+
+        threading.Thread(target=watch, daemon=True).start()
+        self._stop_watching = done
+        return gone
 
     def _error(self, status: int, message: str) -> None:
         self._send(status, {"error": {"message": message}})
@@ -93,12 +135,21 @@ class _Handler(BaseHTTPRequestHandler):
         self._route(get=True)
 
     def do_POST(self):
-        self._route(get=False)
+        try:
+            self._route(get=False)
+        finally:
+            if getattr(self, "_stop_watching", None) is not None:
+                self._stop_watching.set()
+                self._stop_watching = None
 
     def _route(self, get: bool) -> None:
         path = self.path.split("?", 1)[0]
         engine = self.engine
         if path == "/health":
+            stalled = engine.stalled_for()
+            if stalled > self.stall_seconds:
+                return self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"no progress for {stalled:.0f} s (a generation "
+                                                                    f"or weight load is stuck)")
             return self._send(HTTPStatus.OK, "OK")
         if path == "/health_generate":
             try:
@@ -124,7 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if path == "/generate":
             try:
-                return self._send(HTTPStatus.OK, engine.generate(body))
+                return self._send(HTTPStatus.OK, engine.generate(body, cancelled=self._watch_disconnect()))
             except RequestError as error:
                 return self._error(HTTPStatus.BAD_REQUEST, str(error))
             except Exception as error:  # noqa: BLE001 - answer, do not drop the connection
