@@ -152,6 +152,49 @@ def test_train_refuses_missing_dataset_files(tmp_path):
     assert result.returncode == 2 and "data.train: no such file" in result.stderr
 
 
+# One broken dataset per fault: (file name, content, what the message must say).
+BROKEN_DATASETS = {
+    "malformed line": ("bad.jsonl", '{"prompt": "a", "answer": "1"}\n{"prompt": "b" "answer": "2"}\n',
+                       "bad.jsonl:2: not valid JSON (Expecting ',' delimiter at column 16)"),
+    "empty file": ("empty.jsonl", "", "empty.jsonl: no rows"),
+    "missing key": ("keys.jsonl", '{"prompt": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n',
+                    "keys.jsonl:2: no field 'prompt' (has: answer, question)"),
+    "wrong type": ("types.jsonl", '{"prompt": "a", "answer": ["1"]}\n', "types.jsonl:1: 'answer' must be a string"),
+    "not an object": ("list.jsonl", '["a", "1"]\n', "list.jsonl:1: expected a JSON object, got list"),
+    "fake parquet": ("fake.parquet", "not parquet at all", "fake.parquet: not a Parquet file pyarrow can read"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BROKEN_DATASETS))
+def test_a_broken_dataset_is_refused_with_its_file_and_line_before_anything_starts(tmp_path, fault):
+    name, content, message = BROKEN_DATASETS[fault]
+    (tmp_path / name).write_text(content)
+    data = ["data.generate=null", "reward.kind=math", "trainer.eval_every=0", f"data.train={tmp_path / name}"]
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(QUICKSTART, data)
+    assert f"data.train: {tmp_path / name}" in str(caught.value) and message in str(caught.value), str(caught.value)
+
+
+def test_validate_and_train_refuse_a_broken_dataset_and_leave_no_run_directory(tmp_path):
+    (tmp_path / "eval.jsonl").write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": 2.5}\n{oops\n')
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "answer": "1"}\n')
+    data = ["data.generate=null", "reward.kind=math", f"data.train={tmp_path / 'train.jsonl'}",
+            f"data.eval={tmp_path / 'eval.jsonl'}"]
+    for command in (["validate", str(QUICKSTART)], ["train", str(QUICKSTART), "--run-dir", str(tmp_path / "run")]):
+        result = subprocess.run([sys.executable, "-m", "dppo_megatron", *command, *data], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"data.eval: {tmp_path / 'eval.jsonl'}:3: not valid JSON" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_asking_for_more_positions_than_the_model_has_is_refused():
+    with pytest.raises(RecipeError, match="data.max_prompt_len 16 \\+ rollout.max_new_tokens 1000 exceed the "
+                                          "model's 512 positions"):
+        load_recipe(QUICKSTART, ["rollout.max_new_tokens=1000"])
+
+
 def test_memory_estimate_and_rank_grid_for_the_30b_recipe():
     recipe = load_recipe(RECIPES / "qwen3-30b-a3b" / "dppo-binary-tv.yaml")
     arch = recipe_arch(recipe)

@@ -11,6 +11,7 @@ from dppo_megatron.algo.trust_region import needs_topk
 from dppo_megatron.config.loading import RecipeError, apply_overrides, build, read_yaml
 from dppo_megatron.config.placement import learner_world_size, server_room
 from dppo_megatron.config.schema import Recipe
+from dppo_megatron.data.prompts import DatasetError, read_rows
 from dppo_megatron.data.toy import TOY_TOKENIZER, toy_vocab_size
 from dppo_megatron.model.arch import ArchError, Qwen3Arch, small_hf_config
 from dppo_megatron.model.known import known_config
@@ -134,6 +135,10 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
                                             f"{model.path or 'model.random_init'} is dense")
         need(not rollout.record_routes or arch.is_moe, "rollout.record_routes: routes need a MoE model")
         need(learner.ep == 1 or arch.is_moe, f"learner.ep: {learner.ep} needs a MoE model")
+        need(data.max_prompt_len + rollout.max_new_tokens <= arch.max_position_embeddings,
+             f"rollout.max_new_tokens: data.max_prompt_len {data.max_prompt_len} + rollout.max_new_tokens "
+             f"{rollout.max_new_tokens} exceed the model's {arch.max_position_embeddings} positions (a server "
+             "refuses such requests)")
         need(not needs_topk(loss.mode) or rollout.topk_logprobs <= arch.vocab_size,
              f"rollout.topk_logprobs: {rollout.topk_logprobs} is more than the vocabulary ({arch.vocab_size} tokens)")
         problems += [f"learner: {p}" for p in parallel_layout(recipe).problems(learner_world_size(recipe), arch)]
@@ -192,10 +197,15 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
         need(data.generate.digits >= 1 and data.generate.train_rows >= 1, "data.generate: digits and train_rows must be >= 1")
     else:
         need(data.train is not None, "data.train: a prompt file is required (or data.generate for a toy task)")
-        if check_files:
-            for key in ("train", "eval"):
-                path = getattr(data, key)
-                need(path is None or Path(path).is_file(), f"data.{key}: no such file {path}")
+        for key in ("train", "eval"):
+            path = getattr(data, key)
+            if path is not None and Path(path).is_file():  # every row read now, not after the ranks start
+                try:
+                    read_rows(path, data.prompt_key, data.answer_key)
+                except DatasetError as error:
+                    problems.append(f"data.{key}: {error}")
+            elif path is not None:
+                need(not check_files, f"data.{key}: no such file {path}")
     if trainer.eval_every:
         need(data.eval is not None or data.generate is not None,
              "trainer.eval_every: evaluation needs held-out prompts in data.eval")

@@ -30,7 +30,11 @@ def read_rows(path: str | Path, prompt_key: str, answer_key: str) -> list[tuple[
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        records = ((f"{path}:row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist()))
+        try:
+            table = pq.read_table(path)
+        except Exception as error:  # noqa: BLE001 - pyarrow's errors have no common base worth naming
+            raise DatasetError(f"{path}: not a Parquet file pyarrow can read ({type(error).__name__}: {error})") from None
+        records = ((f"{path}:row {i + 1}", row) for i, row in enumerate(table.to_pylist()))
     elif path.suffix in (".jsonl", ".json"):
         records = _jsonl_records(path)
     else:
@@ -58,8 +62,8 @@ def _jsonl_records(path: Path):
                 continue
             try:
                 record = json.loads(line)
-            except ValueError as error:
-                raise DatasetError(f"{path}:{number}: not valid JSON ({error})") from None
+            except json.JSONDecodeError as error:  # its own "line 1" would be this line's
+                raise DatasetError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(record, dict):
                 raise DatasetError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             yield f"{path}:{number}", record
