@@ -100,3 +100,16 @@ def test_overlong_penalty_ramps_over_the_buffer():
     assert overlong_penalty(90, 100, 10, 1.0) == 0.0
     assert overlong_penalty(95, 100, 10, 1.0) == pytest.approx(-0.5)
     assert overlong_penalty(100, 100, 10, 2.0) == pytest.approx(-2.0)
+
+
+def test_the_reward_reads_special_tokens_the_model_wrote_but_not_the_end_of_sequence(tokenizer):
+    """A response padded with <unk> after a right answer has not answered cleanly."""
+    from dppo_megatron.rewards.pool import response_text
+    from dppo_megatron.rewards.toy import reverse_digits_reward
+
+    ids = tokenizer("4 1 3", add_special_tokens=False)["input_ids"]
+    ended = response_text(tokenizer, ids + [tokenizer.eos_token_id])
+    padded = response_text(tokenizer, ids + [tokenizer.unk_token_id])
+    assert ended == "4 1 3" and reverse_digits_reward(ended, "4 1 3") == 1.0
+    assert padded == "4 1 3 <unk>" and reverse_digits_reward(padded, "4 1 3") == 0.75
+    assert response_text(tokenizer, [tokenizer.eos_token_id] * 2) == "<eos>"  # only the last one ended it

@@ -213,6 +213,15 @@ class RewardPool:
         self._closed = True
 
 
+def response_text(tokenizer, response_ids: list[int]) -> str:
+    """What the reward reads: the response as the model wrote it, up to the end-of-sequence
+    token that ended it (not shown). Other special tokens stay in the text: a model that pads
+    its answer with them has not answered cleanly, and must not be rewarded as if it had."""
+    if response_ids and response_ids[-1] == tokenizer.eos_token_id:
+        response_ids = response_ids[:-1]
+    return tokenizer.decode(response_ids, skip_special_tokens=False)
+
+
 def _worker_main(conn, spec: RewardSpec, tokenizer_dir: str) -> None:
     import signal
 
@@ -238,7 +247,7 @@ def _worker_main(conn, spec: RewardSpec, tokenizer_dir: str) -> None:
             return
         task_id, response_ids, answer = task
         try:
-            text = tokenizer.decode(response_ids, skip_special_tokens=True)
+            text = response_text(tokenizer, response_ids)
             value = float(reward(text, answer))
             if not math.isfinite(value):
                 raise ValueError(f"the reward is {value}")
