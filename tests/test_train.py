@@ -97,6 +97,9 @@ def test_quickstart_learns_the_toy_task_from_chance_to_mastery(quickstart):
     assert metrics[0]["reward/mean"] < 0.2  # chance: ~1/15 per position
     final_eval = [m["eval/mean_reward"] for m in metrics if "eval/mean_reward" in m][-1]
     assert final_eval >= 0.8, f"final eval mean reward {final_eval}"
+    # It learned to end its answer: the reward reads what it wrote, special tokens included.
+    assert metrics[0]["response/truncated_frac"] > 0.5
+    assert metrics[-1]["response/truncated_frac"] <= 0.05 and metrics[-1]["reward/mean"] >= 0.8
     assert all(m["train/routing_agreement"] == 1.0 for m in metrics)  # R3: the learner replays the engine
     # One step off-policy after the first, and no server ever out of step with the schedule.
     assert [m["rollout/staleness_mean"] for m in metrics] == [0.0] + [1.0] * 199
@@ -173,3 +176,32 @@ def test_a_run_stopped_by_sigterm_then_killed_then_losing_its_server_ends_with_t
     assert [m["step"] for m in got] == list(range(steps))  # no step lost or repeated
     assert got == comparable(read_metrics(quickstart[0]))[:steps]
     assert read_status(run_dir)["state"] == "finished"
+
+
+def test_a_run_that_fails_at_a_checkpoint_says_so_in_one_line_and_in_its_status(tmp_path):
+    """A checkpoint that cannot be written (here `checkpoints` is a file; a full disk is the
+    same to the trainer): the run ends with one line naming the error and what to do, and
+    status.json says "failed" with the error, with no half-written file beside it."""
+    run_dir = tmp_path / "failing"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("not a directory")
+    process = start_train(run_dir, "trainer.steps=3", "trainer.save_every=1", "trainer.eval_every=0")
+    assert finish(process, run_dir, timeout=300) != 0
+    last = log_tail(run_dir).splitlines()[-2:]
+    assert last[0].startswith("error: the run failed (exit 1) at step ") and "NotADirectoryError" in last[0], last
+    assert last[1] == f"no checkpoint was saved; the run directory is {run_dir}", last
+    status = read_status(run_dir)
+    assert status["state"] == "failed" and "NotADirectoryError" in status["message"]
+    assert not (run_dir / "status.json.tmp").exists()
+
+
+def test_a_run_killed_without_a_word_reads_as_killed_not_running(tmp_path):
+    from dppo_megatron.run.run_dir import write_status
+
+    code = f"from pathlib import Path; from dppo_megatron.run.run_dir import write_status; " \
+           f"write_status(Path({str(tmp_path)!r}), 'running', 7, 10)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # then gone, as after a SIGKILL
+    status = read_status(tmp_path)
+    assert status["state"] == "killed" and status["step"] == 7 and "is gone" in status["message"]
+    write_status(tmp_path, "running", 8, 10)  # this process: alive
+    assert read_status(tmp_path)["state"] == "running"

@@ -15,7 +15,7 @@ from dppo_megatron.config.validate import load_recipe
 from dppo_megatron.model.arch import ArchError
 from dppo_megatron.processes import run_ranks
 from dppo_megatron.run.checkpoints import latest_in_run
-from dppo_megatron.run.run_dir import STOP_FILE, new_run_dir, prepare_run_dir, with_run_dir
+from dppo_megatron.run.run_dir import STOP_FILE, new_run_dir, prepare_run_dir, read_status, with_run_dir
 
 
 def add_parser(subparsers) -> None:
@@ -50,11 +50,30 @@ def _train(args) -> int:
     if args.resume and not resuming:
         print(f"error: --resume: {run_dir} has no complete checkpoint", file=sys.stderr)
         return EXIT_INVALID
+    status = read_status(run_dir) or {}
+    if resuming and status.get("state") == "finished" and status.get("total_steps", 0) >= recipe.trainer.steps:
+        print(f"{run_dir} already finished its {recipe.trainer.steps} steps; to train further, resume it with a "
+              f"larger trainer.steps (dppo-megatron train --run-dir {run_dir} --resume trainer.steps=N)")
+        return 0
     prepare_run_dir(recipe, run_dir)
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop asked of an earlier run is not for this one
     ranks = learner_world_size(recipe)
     print(f"{'resuming' if resuming else 'starting'} {recipe.name} in {run_dir} on {ranks} learner rank(s)", flush=True)
-    return run_ranks(["-m", "dppo_megatron", "run-rank", str(run_dir)], ranks)
+    code = run_ranks(["-m", "dppo_megatron", "run-rank", str(run_dir)], ranks)
+    if code != 0:
+        print(failure_line(run_dir, code), file=sys.stderr, flush=True)
+    return code
+
+
+def failure_line(run_dir: Path, code: int) -> str:
+    """The last line of a failed run: what failed, where the run stands, how to go on."""
+    status = read_status(run_dir) or {}
+    checkpoint = latest_in_run(run_dir)
+    why = status.get("message") if status.get("state") in ("failed", "killed") else None
+    line = f"error: the run failed (exit {code})" + (f" at step {status['step']}: {why}" if why else "")
+    if checkpoint is not None:
+        return f"{line}\nresume from {checkpoint} with: dppo-megatron train --run-dir {run_dir} --resume"
+    return f"{line}\nno checkpoint was saved; the run directory is {run_dir}"
 
 
 def _run_dir(recipe: Recipe, *, resume: bool) -> Path:

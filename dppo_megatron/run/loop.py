@@ -48,8 +48,11 @@ def train(run_dir: Path, job_layout: Path | None = None) -> int:
         return _train(recipe, run_dir, job_layout, progress)
     except BaseException as error:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            write_status(run_dir, "failed", progress["step"], recipe.trainer.steps,
-                         f"{type(error).__name__}: {error}"[:4000])
+            try:
+                write_status(run_dir, "failed", progress["step"], recipe.trainer.steps,
+                             f"{type(error).__name__}: {error}"[:4000])
+            except OSError as status_error:  # the disk that failed the run may refuse this too
+                say(f"status.json could not be written either: {status_error}")
         raise
 
 
@@ -154,10 +157,13 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
                     stop_request.clear()
                     write_status(run_dir, "stopped", checkpoints.saved_at, trainer.steps,
                                  "stop requested (signal or STOP file)")
-                say(f"stop requested: checkpoint saved at step {checkpoints.saved_at}; resume with --resume")
+                say(f"stop requested: checkpoint saved at step {checkpoints.saved_at}; resume with: "
+                    f"dppo-megatron train --run-dir {run_dir} --resume")
                 return 0
         if rank == 0:
             write_status(run_dir, "finished", trainer.steps, trainer.steps)
+        if rank == 0:
+            say(metrics_log.summary())
         say(f"done: {trainer.steps} steps; checkpoints in {checkpoints.root}")
         return 0
     finally:

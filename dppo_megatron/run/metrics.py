@@ -75,6 +75,19 @@ class MetricsLog:
         parts.append(f"ETA {_duration(eta)}")
         return " | ".join(parts)
 
+    def summary(self) -> str:
+        """The end of a run: how far it got, where everything is, and what to run next."""
+        metrics = read_metrics(self.run_dir)
+        last = metrics[-1] if metrics else {}
+        evals = [m for m in metrics if "eval/mean_reward" in m]
+        lines = [f"finished {self.total_steps} steps in {_duration(time.monotonic() - self.started)}"
+                 + (f" | last reward {last['reward/mean']:.3f}" if "reward/mean" in last else "")
+                 + (f" (truncated {last['response/truncated_frac']:.2f})" if "response/truncated_frac" in last else "")
+                 + (f" | eval {evals[-1]['eval/mean_reward']:.3f} after step {evals[-1]['step'] + 1}" if evals else ""),
+                 f"metrics: {self.path}" + (f" (TensorBoard: {self.run_dir / 'tensorboard'})" if self.tensorboard else ""),
+                 f"plot:    dppo-megatron plot {self.run_dir}"]
+        return "\n".join(lines)
+
     def close(self) -> None:
         self.file.close()
         if self.tensorboard is not None:

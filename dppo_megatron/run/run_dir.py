@@ -9,7 +9,8 @@ RUN_DIR/export/            Hugging Face exports (trainer.export_every)
 RUN_DIR/weights/           the versions the servers load (rollout.weight_sync: disk)
 RUN_DIR/logs/              rollout server logs
 RUN_DIR/metrics.jsonl      one line of metrics per step (and tensorboard/)
-RUN_DIR/status.json        running | stopped | finished | failed, the step, and why
+RUN_DIR/status.json        running | stopped | finished | failed, the step, and why (read as killed
+                           when its process is gone)
 RUN_DIR/STOP               created by a user or a cluster job: checkpoint and exit after this step
 ```
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -56,15 +58,33 @@ def write_status(run_dir: Path, state: str, step: int, total_steps: int, message
     if state not in STATES:
         raise ValueError(f"unknown run state {state!r}; one of {STATES}")
     record = {"state": state, "step": step, "total_steps": total_steps, "message": message,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+              "host": socket.gethostname(), "pid": os.getpid()}
     tmp = run_dir / (STATUS_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(run_dir / STATUS_FILE)
+    try:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(run_dir / STATUS_FILE)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
 
 
 def read_status(run_dir: Path) -> dict | None:
+    """status.json, with a "running" run whose process is gone (killed, or its machine lost)
+    read as "killed": a SIGKILL leaves no chance to write it."""
     path = Path(run_dir) / STATUS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    status = json.loads(path.read_text())
+    if status.get("state") == "running" and status.get("host") == socket.gethostname() and status.get("pid"):
+        try:
+            os.kill(status["pid"], 0)
+        except ProcessLookupError:
+            status = dict(status, state="killed",
+                          message=f"process {status['pid']} is gone without saying why (SIGKILL, out of memory?)")
+        except PermissionError:
+            pass  # alive, someone else's
+    return status
 
 
 def new_run_dir(recipe: Recipe, kind: str = "") -> Path:
