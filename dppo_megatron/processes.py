@@ -13,6 +13,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something on this machine already listens on `port` (bound on `host`)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def die_with_parent() -> None:
     """In a child (as `preexec_fn`): get SIGKILL when the parent dies, so that a killed
     trainer leaves no ranks or servers behind holding ports (Linux; elsewhere a no-op)."""

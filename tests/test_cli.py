@@ -1,5 +1,6 @@
 """The installed `dppo-megatron` command."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -29,3 +30,16 @@ def test_unknown_option_fails_with_usage():
     out = subprocess.run(command() + ["--no-such-flag"], capture_output=True, text=True)
     assert out.returncode == 2 and "unrecognized arguments" in out.stderr
 
+
+
+def test_plot_draws_the_runs_that_have_steps_and_names_those_skipped(tmp_path):
+    good, failed = tmp_path / "quickstart-1", tmp_path / "quickstart-2"
+    good.mkdir()
+    failed.mkdir()  # a run that failed before its first step
+    (good / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": step, "reward/mean": step / 10, "response/length_mean": 4.0}) + "\n" for step in range(5)))
+    result = subprocess.run([sys.executable, "-m", "dppo_megatron", "plot", str(good), str(failed), "--out",
+                             str(tmp_path / "plots")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"skipped (no steps yet): {failed}" in result.stderr
+    assert (tmp_path / "plots" / "reward.png").stat().st_size > 1000

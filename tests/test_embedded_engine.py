@@ -431,3 +431,16 @@ def test_health_says_unavailable_while_the_engine_makes_no_progress(engine_serve
         status, answer = get(url, "/health")
     assert status == 503 and "no progress for 10 s" in answer
     assert get(url, "/health") == (200, "OK")
+
+
+def test_a_missing_model_directory_is_named_in_one_line_not_a_hub_traceback(engine_server, tmp_path):
+    _, url = engine_server
+    status, answer = post(url, "/update_weights_from_disk", {"model_path": str(tmp_path / "nowhere")})
+    assert status == 400 and answer == {
+        "success": False, "message": f"failed to load {tmp_path / 'nowhere'}: {tmp_path / 'nowhere'}: not a Hugging "
+                                     "Face model directory (no config.json there)"}
+    result = subprocess.run([sys.executable, "-m", "dppo_megatron", "serve-embedded", "--model-path",
+                             str(tmp_path / "nowhere"), "--port", str(free_port())], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'nowhere'}: not a Hugging Face model directory (no config.json there)"

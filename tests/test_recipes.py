@@ -130,6 +130,29 @@ def test_invalid_recipe_is_refused_naming_the_key(rule):
     assert message in str(caught.value), str(caught.value)
 
 
+def test_a_wandb_project_without_wandb_installed_is_refused(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(RecipeError, match="trainer.wandb_project: 'rl' is set but wandb is not installed"):
+        load_recipe(QUICKSTART, ["trainer.wandb_project=rl"])
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "dppo_megatron", "train", str(QUICKSTART), "--run-dir",
+                                 str(tmp_path / "run"), f"rollout.base_port={port}"], capture_output=True, text=True,
+                                timeout=120)
+    assert result.returncode == 2 and f"rollout.base_port: port {port} is in use" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_every_problem_is_reported_at_once():
     with pytest.raises(RecipeError) as caught:
         load_recipe(QUICKSTART, ["rollout.r3=maybe", "trainer.steps=x"])

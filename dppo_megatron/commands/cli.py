@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     # Megatron Core announces at import that it falls back to torch without TE / Apex: that is
     # the expected CPU path, not news for every command.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    # transformers draws a progress bar for every checkpoint it writes or reads: dozens per run
+    # in the trainer's output and a server's log, none of them informative.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     # key=value overrides may come after options (`train R.yaml --run-dir D loss.mode=grpo`),
     # which argparse alone does not take for a positional list.

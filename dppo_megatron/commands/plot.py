@@ -27,12 +27,17 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, labels: list[str] | None = No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = []
+    runs, empty = [], []
     for index, run_dir in enumerate(run_dirs):
         metrics = read_metrics(run_dir)
-        if not metrics:
-            raise FileNotFoundError(f"{run_dir}: no metrics.jsonl with any step")
-        runs.append((labels[index] if labels else run_dir.name, metrics))
+        if metrics:
+            runs.append((labels[index] if labels else run_dir.name, metrics))
+        else:
+            empty.append(str(run_dir))
+    if not runs:
+        raise FileNotFoundError(f"no metrics.jsonl with any step in {', '.join(empty)}")
+    if empty:  # `plot runs/quickstart-*` after a run that failed before its first step
+        print(f"skipped (no steps yet): {', '.join(empty)}", file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for file_name, title, names in CURVES:

@@ -29,11 +29,16 @@ def add_parser(subparsers) -> None:
 def _serve_embedded(args) -> int:
     import torch
 
+    from dppo_megatron.commands.args import refuse
+    from dppo_megatron.rollout.engine import RequestError
     from dppo_megatron.rollout.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    return serve(args.model_path, host=args.host, port=args.port, dtype=getattr(torch, args.dtype),
-                 routed_experts=args.enable_return_routed_experts, seed=args.seed)
+    try:
+        return serve(args.model_path, host=args.host, port=args.port, dtype=getattr(torch, args.dtype),
+                     routed_experts=args.enable_return_routed_experts, seed=args.seed)
+    except (RequestError, OSError) as error:  # no such model, a port in use: one line, no traceback
+        return refuse(error)
 
 
 def _serve_node(args) -> int:

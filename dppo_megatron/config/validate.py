@@ -4,6 +4,7 @@ no learner/ and no rollout/."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -211,6 +212,8 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
              "trainer.eval_every: evaluation needs held-out prompts in data.eval")
     need(trainer.max_staleness >= 0, f"trainer.max_staleness: 0 (synchronous) or more steps, got "
                                       f"{trainer.max_staleness}")
+    need(not trainer.wandb_project or importlib.util.find_spec("wandb") is not None,
+         f"trainer.wandb_project: {trainer.wandb_project!r} is set but wandb is not installed (pip install wandb)")
     need(reward.timeout > 0, f"reward.timeout: must be > 0 seconds, got {reward.timeout}")
     need(reward.workers >= 0, f"reward.workers: 0 (one per core) or a count, got {reward.workers}")
     need(reward.retries >= 0, f"reward.retries: must be >= 0, got {reward.retries}")

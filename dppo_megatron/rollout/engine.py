@@ -52,6 +52,8 @@ class EmbeddedEngine:
     def _load(self, model_path: str | Path) -> None:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
+        if not (Path(model_path) / "config.json").is_file():  # else transformers takes it for a hub id
+            raise RequestError(f"{model_path}: not a Hugging Face model directory (no config.json there)")
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
         config = model.config
         self.model_path = str(model_path)
