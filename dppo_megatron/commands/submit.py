@@ -50,8 +50,11 @@ def _submit(args) -> int:
     try:
         recipe = load_recipe(recipe_path, overrides)
         problems = job_problems(recipe, args.nodes)
-        if not args.dry_run:  # the files the job reads must be there (on a filesystem the nodes share)
-            problems += check(recipe, check_files=True)
+        # The files the job reads must be there (on a filesystem the nodes share); a dry run
+        # only says what a submit would refuse.
+        file_problems = check(recipe, check_files=True)
+        if not args.dry_run:
+            problems += file_problems
         partitions, unchecked = cluster_partitions()
         if partitions is not None:
             problems += cluster_problems(recipe, partitions)
@@ -69,6 +72,8 @@ def _submit(args) -> int:
         print(describe_job(recipe, run_dir))
         if partitions is None:
             print(f"(the partition, its nodes and GPUs were not checked: {unchecked})")
+        for problem in file_problems:
+            print(f"(submit would refuse this here: {problem})")
         return 0
 
     prepare_run_dir(recipe, run_dir)

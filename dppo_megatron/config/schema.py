@@ -38,7 +38,8 @@ class RandomInit:
 
 @dataclass
 class ModelConfig:
-    path: str | None = doc("Hugging Face checkpoint directory (or hub id, resolved where the job runs)")
+    path: str | None = doc("local Hugging Face checkpoint directory (on a filesystem every node shares, for a "
+                           "cluster job); a hub id is not downloaded: fetch it first with huggingface-cli download")
     random_init: RandomInit | None = doc("build a tiny model with random weights instead (CPU recipes); "
                                          "its vocabulary is the tokenizer's")
     tokenizer: str | None = doc("tokenizer directory or hub id; default: model.path; `toy-digits` makes "
