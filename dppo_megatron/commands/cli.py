@@ -29,11 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # Megatron Core announces at import that it falls back to torch without TE / Apex: that is
-    # the expected CPU path, not news for every command.
+    # the expected CPU path, not news for every command. Its checkpointing calls torch APIs that
+    # torch has deprecated (ShardedTensor, load_state_dict, all_gather_into_tensor): warnings for
+    # Megatron's maintainers, repeated by every rank of every command.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    warnings.filterwarnings("ignore", message="Apex is not installed. Falling back to Torch Norm")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch\.distributed|megatron\.core)\.")
+    # With TP > 1 and expert TP 1 (the usual MoE layout) every expert linear layer says that it
+    # does not split its sequence: as intended.
+    warnings.filterwarnings("ignore", message="`sequence_parallel` is set to `True`, but tensor model parallel size is 1")
     # transformers draws a progress bar for every checkpoint it writes or reads: dozens per run
     # in the trainer's output and a server's log, none of them informative.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Megatron's tensor/sequence parallel overlap relies on one CUDA work queue (its own
+    # training scripts set this; it asks for it at every parallel layer otherwise).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     parser = build_parser()
     # key=value overrides may come after options (`train R.yaml --run-dir D loss.mode=grpo`),
     # which argparse alone does not take for a positional list.

@@ -102,6 +102,7 @@ def transformer_config(arch: Qwen3Arch, layout: ParallelLayout, options: ModelOp
         use_cpu_initialization=not torch.cuda.is_available(),
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # checked even for dense models with variable lengths
+        cuda_graph_scope=[],  # the whole layer, as the default "full" (which Megatron now warns is deprecated)
         **moe,
         **recompute,
     )
