@@ -14,8 +14,11 @@ def free_port() -> int:
 
 
 def port_in_use(host: str, port: int) -> bool:
-    """Whether something on this machine already listens on `port` (bound on `host`)."""
+    """Whether something on this machine already listens on `port` (bound on `host`). As the
+    servers bind (SO_REUSEADDR): connections of a server just stopped, still in TIME_WAIT, do
+    not count."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

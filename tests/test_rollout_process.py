@@ -19,11 +19,14 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "quickst
 
 
 def recipe_with_dataset(tmp_path: Path, rows: str):
+    """A recipe whose dataset holds `rows` by the time the rollouts read it (after the recipe's
+    own checks, which read a good file: a broken one would be refused there)."""
     train = tmp_path / "train.jsonl"
-    train.write_text(rows)
+    train.write_text('{"prompt": "reverse 1 2 3 :", "answer": "3 2 1"}\n')
     build_toy_tokenizer(tmp_path / INIT_MODEL_DIR)
     recipe = load_recipe(QUICKSTART, ["data.generate=null", f"data.train={train}", "trainer.eval_every=0",
                                        "reward.workers=1"])
+    train.write_text(rows)
     return recipe, recipe_arch(recipe)
 
 
