@@ -205,3 +205,13 @@ def test_a_run_killed_without_a_word_reads_as_killed_not_running(tmp_path):
     assert status["state"] == "killed" and status["step"] == 7 and "is gone" in status["message"]
     write_status(tmp_path, "running", 8, 10)  # this process: alive
     assert read_status(tmp_path)["state"] == "running"
+
+
+def test_resuming_a_finished_run_says_so_and_starts_nothing(quickstart):
+    run_dir, _ = quickstart
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "dppo_megatron", "train", "--run-dir", str(run_dir), "--resume"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"{run_dir} already finished its 200 steps" in result.stdout
+    assert time.monotonic() - started < 60 and read_status(run_dir)["state"] == "finished"
