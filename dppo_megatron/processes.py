@@ -68,7 +68,11 @@ def run_ranks(args: list[str], nproc: int, *, env: dict | None = None) -> int:
             codes = [p.poll() for p in processes]
             failed = [c for c in codes if c not in (None, 0)]
             if failed:
-                time.sleep(5)  # let the others report the collective that broke, then stop them
+                # Let the others report the collective that broke (they end within seconds),
+                # then stop any still waiting.
+                deadline = time.monotonic() + 5
+                while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+                    time.sleep(0.1)
                 for process in processes:
                     if process.poll() is None:
                         process.kill()

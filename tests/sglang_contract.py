@@ -102,3 +102,55 @@ def run_with_sglang(code: str, *args: str) -> subprocess.Popen:
     """Start `python -c code args...` in SGLang's environment (stdin and stdout piped)."""
     return subprocess.Popen([sglang_python(), "-W", "ignore", "-c", code, *args], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+WORKER = """
+import contextlib, io, json, sys, traceback
+import sglang.srt.managers.tokenizer_manager, sglang.srt.server_args  # the slow imports, once
+jobs, answers = sys.stdin, sys.stdout
+for line in jobs:
+    job, output, code = json.loads(line), io.StringIO(), 0
+    sys.argv, sys.stdin = ["-c", *job["args"]], io.StringIO(job["stdin"])
+    with contextlib.redirect_stdout(output):
+        try:
+            exec(compile(job["code"], "<contract test>", "exec"), {"__name__": "__main__"})
+        except SystemExit as stop:
+            code = 0 if stop.code in (None, 0) else 1
+            if isinstance(stop.code, str):
+                print(stop.code)
+        except BaseException:
+            code = 1
+            traceback.print_exc(file=output)
+    sys.stdin = jobs
+    answers.write(json.dumps({"rc": code, "output": output.getvalue()}) + "\\n")
+    answers.flush()
+"""
+
+
+class SGLangWorker:
+    """One process of SGLang's environment that runs the contract tests' scripts one after
+    another (`python -c` semantics: argv, stdin, stdout, exit code), so that SGLang's modules
+    are imported once, not once per test."""
+
+    def __init__(self, log: Path):
+        self.log = log.open("w")
+        self.process = subprocess.Popen([sglang_python(), "-W", "ignore", "-c", WORKER], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.log, text=True)
+
+    def run(self, code: str, *args: str, stdin: str = "") -> tuple[int, str]:
+        """(exit code, what the script printed)."""
+        self.process.stdin.write(json.dumps({"code": code, "args": list(args), "stdin": stdin}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"SGLang's worker died:\n{self.log.name}")
+        answer = json.loads(line)
+        return answer["rc"], answer["output"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()

@@ -89,7 +89,7 @@ class SlurmCluster:
             f"SlurmdPort={free_port()}", "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge",
             # cred_expire: also how long SLURM holds a requeued job before it may start again
             # (120 s by default); a requeued job started sooner fails with "credential revoked".
-            f"AuthInfo=socket={self.socket},cred_expire=30", "CredType=cred/munge", f"StateSaveLocation={root / 'state'}",
+            f"AuthInfo=socket={self.socket},cred_expire=10", "CredType=cred/munge", f"StateSaveLocation={root / 'state'}",
             f"SlurmdSpoolDir={root / 'spool'}", f"SlurmctldPidFile={root / 'slurmctld.pid'}",
             f"SlurmdPidFile={root / 'slurmd.pid'}", f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
             f"SlurmdLogFile={root / 'log' / 'slurmd.log'}", "ProctrackType=proctrack/linuxproc",

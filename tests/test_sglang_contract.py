@@ -6,10 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from dppo_megatron.processes import free_port
-from tests.sglang_contract import run_with_sglang
+from tests.sglang_contract import SGLangWorker, run_with_sglang
 
 # SGLang's receiver, as its weight updater runs it (model_runner_components/weight_updater.py:
 # init_weights_update_group, then receive_weights_from_distributed): its own group constructor,
@@ -19,7 +20,7 @@ import json, sys, torch
 from sglang.srt.utils.common import init_custom_process_group
 port, group_name, manifest, out = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 group = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=1,
-                                  group_name=group_name, timeout=__import__("datetime").timedelta(seconds=30))
+                                  group_name=group_name, timeout=__import__("datetime").timedelta(seconds=180))
 received = {}
 for name, dtype, shape in manifest:
     tensor = torch.empty(shape, dtype=getattr(torch, dtype))
@@ -35,7 +36,7 @@ PROJECT_SENDER = """
 import sys, torch
 from dppo_megatron.rollout.weight_sync import broadcast_from_first, destroy_weight_update_group, weight_update_group
 port, group_name, tensors = int(sys.argv[1]), sys.argv[2], torch.load(sys.argv[3])
-group = weight_update_group("127.0.0.1", port, 0, 2, group_name, timeout=30)
+group = weight_update_group("127.0.0.1", port, 0, 2, group_name, timeout=180)
 for tensor in tensors.values():
     broadcast_from_first(group, tensor)
 sys.stdin.readline()  # as in a run: the group is closed once the server has answered
@@ -51,7 +52,7 @@ from sglang.srt.utils.common import init_custom_process_group
 from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 port, group_name, manifest, out = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 group = init_custom_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=1,
-                                  group_name=group_name, timeout=__import__("datetime").timedelta(seconds=30))
+                                  group_name=group_name, timeout=__import__("datetime").timedelta(seconds=180))
 order = json.loads(sys.stdin.readline())  # the sender's order of the bucket
 names = [name for name in order]
 kinds = {name: (dtype, shape) for name, dtype, shape in manifest}
@@ -68,11 +69,19 @@ from dppo_megatron.rollout.weight_sync import (
 port, group_name, tensors = int(sys.argv[1]), sys.argv[2], torch.load(sys.argv[3])
 ordered, flat = flatten_bucket(list(tensors.items()))
 print(json.dumps([name for name, _ in ordered]), flush=True)
-group = weight_update_group("127.0.0.1", port, 0, 2, group_name, timeout=30)
+group = weight_update_group("127.0.0.1", port, 0, 2, group_name, timeout=180)
 broadcast_from_first(group, flat)
 sys.stdin.readline()  # as in a run: the group is closed once the server has answered
 destroy_weight_update_group(group)
 """
+
+
+@pytest.fixture(scope="module")
+def sglang(tmp_path_factory):
+    """SGLang's own code, imported once for the tests that need only its Python."""
+    worker = SGLangWorker(tmp_path_factory.mktemp("sglang") / "worker.log")
+    yield worker
+    worker.close()
 
 
 def sync_through_sglang(tmp_path, tensors: dict, receiver: str, sender: str) -> dict:
@@ -88,8 +97,8 @@ def sync_through_sglang(tmp_path, tensors: dict, receiver: str, sender: str) -> 
         if sender is PROJECT_FLAT_SENDER:  # the order the sender flattened in, as its request body names it
             sglang.stdin.write(ours.stdout.readline())
             sglang.stdin.flush()
-        receiver_out, _ = sglang.communicate(timeout=120)
-        sender_out, _ = ours.communicate("done\n", timeout=120)  # the server is done: close the group
+        receiver_out, _ = sglang.communicate(timeout=300)
+        sender_out, _ = ours.communicate("done\n", timeout=300)  # the server is done: close the group
     finally:
         for process in (ours, sglang):
             if process.poll() is None:
@@ -137,7 +146,7 @@ for name, argv in json.loads(sys.stdin.read()):
 """
 
 
-def test_every_sglang_command_line_of_the_shipped_recipes_parses_with_sglangs_server_args(tmp_path):
+def test_every_sglang_command_line_of_the_shipped_recipes_parses_with_sglangs_server_args(sglang, tmp_path):
     """For every shipped recipe that runs SGLang, R3 on and off (MoE) and with deterministic
     inference: the command line the project builds is what SGLang's own ServerArgs reads, with
     the weight version the trainer counts."""
@@ -162,9 +171,8 @@ def test_every_sglang_command_line_of_the_shipped_recipes_parses_with_sglangs_se
                 lines.append([f"{path.parent.name}/{path.name} {' '.join(overrides)}", command[3:]])
                 expected.append([lines[-1][0], "0", spec.routed_experts, spec.deterministic, spec.tp, spec.port])
     assert len({name for name, _ in lines}) == 25  # 7 MoE recipes with R3 on and off, 2 dense, 9 deterministic
-    parser = run_with_sglang(SGLANG_PARSES)
-    output, _ = parser.communicate(json.dumps(lines), timeout=300)
-    assert parser.returncode == 0, output[-3000:]
+    code, output = sglang.run(SGLANG_PARSES, stdin=json.dumps(lines))
+    assert code == 0, output[-3000:]
     parsed = [json.loads(line) for line in output.splitlines() if line.startswith("[")]
     assert parsed == expected
 
@@ -217,11 +225,10 @@ for name, path, body, vocab_size in json.loads(sys.stdin.read()):
 """
 
 
-def read_by_sglang(bodies: list) -> dict:
+def read_by_sglang(sglang, bodies: list) -> dict:
     """[name, endpoint, body, vocab size] -> {name: what SGLang understood}; fails with SGLang's reason."""
-    reader = run_with_sglang(SGLANG_READS_BODIES)
-    output, _ = reader.communicate(json.dumps(bodies), timeout=300)
-    assert reader.returncode == 0, output[-3000:]
+    code, output = sglang.run(SGLANG_READS_BODIES, stdin=json.dumps(bodies))
+    assert code == 0, output[-3000:]
     return dict(json.loads(line) for line in output.splitlines() if line.startswith("["))
 
 
@@ -234,7 +241,7 @@ def shipped_recipes():
         yield f"{path.parent.name}/{path.name}", path, load_recipe(path)
 
 
-def test_every_request_body_the_trainer_sends_is_read_by_sglangs_own_code_as_meant(tmp_path):
+def test_every_request_body_the_trainer_sends_is_read_by_sglangs_own_code_as_meant(sglang, tmp_path):
     """Every /generate body of every shipped recipe (R3 on and off, one prompt and a batch, a
     retry's fresh rids, top-K as JSON or base64) and every weight-update body: SGLang's schema
     takes it, knows every field, and understands the rid, prompt, top-K, routes and sampling
@@ -282,7 +289,7 @@ def test_every_request_body_the_trainer_sends_is_read_by_sglangs_own_code_as_mea
                      "destroy": ("/destroy_weights_update_group", sync.destroy_body())}
     bodies += [[case, endpoint, body, 0] for case, (endpoint, body) in weight_bodies.items()]
 
-    understood = read_by_sglang(bodies)
+    understood = read_by_sglang(sglang, bodies)
     for case, requests in meant.items():
         assert understood[case] == requests, case
     for case, (_, body) in weight_bodies.items():
@@ -348,7 +355,7 @@ for case in json.loads(sys.stdin.read()):
 """
 
 
-def test_responses_built_by_sglangs_own_code_decode_to_what_the_engine_returned():
+def test_responses_built_by_sglangs_own_code_decode_to_what_the_engine_returned(sglang):
     """What the scheduler produced (tokens, logprobs, top-K as JSON triples or flat base64,
     routes, finish reason, version), passed through SGLang's own response code, is what the
     client decodes, to the bit of float32."""
@@ -374,9 +381,8 @@ def test_responses_built_by_sglangs_own_code_decode_to_what_the_engine_returned(
         sent.append({"name": name, "body": chunk_request([request], topk_b64=b64), "output_ids": output_ids,
                      "logprobs": logprobs.tolist(), "top_ids": top_ids, "top_values": top_values.tolist(),
                      "routes": routes.tolist(), "finish": finish, "weight_version": "3"})
-    builder = run_with_sglang(SGLANG_BUILDS_RESPONSES)
-    output, _ = builder.communicate(json.dumps(sent), timeout=300)
-    assert builder.returncode == 0, output[-3000:]
+    code, output = sglang.run(SGLANG_BUILDS_RESPONSES, stdin=json.dumps(sent))
+    assert code == 0, output[-3000:]
     bodies = dict(json.loads(line) for line in output.splitlines() if line.startswith("["))
     for name, (topk, b64, shape, finish) in cases.items():
         sample = parse_generate_response(json.loads(bodies[name]), rid="step3-p0-r1", prompt_ids=prompt, topk=topk,
@@ -447,18 +453,17 @@ def engine_verdict(body: dict, vocab_size: int, context_len: int) -> str | None:
     return None
 
 
-def test_the_embedded_engine_refuses_exactly_the_generate_bodies_sglangs_own_code_refuses():
+def test_the_embedded_engine_refuses_exactly_the_generate_bodies_sglangs_own_code_refuses(sglang):
     """For every body of tests/generate_bodies.py: SGLang refuses it if and only if the engine
     answers 400; what SGLang serves and the engine does not (UNSERVED), and what the engine
     checks and SGLang does not (STRICTER), SGLang does serve: should a release start refusing
     one, the test says so."""
     from tests.generate_bodies import BODIES, CONTEXT, STRICTER, UNSERVED, VOCAB
 
-    judge = run_with_sglang(SGLANG_JUDGES_BODIES, str(VOCAB), str(CONTEXT))
     corpus = {**BODIES, **UNSERVED, **STRICTER}
-    output, _ = judge.communicate(json.dumps([[name, json.dumps(body)] for name, (body, _) in corpus.items()]),
-                                  timeout=300)
-    assert judge.returncode == 0, output[-3000:]
+    code, output = sglang.run(SGLANG_JUDGES_BODIES, str(VOCAB), str(CONTEXT),
+                              stdin=json.dumps([[name, json.dumps(body)] for name, (body, _) in corpus.items()]))
+    assert code == 0, output[-3000:]
     verdicts = dict(json.loads(line) for line in output.splitlines() if line.startswith("["))
     assert set(verdicts) == set(corpus)
     engine = {name: engine_verdict(body, VOCAB, CONTEXT) for name, (body, _) in corpus.items()}

@@ -192,7 +192,7 @@ def test_a_stopped_job_checkpoints_requeues_and_resumes_to_completion_without_lo
     wait_until_requeued(cluster, job_id, run_dir)
     stopped_at = latest_checkpoint(run_dir / "checkpoints")
     assert stopped_at is not None and 4 <= int(stopped_at.name.split("_")[1]) < steps
-    # SLURM holds a requeued job for cred_expire seconds (30 on the test cluster) before it starts.
+    # SLURM holds a requeued job for cred_expire seconds (10 on the test cluster) before it starts.
 
     assert cluster.wait_until_gone(job_id, timeout=400), f"job still {cluster.job_state(job_id)}:\n{job_log(run_dir)}"
     log = job_log(run_dir)

@@ -176,6 +176,13 @@ def test_a_run_stopped_by_sigterm_then_killed_then_losing_its_server_ends_with_t
     assert [m["step"] for m in got] == list(range(steps))  # no step lost or repeated
     assert got == comparable(read_metrics(quickstart[0]))[:steps]
     assert read_status(run_dir)["state"] == "finished"
+    # TensorBoard, as its own reader loads the run: every step once, the killed segment's
+    # steps after the checkpoint purged.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert [event.step for event in events.Scalars("reward/mean")] == list(range(steps))
+    assert [event.value for event in events.Scalars("reward/mean")] == pytest.approx([m["reward/mean"] for m in got])
 
 
 def test_a_run_that_fails_at_a_checkpoint_says_so_in_one_line_and_in_its_status(tmp_path):
