@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# The SGLang release the protocol, the server command line and the weight-update group are
-# checked against (tests/test_sglang_contract.py runs its own code); the `gpu` extra pins it.
-SGLANG_RELEASE = "0.5.23"
+from dppo_megatron.rollout.sglang_release import SGLANG_RELEASE  # noqa: F401 - the release this protocol follows
 
 
 class ProtocolError(ValueError):
