@@ -13,19 +13,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """Whether something on this machine already listens on `port` (bound on `host`). As the
-    servers bind (SO_REUSEADDR): connections of a server just stopped, still in TIME_WAIT, do
-    not count."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
 def die_with_parent() -> None:
     """In a child (as `preexec_fn`): get SIGKILL when the parent dies, so that a killed
     trainer leaves no ranks or servers behind holding ports (Linux; elsewhere a no-op)."""

@@ -13,7 +13,8 @@ from dppo_megatron.config.placement import learner_world_size
 from dppo_megatron.config.schema import Recipe
 from dppo_megatron.config.validate import load_recipe
 from dppo_megatron.model.arch import ArchError
-from dppo_megatron.processes import port_in_use, run_ranks
+from dppo_megatron.processes import run_ranks
+from dppo_megatron.rollout.servers import port_is_free
 from dppo_megatron.run.checkpoints import latest_in_run
 from dppo_megatron.run.placement import server_specs
 from dppo_megatron.run.run_dir import STOP_FILE, new_run_dir, prepare_run_dir, read_status, with_run_dir
@@ -47,11 +48,11 @@ def _train(args) -> int:
               "submit it with `dppo-megatron submit`, or set learner.nodes=1 rollout.nodes=0 to run learners and "
               "servers side by side here", file=sys.stderr)
         return EXIT_INVALID
-    busy = [spec.port for spec in server_specs(recipe, run_dir) if port_in_use(spec.host, spec.port)]
+    specs = server_specs(recipe, run_dir)
+    busy = [spec.port for spec in specs if not port_is_free(spec.host, spec.port)]
     if busy:
         print(f"error: rollout.base_port: port {busy[0]} is in use on this machine (another run's server?); "
-              f"pick free ports with rollout.base_port=N (the run needs {len(server_specs(recipe, run_dir))} "
-              "from N on)", file=sys.stderr)
+              f"pick free ports with rollout.base_port=N (the run needs {len(specs)} from N on)", file=sys.stderr)
         return EXIT_INVALID
     resuming = latest_in_run(run_dir) is not None
     if args.resume and not resuming:

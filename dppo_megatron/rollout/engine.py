@@ -243,8 +243,8 @@ class EmbeddedEngine:
             feed = torch.tensor(prompts)
             for _ in range(max(s.max_new_tokens for s in samplings)):
                 self.progress_at = time.monotonic()
+                gone = cancelled is not None and cancelled.is_set()
                 for row in range(rows):
-                    gone = cancelled is not None and cancelled.is_set()
                     if running[row] and (keys[row] in self.aborted or gone):
                         # As SGLang's plain abort: no status code (one >= 400 would make it an HTTP error).
                         why = "the client disconnected" if gone else "aborted by /abort_request"
@@ -296,7 +296,8 @@ class EmbeddedEngine:
             self.aborted |= set(self.active) if abort_all else ({rid} & set(self.active))
 
     def stalled_for(self) -> float:
-        """Seconds since a running generation last made a token (0 when none runs)."""
+        """Seconds since the holder of the engine's lock (a generation or a weight load) last made
+        progress; 0 when nobody holds it."""
         started = self.progress_at
         return 0.0 if started is None or not self.lock.locked() else time.monotonic() - started
 

@@ -6,6 +6,7 @@ shape ({"error": {"message": ...}}).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import select
@@ -78,9 +79,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             log.debug("%s left before its answer", self.address_string())
 
-    def _watch_disconnect(self) -> threading.Event:
-        """An event set when the client closes its connection (checked twice a second until the
-        answer is sent): the engine then stops the request."""
+    @contextlib.contextmanager
+    def _client_gone(self):
+        """An event set when the client closes its connection (checked twice a second while the
+        block runs): the engine then stops the request."""
         gone, done = threading.Event(), threading.Event()
         connection = self.connection
 
@@ -96,8 +98,10 @@ class _Handler(BaseHTTPRequestHandler):
                     return
 
         threading.Thread(target=watch, daemon=True).start()
-        self._stop_watching = done
-        return gone
+        try:
+            yield gone
+        finally:
+            done.set()
 
     def _error(self, status: int, message: str) -> None:
         self._send(status, {"error": {"message": message}})
@@ -116,7 +120,8 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         raw = self.rfile.read(length) if length else b"{}"
         try:
-            # As SGLang (orjson): NaN and Infinity are not JSON.
+            # NaN and Infinity are not JSON (RFC 8259). SGLang's parser takes them and its checks
+            # refuse them where they matter (a NaN temperature: 400); here they stop at the door.
             body = json.loads(raw or b"{}", parse_constant=_not_json)
         except (ValueError, UnicodeDecodeError) as error:
             self._error(HTTPStatus.BAD_REQUEST, f"request body is not JSON: {error}")
@@ -135,12 +140,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._route(get=True)
 
     def do_POST(self):
-        try:
-            self._route(get=False)
-        finally:
-            if getattr(self, "_stop_watching", None) is not None:
-                self._stop_watching.set()
-                self._stop_watching = None
+        self._route(get=False)
 
     def _route(self, get: bool) -> None:
         path = self.path.split("?", 1)[0]
@@ -175,7 +175,9 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if path == "/generate":
             try:
-                return self._send(HTTPStatus.OK, engine.generate(body, cancelled=self._watch_disconnect()))
+                with self._client_gone() as gone:
+                    answer = engine.generate(body, cancelled=gone)
+                return self._send(HTTPStatus.OK, answer)
             except RequestError as error:
                 return self._error(HTTPStatus.BAD_REQUEST, str(error))
             except Exception as error:  # noqa: BLE001 - answer, do not drop the connection

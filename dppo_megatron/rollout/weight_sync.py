@@ -143,12 +143,16 @@ class DistributedWeightSync:
         self.bucket_bytes, self.timeout, self.flattened = bucket_bytes, timeout, flattened
         self.group = None
 
+    @property
+    def world_size(self) -> int:
+        """The sender and every server's TP ranks."""
+        return 1 + sum(self.server_tp)
+
     def init_bodies(self) -> list[dict]:
         """The /init_weights_update_group body of each server."""
-        world_size = 1 + sum(self.server_tp)
         offsets = [1 + sum(self.server_tp[:i]) for i in range(len(self.servers))]
         return [{"master_address": self.master_address, "master_port": self.master_port, "rank_offset": offset,
-                 "world_size": world_size, "group_name": self.group_name, "backend": self.backend}
+                 "world_size": self.world_size, "group_name": self.group_name, "backend": self.backend}
                 for offset in offsets]
 
     def update_body(self, bucket: list[tuple[str, torch.Tensor]], version: int) -> dict:
@@ -164,10 +168,8 @@ class DistributedWeightSync:
         return {"group_name": self.group_name}
 
     def connect(self) -> None:
-        world_size = 1 + sum(self.server_tp)
-
         def join() -> None:
-            self.group = weight_update_group(self.master_address, self.master_port, 0, world_size,
+            self.group = weight_update_group(self.master_address, self.master_port, 0, self.world_size,
                                              self.group_name, backend=self.backend, timeout=self.timeout)
 
         _post_to_all(self.servers, "/init_weights_update_group", self.init_bodies(), self.timeout, work=join)

@@ -162,7 +162,6 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
                 return 0
         if rank == 0:
             write_status(run_dir, "finished", trainer.steps, trainer.steps)
-        if rank == 0:
             say(metrics_log.summary())
         say(f"done: {trainer.steps} steps; checkpoints in {checkpoints.root}")
         return 0

@@ -37,10 +37,11 @@ class WeightPublisher:
         self.disk = DiskWeightSync(weights_dir) if method == "disk" else None
         self.distributed, self.senders = None, []
         if method == "distributed":
+            sends = sends_weights(arch)
             sending = [None] * dist.get_world_size()
-            dist.all_gather_object(sending, sends_weights(arch))
-            self.senders = [rank for rank, sends in enumerate(sending) if sends]
-            if sends_weights(arch):
+            dist.all_gather_object(sending, sends)
+            self.senders = [rank for rank, sender in enumerate(sending) if sender]
+            if sends:
                 self.distributed = DistributedWeightSync(
                     urls, master_address=_address_for(urls), master_port=free_port(),
                     group_name=f"dppo-weights-r{dist.get_rank()}",
