@@ -114,7 +114,15 @@ class WeightPublisher:
 
 def _address_for(urls: list[str]) -> str:
     """The address of this rank's host as the servers reach it: a sending rank hosts the store
-    of its own weight-update group, on whichever node it runs."""
-    if all(urlparse(url).hostname in LOOPBACK for url in urls):
+    of its own weight-update group, on whichever node it runs. That is the local address of the
+    route to a server (a UDP connect sends nothing), not the host's name: on many machines the
+    name resolves to 127.0.1.1 (Debian's /etc/hosts), which a server on another node would take
+    for itself, and wait there for a store that never answers."""
+    remote = [urlparse(url) for url in urls if urlparse(url).hostname not in LOOPBACK]
+    if not remote:
         return "127.0.0.1"
-    return socket.getfqdn()
+    family, kind, _, _, address = socket.getaddrinfo(remote[0].hostname, remote[0].port or 80,
+                                                     type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, kind) as probe:
+        probe.connect(address)
+        return probe.getsockname()[0]
