@@ -101,7 +101,8 @@ def serve_node(layout_path: Path, node: str | None = None) -> int:
     try:
         agent = make_agent(manager, node, host, layout.agent_port)
         manager.start()
-        print(f"{node}: {len(specs)} server(s) healthy: {', '.join(manager.urls)}; agent on {host}:{layout.agent_port}",
+        reached_at = [url for url, server in zip(layout.urls, layout.servers) if server["node"] == node]
+        print(f"{node}: {len(specs)} server(s) healthy: {', '.join(reached_at)}; agent on {host}:{layout.agent_port}",
               flush=True)
         agent.serve_forever()
         print(f"{node}: the trainer is done; stopping the servers", flush=True)

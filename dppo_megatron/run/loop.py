@@ -12,6 +12,8 @@ checkpoint repeats exactly what the uninterrupted run would have done.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -62,6 +64,10 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
     trainer, arch, layout = recipe.trainer, recipe_arch(recipe), parallel_layout(recipe)
     init_parallel(layout, arch, seed=trainer.seed)
     rank = dist.get_rank()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one line per node: which ranks run where
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        print(f"learner node {os.environ.get('GROUP_RANK', '0')} ({socket.gethostname()}): ranks "
+              f"{rank}-{rank + local - 1} of {dist.get_world_size()}", flush=True)
     control = dist.new_group(backend="gloo")  # python objects and flags, on CPU whatever the backend
     stop_request = StopRequest(run_dir / STOP_FILE if rank == 0 else None, control)
 
