@@ -275,7 +275,7 @@ def test_every_request_body_the_trainer_sends_is_read_by_sglangs_own_code_as_mea
                     "top_p": params.top_p, "top_k": "all" if params.top_k == -1 else params.top_k, "min_p": params.min_p,
                     "stop_token_ids": [arch.vocab_size - 1], "ignore_eos": False, "skip_special_tokens": False,
                     "no_stop_trim": True, "sampling_seed": r.params.sampling_seed} for r in requests]
-    assert len(meant) == 4 * 18  # 10 recipes: 8 MoE (the tiny one too) with R3 on and off, 2 dense
+    assert len(meant) == 4 * 20  # 11 recipes: 9 MoE (the two tiny ones too) with R3 on and off, 2 dense
     disk = DiskWeightSync(tmp_path / "weights")
     sync = DistributedWeightSync(["http://a:1", "http://b:2"], master_address="10.0.0.1", master_port=29600,
                                  server_tp=[2, 1], backend="nccl")

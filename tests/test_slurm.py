@@ -1,9 +1,11 @@
 """`dppo-megatron submit`: the rendered job for the cluster recipes, refusals before sbatch, and
-real jobs on a one-node SLURM cluster started for these tests (tests/slurm_cluster.py)."""
+real jobs on a three-node SLURM cluster started for these tests (tests/slurm_cluster.py: each
+node a network namespace of its own on this machine)."""
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -19,17 +21,21 @@ from dppo_megatron.run.placement import PlacementError, job_layout
 from dppo_megatron.run.run_dir import read_status
 from dppo_megatron.run.slurm import describe_job, job_problems, render
 from tests.slurm_cluster import ClusterUnavailable, SlurmCluster
+from tests.train_runs import QUICKSTART_AT_THE_END, comparable
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 QUICKSTART = RECIPES / "tiny" / "quickstart.yaml"
+THREE_NODE = RECIPES / "tiny" / "three-node.yaml"
 QWEN3_30B = RECIPES / "qwen3-30b-a3b" / "dppo-binary-tv.yaml"
 
 
-def submit(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = dict(env or os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "dppo_megatron", "submit", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=300)
+def submit(*args: str, cluster: SlurmCluster | None = None) -> subprocess.CompletedProcess:
+    """`dppo-megatron submit ARGS` here, or on the cluster's login node."""
+    command = [sys.executable, "-m", "dppo_megatron", "submit", *args]
+    env = dict(cluster.env if cluster else os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cluster.command(*command, cwd=REPO) if cluster else command, capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=300)
 
 
 def directives(script: str) -> list[str]:
@@ -54,6 +60,9 @@ def test_dry_run_of_the_30b_recipe_with_r3_renders_the_whole_job(tmp_path):
     assert "--nproc-per-node=8" in out and "-m dppo_megatron run-rank \"$RUN_DIR\" --job-layout \"$LAYOUT\"" in out
     assert out.count("--gpus-per-node=8 --kill-on-bad-exit") == 2  # both steps see the node's GPUs
     assert "serve-node \"$LAYOUT\"" in out
+    # Each step's own task count: the job's (one per node) is refused on a step of fewer nodes.
+    assert '--nodes="$NUM_SERVER_NODES" --ntasks="$NUM_SERVER_NODES"' in out
+    assert '--nodes="$NUM_LEARNER_NODES" --ntasks="$NUM_LEARNER_NODES"' in out
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
     layout = out[out.index("# job: 4 node(s)"):].splitlines()
@@ -133,22 +142,24 @@ def test_job_problems_accept_the_shipped_cluster_recipes():
         assert describe_job(recipe, Path("/tmp/run")).startswith("# job: ")
 
 
-# --- real jobs on a one-node SLURM cluster ------------------------------------------------------
+# --- real jobs on a three-node SLURM cluster -----------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     try:
-        with SlurmCluster(tmp_path_factory.mktemp("slurm")) as running:
+        with SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=3) as running:
             yield running
     except ClusterUnavailable as reason:
+        if os.environ.get("CI"):  # CI runs as root on a machine that has both: never skip there
+            pytest.fail(f"the SLURM test cluster did not start in CI: {reason}")
         pytest.skip(f"no SLURM cluster here: {reason}")
 
 
-def quickstart_job(cluster: SlurmCluster, run_dir: Path, *overrides: str) -> str:
-    """Submit the quickstart with ports of its own; return the job id."""
+def submit_job(cluster: SlurmCluster, run_dir: Path, *overrides: str, recipe: Path = QUICKSTART) -> str:
+    """Submit `recipe` from the login node with ports of its own; return the job id."""
     ports = [f"rollout.base_port={free_port()}", f"slurm.master_port={free_port()}", f"slurm.agent_port={free_port()}"]
-    result = submit(str(QUICKSTART), *ports, *overrides, "--run-dir", str(run_dir), env=cluster.env)
+    result = submit(str(recipe), *ports, *overrides, "--run-dir", str(run_dir), cluster=cluster)
     assert result.returncode == 0, result.stderr
     match = re.search(r"submitted job (\d+)", result.stdout)
     assert match, result.stdout
@@ -164,66 +175,127 @@ def wait_until_requeued(cluster: SlurmCluster, job_id: str, run_dir: Path, timeo
         time.sleep(0.5)
 
 
+def wait_for_steps(cluster: SlurmCluster, job_id: str, run_dir: Path, steps: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while len(read_metrics(run_dir)) < steps:
+        assert time.monotonic() < deadline and cluster.job_state(job_id), f"no step {steps}:\n{job_log(run_dir)}"
+        time.sleep(0.2)
+
+
 def job_log(run_dir: Path) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted((run_dir / "slurm").glob("job-*.out")))
 
 
 def test_a_missing_partition_is_refused_before_sbatch(cluster, tmp_path):
-    result = submit(str(QUICKSTART), "--partition", "h100", "--run-dir", str(tmp_path / "run"), env=cluster.env)
+    result = submit(str(QUICKSTART), "--partition", "h100", "--run-dir", str(tmp_path / "run"), cluster=cluster)
     assert result.returncode == 2
     assert "slurm.partition: no partition 'h100' on this cluster (partitions: debug*)" in result.stderr
     assert not (tmp_path / "run").exists()
-    too_big = submit(str(QUICKSTART), "learner.nodes=2", "--run-dir", str(tmp_path / "run"), env=cluster.env)
-    assert too_big.returncode == 2 and "the job needs 2 nodes" in too_big.stderr and "partition debug has 1" in too_big.stderr
+    too_big = submit(str(QUICKSTART), "learner.nodes=4", "--run-dir", str(tmp_path / "run"), cluster=cluster)
+    assert too_big.returncode == 2 and "the job needs 4 nodes" in too_big.stderr and "partition debug has 3" in too_big.stderr
 
 
-def test_a_stopped_job_checkpoints_requeues_and_resumes_to_completion_without_losing_a_step(cluster, tmp_path):
-    run_dir = tmp_path / "preempted"
+def assert_laid_out_on_three_nodes(cluster: SlurmCluster, run_dir: Path, job_id: str, runs: int) -> None:
+    """Learner rank 0 on node0, rank 1 on node1 (each run of the job says so), the server and its
+    agent on node2; the servers reached by node name, not loopback."""
+    log = job_log(run_dir)
+    for line in ("learner node 0 (node0): ranks 0-0 of 2", "learner node 1 (node1): ranks 1-1 of 2",
+                 "learner on node0,node1 (rendezvous node0:", "rollout servers on node2"):
+        assert log.count(line) == runs, (line, log[-3000:])
+    layout = json.loads((run_dir / "job" / "layout.json").read_text())
+    assert layout["learner_nodes"] == ["node0", "node1"] and layout["server_nodes"] == ["node2"]
+    port = layout["servers"][0]["spec"]["port"]
+    assert log.count(f"node2: 1 server(s) healthy: http://node2:{port}") == runs
+    assert read_status(run_dir)["state"] == "finished" and read_status(run_dir)["slurm_job_id"] == job_id
+    assert log.count("the trainer is done; stopping the servers") == runs, log[-3000:]  # told, not killed
+
+
+def test_a_three_node_job_stopped_and_requeued_matches_train_on_one_machine_step_for_step(
+        cluster, quickstart, tmp_path):
+    """recipes/tiny/three-node.yaml: learner ranks on node0 and node1 (EP=2 spans them: the
+    experts' all-to-all crosses nodes), the embedded engine on node2 under its agent, R3 on, the
+    weights sent to it over the network by the distributed sync. Stopped mid-run as before a time
+    limit (`scancel --signal=USR1 --batch`): checkpoint, requeue, resume on the same nodes. Every
+    step comes once, with the numbers of the quickstart trained on one machine by `train`."""
+    run_dir = tmp_path / "three-node"
     steps = 12
-    job_id = quickstart_job(cluster, run_dir, f"trainer.steps={steps}", "trainer.save_every=5", "trainer.eval_every=5")
-    deadline = time.monotonic() + 300
-    while len(read_metrics(run_dir)) < 4:
-        assert time.monotonic() < deadline and cluster.job_state(job_id), f"no step 4:\n{job_log(run_dir)}"
-        time.sleep(0.2)
-    # What SLURM sends before the time limit (--signal=B:USR1@N), sent now.
-    signalled = cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    job_id = submit_job(cluster, run_dir, f"trainer.steps={steps}", *QUICKSTART_AT_THE_END, recipe=THREE_NODE)
+    wait_for_steps(cluster, job_id, run_dir, 4)
+    signalled = cluster.run("scancel", "--signal=USR1", "--batch", job_id)  # as SLURM before the time limit
     assert signalled.returncode == 0, signalled.stderr
 
     wait_until_requeued(cluster, job_id, run_dir)
     stopped_at = latest_checkpoint(run_dir / "checkpoints")
     assert stopped_at is not None and 4 <= int(stopped_at.name.split("_")[1]) < steps
     # SLURM holds a requeued job for cred_expire seconds (10 on the test cluster) before it starts.
-
     assert cluster.wait_until_gone(job_id, timeout=400), f"job still {cluster.job_state(job_id)}:\n{job_log(run_dir)}"
     log = job_log(run_dir)
     assert f"job {job_id} (restart 1)" in log
     assert f"resumed from {stopped_at} at step {int(stopped_at.name.split('_')[1])}" in log
     assert f"finished: {steps} steps" in log, log[-3000:]
-    assert [m["step"] for m in read_metrics(run_dir)] == list(range(steps))  # none lost, none repeated
+    assert_laid_out_on_three_nodes(cluster, run_dir, job_id, runs=2)
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(steps))  # none lost, none repeated
+    assert comparable(metrics) == comparable(read_metrics(quickstart[0]))[:steps]
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{steps:08d}"
-    assert read_status(run_dir)["state"] == "finished" and read_status(run_dir)["slurm_job_id"] == job_id
-    layout = json.loads((run_dir / "job" / "layout.json").read_text())
-    assert layout["learner_nodes"] == ["localhost"] and layout["server_nodes"] == ["localhost"]
-    assert (run_dir / "logs").is_dir() and any((run_dir / "logs").iterdir())  # the embedded engine's log
-    # Both runs' agents stopped cleanly when told, not killed.
-    assert log.count("the trainer is done; stopping the servers") == 2, log[-3000:]
+    assert not (run_dir / "weights").exists() or not any((run_dir / "weights").iterdir())  # sent, not written
 
 
-def test_the_warning_before_the_time_limit_checkpoints_and_requeues(cluster, tmp_path):
-    """A two-minute job asking for USR1 100 s before its limit: SLURM's own signal, not ours. It
+def test_a_three_node_job_whose_server_is_killed_has_it_restarted_by_its_node_agent(cluster, quickstart, tmp_path):
+    """The same job with disk weight sync on the shared run directory: the server on node2 is
+    SIGKILLed mid-run; node2's agent restarts it when the trainer asks, it loads the current
+    weights from the run directory, and the run completes with the one-machine numbers."""
+    run_dir = tmp_path / "server-killed"
+    steps = 10
+    job_id = submit_job(cluster, run_dir, f"trainer.steps={steps}", *QUICKSTART_AT_THE_END,
+                        "rollout.weight_sync=disk", recipe=THREE_NODE)
+    wait_for_steps(cluster, job_id, run_dir, 3)
+    server = f"serve-embedded.*{run_dir}"
+    found = subprocess.run(["pgrep", "-f", server], capture_output=True, text=True)
+    victims = [int(pid) for pid in found.stdout.split()]
+    assert len(victims) == 1, found
+    assert victims[0] in cluster.processes_on(cluster.nodes[2])  # the server runs on node2
+    os.kill(victims[0], signal.SIGKILL)
+
+    assert cluster.wait_until_gone(job_id, timeout=400), f"job still {cluster.job_state(job_id)}:\n{job_log(run_dir)}"
+    log = job_log(run_dir)
+    assert f"finished: {steps} steps" in log, log[-3000:]
+    assert_laid_out_on_three_nodes(cluster, run_dir, job_id, runs=1)
+    agent = json.loads((run_dir / "job" / "layout.json").read_text())["agent_port"]
+    assert log.count(f"asking http://node2:{agent} to restart http://node2:") == 1, log[-3000:]
+    port = json.loads((run_dir / "job" / "layout.json").read_text())["servers"][0]["spec"]["port"]
+    assert f"restarting http://127.0.0.1:{port} (restart 1)" in log  # the agent, which sees it on loopback
+    assert comparable(read_metrics(run_dir)) == comparable(read_metrics(quickstart[0]))[:steps]
+
+
+def test_one_node_jobs_side_by_side_one_warned_before_its_time_limit_one_failing(cluster, tmp_path):
+    """Two one-node jobs at once (they share the cluster as users' jobs do).
+
+    A two-minute job asking for USR1 100 s before its limit: SLURM's own signal, not ours. It
     comes about 20 s in, while the job is still in its setup lines (a slow `module load`): the
-    stop waits for the trainer's first step instead of killing the starting job. Also runs
-    with R3 off but the engine's routes recorded: the learner's own routing then differs from
-    the engine's on some token-layer pairs, and the metric says how often."""
-    run_dir = tmp_path / "time-limited"
-    job_id = quickstart_job(cluster, run_dir, "trainer.steps=5000", "trainer.save_every=0", "trainer.eval_every=0",
-                            "--time", "2", "slurm.signal_seconds=100", "slurm.setup=['sleep 30']",
-                            "rollout.r3=false", "rollout.record_routes=true")
+    stop waits for the trainer's first step instead of killing the starting job. It runs with
+    R3 off but the engine's routes recorded: the learner's own routing then differs from the
+    engine's on some token-layer pairs, and the metric says how often.
+
+    A checkpoint directory with a config but no weights passes the recipe checks and fails in
+    the other job: its log says that it failed, and why."""
+    from dppo_megatron.run.run_dir import make_random_model
+
+    broken = tmp_path / "broken-model"
+    make_random_model(load_recipe(QUICKSTART), broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    run_dir, failing_dir = tmp_path / "time-limited", tmp_path / "failing"
+    job_id = submit_job(cluster, run_dir, "trainer.steps=5000", "trainer.save_every=0", "trainer.eval_every=0",
+                        "--time", "2", "slurm.signal_seconds=100", "slurm.setup=['sleep 30']",
+                        "rollout.r3=false", "rollout.record_routes=true")
+    failing_id = submit_job(cluster, failing_dir, "model.random_init=null", f"model.path={broken}", "trainer.steps=3")
+
     wait_until_requeued(cluster, job_id, run_dir)
     log = job_log(run_dir)
     cluster.run("scancel", job_id)  # requeued, it would run again and stop again
     caught = log.index("caught USR1: asking the trainer to checkpoint and stop")
-    assert caught < log.index("learner on localhost")  # caught during setup, before anything started
+    assert caught < log.index("learner on node")  # caught during setup, before anything started
     status = read_status(run_dir)
     assert status["state"] == "stopped" and 0 < status["step"] < 5000
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{status['step']:08d}"
@@ -232,21 +304,9 @@ def test_the_warning_before_the_time_limit_checkpoints_and_requeues(cluster, tmp
     agreement = [m["train/routing_agreement"] for m in read_metrics(run_dir)]
     assert all(0.5 < a < 1.0 for a in agreement), agreement
 
-
-def test_a_failing_job_writes_its_reason_into_the_log(cluster, tmp_path):
-    """A checkpoint directory with a config but no weights passes the recipe checks and fails
-    in the job: the job log says that it failed, and why."""
-    from dppo_megatron.run.run_dir import make_random_model
-
-    broken = tmp_path / "broken-model"
-    make_random_model(load_recipe(QUICKSTART), broken)
-    for weights in broken.glob("*.safetensors"):
-        weights.unlink()
-    run_dir = tmp_path / "failing"
-    job_id = quickstart_job(cluster, run_dir, "model.random_init=null", f"model.path={broken}", "trainer.steps=3")
-    assert cluster.wait_until_gone(job_id, timeout=400), job_log(run_dir)
-    log = job_log(run_dir)
+    assert cluster.wait_until_gone(failing_id, timeout=300), job_log(failing_dir)
+    log = job_log(failing_dir)
     assert "FAILED: the learner exited with code" in log, log[-3000:]
-    status = read_status(run_dir)
+    status = read_status(failing_dir)
     assert status["state"] == "failed" and str(broken) in status["message"], status
     assert status["message"] in log

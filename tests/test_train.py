@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -15,83 +14,21 @@ from dppo_megatron.learner.checkpoint import latest_checkpoint
 from dppo_megatron.processes import free_port
 from dppo_megatron.run.metrics import read_metrics
 from dppo_megatron.run.run_dir import read_status
-
-REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "recipes" / "tiny" / "quickstart.yaml"
-
-
-def start_train(run_dir: Path, *overrides: str, recipe: Path | None = QUICKSTART) -> subprocess.Popen:
-    command = [sys.executable, "-m", "dppo_megatron", "train"] + ([str(recipe)] if recipe else [])
-    command += ["--run-dir", str(run_dir), *overrides]
-    if recipe is not None and not any(o.startswith("rollout.base_port=") for o in overrides):
-        command.append(f"rollout.base_port={free_port()}")
-    log = open(run_dir.parent / f"{run_dir.name}.log", "ab")  # noqa: SIM115 - closed with the process
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def finish(process: subprocess.Popen, run_dir: Path, timeout: float) -> int:
-    try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        pytest.fail(f"training timed out after {timeout}s:\n{log_tail(run_dir)}")
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-def log_tail(run_dir: Path) -> str:
-    path = run_dir.parent / f"{run_dir.name}.log"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-40:]) if path.is_file() else ""
-
-
-def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while len(read_metrics(run_dir)) < steps:
-        if process.poll() is not None or time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            pytest.fail(f"no step {steps} (exit {process.poll()}):\n{log_tail(run_dir)}")
-        time.sleep(0.1)
-
-
-def comparable(metrics: list[dict]) -> list[dict]:
-    return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in metrics]
-
-
-def readme_main_command() -> list[str]:
-    """The README's main set-up command, after its install step."""
-    from tests.test_readme import readme_commands
-
-    main = next(c for c in readme_commands() if c.startswith("pip install") and "pytest" not in c)
-    return main.split("&&", 1)[1].split()
+from tests.train_runs import (
+    QUICKSTART,
+    QUICKSTART_AT_THE_END,
+    QUICKSTART_STEPS,
+    comparable,
+    finish,
+    log_tail,
+    readme_main_command,
+    start_train,
+    wait_for_steps,
+)
 
 
 def test_readme_main_command_trains_the_quickstart():
     assert readme_main_command() == ["dppo-megatron", "train", "recipes/tiny/quickstart.yaml"]
-
-
-# Evaluation and checkpoint at the end only: what the tests below look at, and no more; and
-# asynchronous rollouts (step k trains on samples of step k - 1's weights), so that learning
-# and kill-and-resume are shown for the mode with the most state.
-QUICKSTART_AT_THE_END = ["trainer.eval_every=120", "trainer.save_every=120", "trainer.max_staleness=1"]
-# The README's run takes 200 steps; mastery (reward and held-out reward above 0.9, no response
-# running out of room) comes by step ~100, so the suite stops at 120.
-QUICKSTART_STEPS = 120
-
-
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    """The README's main command (run from the repository root, into a temporary run dir): one
-    120-step run that the learning, export, evaluate and resume tests share."""
-    run_dir = tmp_path_factory.mktemp("quickstart") / "run"
-    started = time.monotonic()
-    _, _, recipe = readme_main_command()
-    code = finish(start_train(run_dir, f"trainer.steps={QUICKSTART_STEPS}", *QUICKSTART_AT_THE_END,
-                              recipe=REPO / recipe), run_dir, timeout=600)
-    assert code == 0, log_tail(run_dir)
-    return run_dir, time.monotonic() - started
 
 
 def test_quickstart_learns_the_toy_task_from_chance_to_mastery(quickstart):
