@@ -192,10 +192,11 @@ def test_a_missing_partition_is_refused_before_sbatch(cluster, tmp_path):
     assert "slurm.partition: no partition 'h100' on this cluster (partitions: debug*)" in result.stderr
     assert not (tmp_path / "run").exists()
     too_big = submit(str(QUICKSTART), "learner.nodes=4", "--run-dir", str(tmp_path / "run"), cluster=cluster)
-    assert too_big.returncode == 2 and "the job needs 4 nodes" in too_big.stderr and "partition debug has 3" in too_big.stderr
+    assert too_big.returncode == 2
+    assert "the job needs 4 nodes" in too_big.stderr and "partition debug has 3" in too_big.stderr
 
 
-def assert_laid_out_on_three_nodes(cluster: SlurmCluster, run_dir: Path, job_id: str, runs: int) -> None:
+def assert_laid_out_on_three_nodes(run_dir: Path, job_id: str, runs: int) -> None:
     """Learner rank 0 on node0, rank 1 on node1 (each run of the job says so), the server and its
     agent on node2; the servers reached by node name, not loopback."""
     log = job_log(run_dir)
@@ -233,7 +234,7 @@ def test_a_three_node_job_stopped_and_requeued_matches_train_on_one_machine_step
     assert f"job {job_id} (restart 1)" in log
     assert f"resumed from {stopped_at} at step {int(stopped_at.name.split('_')[1])}" in log
     assert f"finished: {steps} steps" in log, log[-3000:]
-    assert_laid_out_on_three_nodes(cluster, run_dir, job_id, runs=2)
+    assert_laid_out_on_three_nodes(run_dir, job_id, runs=2)
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(steps))  # none lost, none repeated
     assert comparable(metrics) == comparable(read_metrics(quickstart[0]))[:steps]
@@ -260,7 +261,7 @@ def test_a_three_node_job_whose_server_is_killed_has_it_restarted_by_its_node_ag
     assert cluster.wait_until_gone(job_id, timeout=400), f"job still {cluster.job_state(job_id)}:\n{job_log(run_dir)}"
     log = job_log(run_dir)
     assert f"finished: {steps} steps" in log, log[-3000:]
-    assert_laid_out_on_three_nodes(cluster, run_dir, job_id, runs=1)
+    assert_laid_out_on_three_nodes(run_dir, job_id, runs=1)
     agent = json.loads((run_dir / "job" / "layout.json").read_text())["agent_port"]
     assert log.count(f"asking http://node2:{agent} to restart http://node2:") == 1, log[-3000:]
     port = json.loads((run_dir / "job" / "layout.json").read_text())["servers"][0]["spec"]["port"]
