@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dppo_megatron.algo import AGGREGATIONS, group_advantages, policy_loss
+from dppo_megatron.algo import AGGREGATIONS, LOSS_MODES, group_advantages, needs_old_logprob, policy_loss
 
 
 def batch(seed=0, b=4, length=6):
@@ -81,16 +81,23 @@ def test_padding_with_infinite_logprobs_does_not_poison_the_loss():
     assert all(torch.isfinite(v) for v in metrics.values())
 
 
-def test_ratio_cap_bounds_the_importance_weight():
-    lp, mu = torch.log(torch.tensor([[0.5]])), torch.log(torch.tensor([[0.01]]))
-    lp.requires_grad_()
-    loss, metrics = policy_loss(lp, mu, torch.tensor([1.0]), torch.ones(1, 1, dtype=torch.bool), mode="pg_is", ratio_cap=10.0)
-    (grad,) = torch.autograd.grad(loss, lp)
-    assert grad.item() == pytest.approx(-10.0)
-    assert metrics["ratio_max"].item() == pytest.approx(50.0)
+def test_pg_is_weights_the_papers_rare_token_by_its_whole_ratio_and_pg_tis_truncates_it():
+    """The paper's rare-token case: mu = 1e-5 risen to pi = 1e-3 has r = 100. PG-IS (the
+    authors' run: truncation off) weights it 100; PG-TIS at cap 10 weights it 10."""
+    lp, mu = torch.log(torch.tensor([[1e-3]], dtype=torch.float64)), torch.log(torch.tensor([[1e-5]], dtype=torch.float64))
+    one = (torch.tensor([1.0], dtype=torch.float64), torch.ones(1, 1, dtype=torch.bool))
+    for mode, cap, weight in [("pg_is", None, 100.0), ("pg_tis", 10.0, 10.0)]:
+        lp_ = lp.clone().requires_grad_()
+        loss, metrics = policy_loss(lp_, mu, *one, mode=mode, ratio_cap=cap)
+        (grad,) = torch.autograd.grad(loss, lp_)
+        assert grad.item() == pytest.approx(-weight), mode
+        assert metrics["ratio_max"].item() == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="pg_tis.*ratio_cap"):
+        policy_loss(lp, mu, *one, mode="pg_tis")
 
 
 def test_cispo_truncates_the_weight_at_one_plus_high_and_keeps_every_token():
+    """MiniMax-M1's CISPO: weight sg(min(r, 1 + eps_high)), no token masked."""
     lp = torch.log(torch.tensor([[0.9, 0.1]])).requires_grad_()
     mu = torch.log(torch.tensor([[0.3, 0.3]]))
     loss, metrics = policy_loss(lp, mu, torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool), mode="cispo", high=0.28)
@@ -116,6 +123,15 @@ def test_metrics_on_a_constructed_batch():
     assert m["kl_k3"].item() == pytest.approx((ratio - 1 - ratio.log()).mean().item())
     assert m["masked_low_prob_frac"].item() == pytest.approx(0.0)
     assert m["tokens"] == 4 and m["tokens_pos"] == 2 and m["tokens_neg"] == 2 and m["tokens_masked"] == 2
+
+
+def test_masked_fraction_counts_only_tokens_with_a_gradient_to_lose():
+    """A = 0 tokens carry no gradient: the authors' clip fraction leaves them out of the
+    denominator, and so does masked_frac."""
+    pi, mu = torch.tensor([[0.5, 0.3, 0.3, 0.3]]), torch.tensor([[0.2, 0.3, 0.3, 0.3]])
+    adv = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    _, m = policy_loss(pi.log(), mu.log(), adv, torch.ones(1, 4, dtype=torch.bool), mode="dppo_binary_tv")
+    assert m["masked_frac"].item() == pytest.approx(0.5) and m["tokens_signed"] == 2 and m["tokens"] == 4
 
 
 def test_masked_low_probability_fraction_counts_rare_rollout_tokens():
@@ -156,3 +172,108 @@ def test_group_advantages_refuse_ragged_groups():
         group_advantages(torch.zeros(6), 4)
     with pytest.raises(ValueError, match="group_size >= 2"):
         group_advantages(torch.zeros(3), 1, normalize_std=True)
+
+
+# --- every mode against its formula, written here from the paper and the authors' code --------
+
+
+def reference_loss(mode, logprob, rollout_logprob, advantages, mask, *, low, high, ratio_cap=None, relax_below=None,
+                   topk_tv=None, topk_kl=None, old_logprob=None):
+    """Token-mean loss and its gradient in log pi, in float64, token by token:
+    loss_t = -A * w * keep * log pi with r = exp(clamp(log pi - log mu, -20, 20)), w = r
+    truncated at ratio_cap (PG-TIS) and at 1 + high (CISPO) and held constant, keep from the
+    mode's rule against mu (or against the recomputed old policy)."""
+    count = int(mask.sum())
+    total, grad = 0.0, torch.zeros(logprob.shape, dtype=torch.float64)
+    for b in range(logprob.shape[0]):
+        for t in range(logprob.shape[1]):
+            if not mask[b, t]:
+                continue
+            a, lp = float(advantages[b]), float(logprob[b, t])
+            anchor = float((old_logprob if mode.endswith("_recompute") else rollout_logprob)[b, t])
+            pi, mu_anchor = math.exp(lp), math.exp(anchor)
+            r = math.exp(min(max(lp - float(rollout_logprob[b, t]), -20.0), 20.0))
+            r_anchor = math.exp(lp - anchor)
+            rule = mode.removesuffix("_recompute")
+            if rule == "dppo_binary_tv":
+                drop = (a > 0 and pi - mu_anchor > high) or (a < 0 and pi - mu_anchor < -low)
+            elif rule in ("dppo_binary_kl", "dppo_topk_tv", "dppo_topk_kl"):
+                if rule == "dppo_binary_kl":
+                    d = mu_anchor * math.log(mu_anchor / pi) + (1 - mu_anchor) * math.log((1 - mu_anchor) / (1 - pi))
+                else:
+                    d = float((topk_tv if rule == "dppo_topk_tv" else topk_kl)[b, t])
+                drop = (a > 0 and pi > mu_anchor and d > high) or (a < 0 and pi < mu_anchor and d > low)
+            elif rule.startswith("grpo"):
+                up, down = a > 0 and r_anchor > 1 + high, a < 0 and r_anchor < 1 - low
+                if rule in ("grpo_relax_high", "grpo_relax_both"):
+                    up = up and mu_anchor >= relax_below
+                if rule in ("grpo_relax_low", "grpo_relax_both"):
+                    down = down and mu_anchor >= relax_below
+                drop = up or down
+            else:
+                drop = False  # cispo, pg_is, pg_tis
+            w = r if ratio_cap is None else min(r, ratio_cap)
+            if mode == "cispo":
+                w = min(w, 1 + high)
+            if not drop:
+                total += -a * w * lp / count
+                grad[b, t] = -a * w / count
+    return total, grad
+
+
+def mode_inputs(mode, seed=0, b=6, length=7):
+    """Random float64 tokens with shifts big enough that every rule drops some and keeps some."""
+    gen = torch.Generator().manual_seed(seed)
+    rollout = torch.log(torch.rand(b, length, generator=gen, dtype=torch.float64) * 0.98 + 0.01)
+    logprob = (rollout + 0.8 * torch.randn(b, length, generator=gen, dtype=torch.float64)).clamp(max=-1e-4)
+    mask = torch.rand(b, length, generator=gen) > 0.15
+    advantages = torch.tensor([1.0, -0.5, 2.0, -1.0, 0.0, 0.7], dtype=torch.float64)[:b]
+    extra = dict(low=0.2, high=0.28) if mode.startswith("grpo") or mode == "cispo" else dict(low=0.15, high=0.15)
+    extra.update(topk_tv=torch.rand(b, length, generator=gen, dtype=torch.float64) * 0.3,
+                 topk_kl=torch.rand(b, length, generator=gen, dtype=torch.float64) * 0.3)
+    if needs_old_logprob(mode):
+        noise = 0.2 * torch.randn(b, length, generator=gen, dtype=torch.float64)
+        extra["old_logprob"] = (rollout + noise).clamp(max=-1e-4)
+    if mode.startswith("grpo_relax"):
+        extra["relax_below"] = 0.3
+    if mode == "pg_tis":
+        extra["ratio_cap"] = 2.0
+    return logprob, rollout, advantages, mask, extra
+
+
+@pytest.mark.parametrize("mode", LOSS_MODES)
+def test_every_mode_gives_the_loss_and_gradient_of_its_formula(mode):
+    logprob, rollout, adv, mask, extra = mode_inputs(mode)
+    expected_loss, expected_grad = reference_loss(mode, logprob, rollout, adv, mask, **extra)
+    lp = logprob.clone().requires_grad_()
+    loss, metrics = policy_loss(lp, rollout, adv, mask, mode=mode, **extra)
+    (grad,) = torch.autograd.grad(loss, lp)
+    # The weight is computed in float32 (as in training): agreement to float32 precision.
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-6, abs=1e-9)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-9)
+    # The inputs exercise the rule: some tokens with A != 0 kept, and (where there is a mask) some dropped.
+    signed = mask & (adv[:, None] != 0)
+    dropped = signed & (expected_grad == 0)
+    assert (signed & (expected_grad != 0)).any(), mode
+    assert dropped.any() == (mode not in ("cispo", "pg_is", "pg_tis")), mode
+    assert metrics["tokens_masked"].item() == dropped.sum().item()
+    assert metrics["masked_frac"].item() == pytest.approx(dropped.sum().item() / signed.sum().item())
+
+
+@pytest.mark.parametrize("mode", LOSS_MODES)
+def test_every_mode_stays_finite_at_the_edges(mode):
+    """pi = mu, mu = 1, log(pi/mu) = 100 (pi = 1, mu = e^-100: the ratio is e^100 unclamped)
+    and A = 0, with and without a ratio cap: loss, gradient and every metric are finite."""
+    logprob = torch.tensor([[-0.5, -1e-6, 0.0, -0.7], [-2.0, 0.0, -100.0, -0.1]], dtype=torch.float64)
+    rollout = torch.tensor([[-0.5, 0.0, -100.0, -0.7], [-2.0, -100.0, 0.0, -0.1]], dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    _, _, _, _, extra = mode_inputs(mode, b=2, length=4)
+    for advantages in (adv, torch.zeros(2, dtype=torch.float64)):
+        for cap in ({"ratio_cap": None} if mode != "pg_tis" else {}, {"ratio_cap": 10.0}):
+            lp = logprob.clone().requires_grad_()
+            loss, metrics = policy_loss(lp, rollout, advantages, mask, mode=mode, **{**extra, **cap})
+            (grad,) = torch.autograd.grad(loss, lp)
+            assert torch.isfinite(loss) and torch.isfinite(grad).all(), (mode, cap)
+            assert all(torch.isfinite(v) for v in metrics.values()), (mode, cap, metrics)
+            assert metrics["ratio_max"].item() == pytest.approx(math.exp(20.0))  # the clamp, not inf

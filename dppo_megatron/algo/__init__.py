@@ -3,7 +3,7 @@
 - `token_stats`: vocab-parallel log pi, entropy, and top-K TV/KL against the rollout policy.
 - `binary_tv`, `binary_kl`: divergences at the sampled token.
 - `trust_region_mask`: which tokens keep their gradient, for every loss mode.
-- `policy_loss`: the DPPO / GRPO / CISPO / PG-IS loss with its metrics.
+- `policy_loss`: the DPPO / GRPO / CISPO / PG-IS / PG-TIS loss with its metrics.
 - `group_advantages`: GRPO / Dr.GRPO group-relative advantages.
 """
 
@@ -15,6 +15,8 @@ from dppo_megatron.algo.trust_region import (
     LOSS_MODES,
     TRUST_REGIONS,
     needs_old_logprob,
+    needs_ratio_cap,
+    needs_relax_below,
     needs_topk,
     trust_region_mask,
 )
@@ -28,6 +30,8 @@ __all__ = [
     "binary_tv",
     "group_advantages",
     "needs_old_logprob",
+    "needs_ratio_cap",
+    "needs_relax_below",
     "needs_topk",
     "policy_loss",
     "token_stats",

@@ -1,9 +1,12 @@
 """The policy-gradient loss shared by DPPO and its baselines.
 
-Per token: -A * sg(min(pi/mu, cap)) * M * log pi, where M is the mode's trust-region mask
-(`trust_region.py`) and mu the rollout engine's own probability of the sampled token. The
-importance weight is always taken against mu, the policy that actually produced the sample;
-the `_recompute` ablations only move the mask's anchor.
+Per token: -A * sg(w) * M * log pi, where M is the mode's trust-region mask (`trust_region.py`),
+mu the rollout engine's own probability of the sampled token and w the importance weight
+r = pi/mu, truncated at `ratio_cap` when one is set (PG-TIS needs one), and at 1 + high for
+CISPO. The weight is always taken against mu, the policy that actually produced the sample;
+the `_recompute` ablations only move the mask's anchor. log r is clamped to [-20, 20] first, as
+in the authors' code: a token whose probability moved by e^88 or more would otherwise make r
+infinite, and its NaN gradient (inf * 0 through the mask) would poison the whole batch.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import torch
 
 from dppo_megatron.algo.trust_region import broadcast_advantages, trust_region, trust_region_mask
+
+LOG_RATIO_CLAMP = 20.0
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # Tokens whose rollout probability is below this count as "low-probability" in the metrics.
@@ -26,7 +31,8 @@ def policy_loss(
     mode: str = "dppo_binary_tv",
     low: float = 0.15,
     high: float = 0.15,
-    ratio_cap: float | None = 10.0,
+    ratio_cap: float | None = None,
+    relax_below: float | None = None,
     aggregation: str = "token-mean",
     max_response_len: int | None = None,
     topk_tv: torch.Tensor | None = None,
@@ -43,7 +49,9 @@ def policy_loss(
         response_mask: [B, L], true on response tokens that count.
         mode: a key of `trust_region.TRUST_REGIONS`.
         low, high: the trust-region thresholds for A < 0 and A > 0 tokens.
-        ratio_cap: cap c of the importance weight (None: no cap).
+        ratio_cap: cap c of the importance weight (None: no cap; `pg_tis` needs one).
+        relax_below: for the `grpo_relax_*` modes, the rollout probability below which
+            ratio-clipped tokens on the relaxed side are kept.
         aggregation: one of AGGREGATIONS; `seq-mean-token-sum-norm` (Dr.GRPO) divides each
             sequence's token sum by the fixed `max_response_len`.
         denominator: the count to divide by instead of this batch's own (tokens for
@@ -66,14 +74,18 @@ def policy_loss(
     if aggregation != "token-mean" and logprob.dim() != 2:
         raise ValueError(f"aggregation {aggregation!r} needs [B, L] tensors, got {tuple(logprob.shape)}")
     region = trust_region(mode)
+    if region.truncate_weight_at_cap and ratio_cap is None:
+        raise ValueError(f"loss mode {mode!r} truncates the importance weight at ratio_cap: give one")
     keep = trust_region_mask(
         mode, logprob, rollout_logprob, advantages, low=low, high=high,
-        topk_tv=topk_tv, topk_kl=topk_kl, old_logprob=old_logprob,
+        topk_tv=topk_tv, topk_kl=topk_kl, old_logprob=old_logprob, relax_below=relax_below,
     )
     advantages = broadcast_advantages(advantages, logprob).to(logprob.dtype)
     response_mask = response_mask.bool()
 
-    log_ratio = (logprob.detach() - rollout_logprob).float()
+    # Off the response (padding may hold -inf logprobs) the ratio is 1: finite everywhere.
+    log_ratio = torch.where(response_mask, (logprob.detach() - rollout_logprob).float(), 0.0)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()
     cap = ratio_cap
     if region.truncate_weight_at_high:
@@ -108,10 +120,11 @@ def _metrics(ratio, log_ratio, rollout_logprob, advantages, response_mask, keep)
     tokens = response_mask
     dropped = tokens & ~keep
     pos, neg = tokens & (advantages > 0), tokens & (advantages < 0)
-    rollout_prob = rollout_logprob.float().exp()
+    rollout_prob = torch.where(tokens, rollout_logprob.float(), 0.0).exp()
     prob = ratio * rollout_prob
     return {
-        "masked_frac": mean(dropped.float(), tokens),
+        # Of the tokens with a gradient to lose (A != 0), as the authors' clip fraction counts.
+        "masked_frac": mean(dropped.float(), pos | neg),
         "masked_frac_pos": mean(dropped.float(), pos),
         "masked_frac_neg": mean(dropped.float(), neg),
         "mismatch_tv": mean((prob - rollout_prob).abs(), tokens),
@@ -122,5 +135,6 @@ def _metrics(ratio, log_ratio, rollout_logprob, advantages, response_mask, keep)
         "tokens": tokens.sum().float(),
         "tokens_pos": pos.sum().float(),
         "tokens_neg": neg.sum().float(),
+        "tokens_signed": (pos | neg).sum().float(),
         "tokens_masked": dropped.sum().float(),
     }

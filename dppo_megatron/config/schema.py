@@ -81,7 +81,10 @@ class LossSection:
     mode: Literal[LOSS_MODES] = doc("trust region / policy loss (see docs/algorithm.md)", "dppo_binary_tv")
     low: float = doc("threshold for A < 0 tokens (TV 0.15, KL 0.05, clip 0.2)", 0.15)
     high: float = doc("threshold for A > 0 tokens (TV 0.15, KL 0.05, clip-higher 0.28)", 0.15)
-    ratio_cap: float | None = doc("cap of the importance weight pi/mu (null: none)", 10.0)
+    ratio_cap: float | None = doc("truncate the importance weight pi/mu at this (null: no truncation, as the "
+                                  "authors' runs; pg_tis needs one)", None)
+    relax_below: float | None = doc("grpo_relax_* modes: keep ratio-clipped tokens on the relaxed side whose "
+                                    "rollout probability is below this", None)
     aggregation: Literal[AGGREGATIONS] = doc("how token losses are averaged; seq-mean-token-sum-norm is Dr.GRPO",
                                              "token-mean")
     normalize_std: bool = doc("divide group advantages by the group's std (GRPO); false is Dr.GRPO", False)

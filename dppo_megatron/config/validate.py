@@ -8,7 +8,7 @@ import importlib.util
 import re
 from pathlib import Path
 
-from dppo_megatron.algo.trust_region import needs_topk
+from dppo_megatron.algo.trust_region import needs_ratio_cap, needs_relax_below, needs_topk
 from dppo_megatron.config.loading import RecipeError, apply_overrides, build, read_yaml
 from dppo_megatron.config.placement import learner_world_size, server_room
 from dppo_megatron.config.schema import Recipe
@@ -112,6 +112,13 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
                                                            f"for {rollout.servers} servers")
     need(loss.low > 0 and loss.high > 0, f"loss.low/loss.high: thresholds must be > 0, got {loss.low}/{loss.high}")
     need(loss.ratio_cap is None or loss.ratio_cap >= 1, f"loss.ratio_cap: null or >= 1, got {loss.ratio_cap}")
+    if needs_ratio_cap(loss.mode):
+        need(loss.ratio_cap is not None, f"loss.mode {loss.mode} truncates the importance weight: set loss.ratio_cap")
+    if needs_relax_below(loss.mode):
+        need(loss.relax_below is not None and 0 < loss.relax_below <= 1,
+             f"loss.mode {loss.mode}: loss.relax_below must be a rollout probability in (0, 1], got {loss.relax_below}")
+    else:
+        need(loss.relax_below is None, f"loss.relax_below: only the grpo_relax_* modes use it (loss.mode {loss.mode})")
     if needs_topk(loss.mode):
         need(rollout.topk_logprobs >= 1, f"loss.mode {loss.mode} compares top-K distributions: "
                                          "rollout.topk_logprobs must be >= 1")

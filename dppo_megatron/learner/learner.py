@@ -36,7 +36,8 @@ class LossConfig:
     mode: str = "dppo_binary_tv"
     low: float = 0.15
     high: float = 0.15
-    ratio_cap: float | None = 10.0
+    ratio_cap: float | None = None
+    relax_below: float | None = None
     aggregation: str = "token-mean"
     max_response_len: int | None = None
     temperature: float = 1.0  # the rollout engine's sampling temperature
@@ -45,11 +46,11 @@ class LossConfig:
 
 # How micro-batch metrics combine: a weighted mean by the named count, a max, or a sum.
 METRIC_WEIGHTS = {
-    "masked_frac": "tokens", "masked_frac_pos": "tokens_pos", "masked_frac_neg": "tokens_neg",
+    "masked_frac": "tokens_signed", "masked_frac_pos": "tokens_pos", "masked_frac_neg": "tokens_neg",
     "mismatch_tv": "tokens", "ratio_mean": "tokens", "kl_k3": "tokens",
     "masked_low_prob_frac": "tokens_masked", "entropy": "tokens",
 }
-SUMMED_METRICS = ("loss", "tokens", "tokens_pos", "tokens_neg", "tokens_masked")
+SUMMED_METRICS = ("loss", "tokens", "tokens_pos", "tokens_neg", "tokens_signed", "tokens_masked")
 MAX_METRICS = ("ratio_max",)
 
 
@@ -192,7 +193,8 @@ class Learner:
         loss, metrics = policy_loss(
             stats.logprob, batch.rollout_logprobs[:, 1:].to(logits.device).float(),
             batch.advantages.to(logits.device), mask, mode=loss_config.mode, low=loss_config.low,
-            high=loss_config.high, ratio_cap=loss_config.ratio_cap, aggregation=loss_config.aggregation,
+            high=loss_config.high, ratio_cap=loss_config.ratio_cap, relax_below=loss_config.relax_below,
+            aggregation=loss_config.aggregation,
             max_response_len=loss_config.max_response_len, denominator=denominator,
             topk_tv=stats.topk_tv, topk_kl=stats.topk_kl, old_logprob=old,
         )
