@@ -170,7 +170,7 @@ def test_every_sglang_command_line_of_the_shipped_recipes_parses_with_sglangs_se
                 assert command[1:3] == ["-m", "sglang.launch_server"]
                 lines.append([f"{path.parent.name}/{path.name} {' '.join(overrides)}", command[3:]])
                 expected.append([lines[-1][0], "0", spec.routed_experts, spec.deterministic, spec.tp, spec.port])
-    assert len({name for name, _ in lines}) == 25  # 7 MoE recipes with R3 on and off, 2 dense, 9 deterministic
+    assert len({name for name, _ in lines}) == 46  # 14 MoE recipes with R3 on and off, 2 dense, 16 deterministic
     code, output = sglang.run(SGLANG_PARSES, stdin=json.dumps(lines))
     assert code == 0, output[-3000:]
     parsed = [json.loads(line) for line in output.splitlines() if line.startswith("[")]
@@ -275,7 +275,7 @@ def test_every_request_body_the_trainer_sends_is_read_by_sglangs_own_code_as_mea
                     "top_p": params.top_p, "top_k": "all" if params.top_k == -1 else params.top_k, "min_p": params.min_p,
                     "stop_token_ids": [arch.vocab_size - 1], "ignore_eos": False, "skip_special_tokens": False,
                     "no_stop_trim": True, "sampling_seed": r.params.sampling_seed} for r in requests]
-    assert len(meant) == 4 * 20  # 11 recipes: 9 MoE (the two tiny ones too) with R3 on and off, 2 dense
+    assert len(meant) == 4 * 34  # 18 recipes: 16 MoE (the two tiny ones too) with R3 on and off, 2 dense
     disk = DiskWeightSync(tmp_path / "weights")
     sync = DistributedWeightSync(["http://a:1", "http://b:2"], master_address="10.0.0.1", master_port=29600,
                                  server_tp=[2, 1], backend="nccl")
