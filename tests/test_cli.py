@@ -36,10 +36,17 @@ def test_plot_draws_the_runs_that_have_steps_and_names_those_skipped(tmp_path):
     good, failed = tmp_path / "quickstart-1", tmp_path / "quickstart-2"
     good.mkdir()
     failed.mkdir()  # a run that failed before its first step
+    by_mu = {f"train/{name}/{bucket}": 0.1 for bucket in ("0-0.01", "0.01-0.1", "0.1-0.5", "0.5-0.9", "0.9-1")
+             for name in ("masked_frac_by_mu/pos", "masked_frac_by_mu/neg", "mismatch_tv_by_mu", "tokens_by_mu/pos",
+                          "tokens_by_mu/neg", "tokens_by_mu")}
     (good / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": step, "reward/mean": step / 10, "response/length_mean": 4.0}) + "\n" for step in range(5)))
+        json.dumps({"step": step, "reward/mean": step / 10, "response/length_mean": 4.0, **by_mu}) + "\n"
+        for step in range(5)))
     result = subprocess.run([sys.executable, "-m", "dppo_megatron", "plot", str(good), str(failed), "--out",
                              str(tmp_path / "plots")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"skipped (no steps yet): {failed}" in result.stderr
     assert (tmp_path / "plots" / "reward.png").stat().st_size > 1000
+    # By bucket of the rollout probability: bars per run.
+    assert (tmp_path / "plots" / "masked_by_mu.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "mismatch_by_mu.png").stat().st_size > 1000

@@ -125,6 +125,25 @@ def test_metrics_on_a_constructed_batch():
     assert m["tokens"] == 4 and m["tokens_pos"] == 2 and m["tokens_neg"] == 2 and m["tokens_masked"] == 2
 
 
+def test_masked_fraction_and_mismatch_by_rollout_probability_bucket_and_advantage_sign():
+    """The paper's point, as a metric: ratio clipping masks the rare tokens (mu < 0.01, here
+    risen 50x) and lets a likely token fall from 0.99 to 0.8; binary TV does the opposite."""
+    mu = torch.tensor([[0.002, 0.004, 0.05, 0.3, 0.7, 0.95, 0.99]])
+    pi = torch.tensor([[0.1, 0.2, 0.06, 0.3, 0.7, 0.96, 0.8]])
+    adv = torch.tensor([[1.0, 1.0, 1.0, -1.0, -1.0, 1.0, -1.0]])
+    mask = torch.ones(1, 7, dtype=torch.bool)
+    _, grpo = policy_loss(pi.log(), mu.log(), adv, mask, mode="grpo", low=0.2, high=0.28)
+    _, tv = policy_loss(pi.log(), mu.log(), adv, mask, mode="dppo_binary_tv")
+    assert grpo["masked_frac_by_mu/pos/0-0.01"].item() == 1.0 and tv["masked_frac_by_mu/pos/0-0.01"].item() == 0.5
+    assert grpo["masked_frac_by_mu/neg/0.9-1"].item() == 0.0 and tv["masked_frac_by_mu/neg/0.9-1"].item() == 1.0
+    assert grpo["tokens_by_mu/pos/0-0.01"] == 2 and grpo["tokens_by_mu/0.9-1"] == 2 and grpo["tokens_by_mu/neg/0.9-1"] == 1
+    assert grpo["mismatch_tv_by_mu/0-0.01"].item() == pytest.approx((0.098 + 0.196) / 2)
+    assert grpo["mismatch_tv_by_mu/0.1-0.5"].item() == pytest.approx(0.0, abs=1e-7)
+    assert grpo["masked_frac_by_mu/neg/0.01-0.1"].item() == 0.0 and grpo["tokens_by_mu/neg/0.01-0.1"] == 0
+    # Every token falls in exactly one bucket.
+    assert sum(grpo[f"tokens_by_mu/{b}"] for b in ("0-0.01", "0.01-0.1", "0.1-0.5", "0.5-0.9", "0.9-1")) == 7
+
+
 def test_masked_fraction_counts_only_tokens_with_a_gradient_to_lose():
     """A = 0 tokens carry no gradient: the authors' clip fraction leaves them out of the
     denominator, and so does masked_frac."""

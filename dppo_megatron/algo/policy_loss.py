@@ -20,6 +20,21 @@ LOG_RATIO_CLAMP = 20.0
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # Tokens whose rollout probability is below this count as "low-probability" in the metrics.
 LOW_PROB = 0.1
+# Buckets of the rollout probability mu for the metrics the paper argues with: which tokens a
+# mode masks, and how far pi moved from mu, by how likely the rollout found the token.
+MU_BUCKETS = ((0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 0.9), (0.9, 1.0))
+
+
+def mu_bucket_name(low: float, high: float) -> str:
+    return f"{low:g}-{high:g}"
+
+
+# Each by-mu metric and the count that weighs it when micro-batches and ranks are combined.
+BY_MU_WEIGHTS = {
+    **{f"mismatch_tv_by_mu/{mu_bucket_name(*b)}": f"tokens_by_mu/{mu_bucket_name(*b)}" for b in MU_BUCKETS},
+    **{f"masked_frac_by_mu/{sign}/{mu_bucket_name(*b)}": f"tokens_by_mu/{sign}/{mu_bucket_name(*b)}"
+       for sign in ("pos", "neg") for b in MU_BUCKETS},
+}
 
 
 def policy_loss(
@@ -122,7 +137,16 @@ def _metrics(ratio, log_ratio, rollout_logprob, advantages, response_mask, keep)
     pos, neg = tokens & (advantages > 0), tokens & (advantages < 0)
     rollout_prob = torch.where(tokens, rollout_logprob.float(), 0.0).exp()
     prob = ratio * rollout_prob
-    return {
+    by_mu = {}
+    for low, high in MU_BUCKETS:
+        name = mu_bucket_name(low, high)
+        in_bucket = tokens & (rollout_prob >= low) & ((rollout_prob < high) if high < 1.0 else True)
+        by_mu[f"mismatch_tv_by_mu/{name}"] = mean((prob - rollout_prob).abs(), in_bucket)
+        by_mu[f"tokens_by_mu/{name}"] = in_bucket.sum().float()
+        for sign, side in (("pos", pos), ("neg", neg)):
+            by_mu[f"masked_frac_by_mu/{sign}/{name}"] = mean(dropped.float(), in_bucket & side)
+            by_mu[f"tokens_by_mu/{sign}/{name}"] = (in_bucket & side).sum().float()
+    return by_mu | {
         # Of the tokens with a gradient to lose (A != 0), as the authors' clip fraction counts.
         "masked_frac": mean(dropped.float(), pos | neg),
         "masked_frac_pos": mean(dropped.float(), pos),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from dppo_megatron.algo.policy_loss import MU_BUCKETS, mu_bucket_name
 from dppo_megatron.run.metrics import read_metrics
 
 # (file name, title, metric names: the first one a run has is drawn)
@@ -64,6 +65,46 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, labels: list[str] | None = No
             figure.savefig(path, dpi=100)
             written.append(path)
         plt.close(figure)
+    written += _by_mu_figures(runs, out_dir, plt)
+    return written
+
+
+def _by_mu_figures(runs: list[tuple[str, list[dict]]], out_dir: Path, plt) -> list[Path]:
+    """Bars by bucket of the rollout probability mu, one per run, averaged over the run's steps
+    (weighted by each step's token count): the masked fraction for A > 0 and A < 0, and |pi - mu|."""
+    buckets = [mu_bucket_name(*b) for b in MU_BUCKETS]
+
+    def averaged(metrics: list[dict], value: str, count: str) -> list[float]:
+        out = []
+        for bucket in buckets:
+            pairs = [(m[f"train/{value}/{bucket}"], m[f"train/{count}/{bucket}"]) for m in metrics
+                     if f"train/{value}/{bucket}" in m]
+            weight = sum(c for _, c in pairs)
+            out.append(sum(v * c for v, c in pairs) / weight if weight else float("nan"))
+        return out
+
+    panels = {"masked_by_mu": [("A > 0", "masked_frac_by_mu/pos", "tokens_by_mu/pos"),
+                               ("A < 0", "masked_frac_by_mu/neg", "tokens_by_mu/neg")],
+              "mismatch_by_mu": [("|pi - mu|", "mismatch_tv_by_mu", "tokens_by_mu")]}
+    written = []
+    for file_name, rows in panels.items():
+        if not any(f"train/{rows[0][1]}/{buckets[0]}" in m for _, metrics in runs for m in metrics):
+            continue  # runs from before these metrics
+        figure, axes = plt.subplots(1, len(rows), figsize=(6.4 * len(rows), 4.0), squeeze=False)
+        width = 0.8 / len(runs)
+        for axis, (title, value, count) in zip(axes[0], rows):
+            for index, (label, metrics) in enumerate(runs):
+                positions = [b + (index - (len(runs) - 1) / 2) * width for b in range(len(buckets))]
+                axis.bar(positions, averaged(metrics, value, count), width, label=label, color=f"C{index}")
+            axis.set_xticks(range(len(buckets)), [f"mu {b}" for b in buckets])
+            axis.set_title(f"{'masked fraction' if file_name == 'masked_by_mu' else 'mismatch'}: {title}")
+            axis.grid(alpha=0.3, axis="y")
+            axis.legend()
+        figure.tight_layout()
+        path = out_dir / f"{file_name}.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
     return written
 
 

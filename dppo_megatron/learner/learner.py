@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from dppo_megatron.algo import needs_old_logprob, needs_topk, policy_loss, token_stats
+from dppo_megatron.algo.policy_loss import BY_MU_WEIGHTS
 from dppo_megatron.algo.token_stats import DEFAULT_MEMORY_BUDGET
 from dppo_megatron.learner.forward import model_device, run_schedule
 from dppo_megatron.learner.model import ModelOptions, build_model
@@ -48,9 +49,10 @@ class LossConfig:
 METRIC_WEIGHTS = {
     "masked_frac": "tokens_signed", "masked_frac_pos": "tokens_pos", "masked_frac_neg": "tokens_neg",
     "mismatch_tv": "tokens", "ratio_mean": "tokens", "kl_k3": "tokens",
-    "masked_low_prob_frac": "tokens_masked", "entropy": "tokens",
+    "masked_low_prob_frac": "tokens_masked", "entropy": "tokens", **BY_MU_WEIGHTS,
 }
-SUMMED_METRICS = ("loss", "tokens", "tokens_pos", "tokens_neg", "tokens_signed", "tokens_masked")
+SUMMED_METRICS = ("loss", "tokens", "tokens_pos", "tokens_neg", "tokens_signed", "tokens_masked",
+                  *sorted(set(BY_MU_WEIGHTS.values())))
 MAX_METRICS = ("ratio_max",)
 
 
