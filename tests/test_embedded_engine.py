@@ -318,6 +318,53 @@ def test_bfloat16_engine_samples_from_a_distribution_close_to_float32(models):
     assert difference.max() < 0.1 and difference.max() > 0  # a mismatch, but a small one
 
 
+def assert_served_as_float8(engine, original: dict) -> int:
+    """Every block linear weight is, row by row, an e4m3 value times the row's scale (its largest
+    magnitude / 448), checked against the 256 e4m3 bit patterns; the rest is `original`."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    quantized = 0
+    for name, param in engine.model.named_parameters():
+        if name.startswith("model.layers.") and param.dim() >= 2 and not name.endswith("mlp.gate.weight"):
+            scale = original[name].abs().amax(dim=-1, keepdim=True) / 448.0
+            codes = (param / scale).flatten()
+            nearest = grid[(codes[:, None] - grid[None, :]).abs().argmin(dim=1)]
+            torch.testing.assert_close(codes, nearest, rtol=1e-5, atol=1e-6, msg=name)
+            assert not torch.equal(param, original[name]), name
+            quantized += 1
+        else:  # embeddings, output layer, norms and the router as loaded
+            assert torch.equal(param, original[name]), name
+    return quantized
+
+
+def test_float8_engine_serves_fp8_weights_with_per_channel_scales_and_a_larger_mismatch_than_bf16(models):
+    """--dtype float8: the blocks' linear weights as an FP8 rollout engine holds them (after a
+    weight update too); the logprobs on the same tokens then differ from float32 more than
+    bf16's do: a real training-inference mismatch for CPU ablations."""
+    from safetensors.torch import load_file
+
+    from dppo_megatron.rollout.engine import EmbeddedEngine
+
+    fp32, bf16 = EmbeddedEngine(models[0]), EmbeddedEngine(models[0], dtype=torch.bfloat16)
+    fp8 = EmbeddedEngine(models[0], float8_weights=True)
+    original = {name: param.detach().clone() for name, param in fp32.model.named_parameters()}
+    # Two layers' q, k, v, o; layer 0's fused experts (gate_up, down); layer 1's dense MLP (3).
+    assert assert_served_as_float8(fp8, original) == 2 * 4 + 2 + 3
+
+    tokens = torch.tensor([PROMPT + list(range(3, 40))])  # the same tokens through each engine's model
+    with torch.no_grad():
+        logprobs = {name: torch.log_softmax(engine.model(tokens).logits.float(), dim=-1)
+                    for name, engine in (("fp32", fp32), ("bf16", bf16), ("fp8", fp8))}
+    bf16_gap = (logprobs["bf16"] - logprobs["fp32"]).abs().mean().item()
+    fp8_gap = (logprobs["fp8"] - logprobs["fp32"]).abs().mean().item()
+    assert fp8_gap > 2 * bf16_gap > 0, (fp8_gap, bf16_gap)
+
+    new = load_file(models[1] / "model.safetensors")  # a weight update: the new weights are served as FP8 too
+    fp8._load_hf_tensors(new)
+    fp32._load_hf_tensors(new)
+    assert_served_as_float8(fp8, {name: param.detach().clone() for name, param in fp32.model.named_parameters()})
+
+
 def test_top_k_as_flat_base64_arrays_is_the_json_triples_of_the_same_sample(models):
     """return_flat_raw_output_top_logprobs + return_flat_raw_top_logprobs_b64: SGLang's layout
     (shape, null prefix, little-endian float32 values / int32 ids, dtype markers), the same

@@ -142,14 +142,14 @@ for name, argv in json.loads(sys.stdin.read()):
     except SystemExit:
         sys.exit(f"{name}: SGLang refused {argv}")
     print(json.dumps([name, args.weight_version, args.enable_return_routed_experts, args.enable_deterministic_inference,
-                      args.tp_size, args.port]))
+                      args.tp_size, args.port, args.dtype, args.quantization]))
 """
 
 
 def test_every_sglang_command_line_of_the_shipped_recipes_parses_with_sglangs_server_args(sglang, tmp_path):
-    """For every shipped recipe that runs SGLang, R3 on and off (MoE) and with deterministic
-    inference: the command line the project builds is what SGLang's own ServerArgs reads, with
-    the weight version the trainer counts."""
+    """For every shipped recipe that runs SGLang, R3 on and off (MoE), with deterministic
+    inference and with FP8 weights: the command line the project builds is what SGLang's own
+    ServerArgs reads, with the weight version the trainer counts."""
     from pathlib import Path
 
     from dppo_megatron.config.validate import load_recipe, recipe_arch
@@ -163,14 +163,17 @@ def test_every_sglang_command_line_of_the_shipped_recipes_parses_with_sglangs_se
         if shipped.rollout.engine != "sglang":
             continue
         variants = [[f"rollout.r3={r3}"] for r3 in (("true", "false") if recipe_arch(shipped).is_moe else ("false",))]
-        for overrides in variants + [["rollout.deterministic=true"]]:  # R3 needs a MoE model
+        for overrides in variants + [["rollout.deterministic=true"], ["rollout.dtype=float8"]]:  # R3 needs a MoE model
             recipe = load_recipe(path, overrides)
             for spec in server_specs(recipe, tmp_path):
                 command = server_command(spec)
                 assert command[1:3] == ["-m", "sglang.launch_server"]
                 lines.append([f"{path.parent.name}/{path.name} {' '.join(overrides)}", command[3:]])
-                expected.append([lines[-1][0], "0", spec.routed_experts, spec.deterministic, spec.tp, spec.port])
-    assert len({name for name, _ in lines}) == 46  # 14 MoE recipes with R3 on and off, 2 dense, 16 deterministic
+                float8 = spec.dtype == "float8"  # SGLang's FP8 weights: --quantization fp8, the dtype left auto
+                expected.append([lines[-1][0], "0", spec.routed_experts, spec.deterministic, spec.tp, spec.port,
+                                 "auto" if float8 or spec.dtype is None else spec.dtype, "fp8" if float8 else None])
+    # 14 MoE recipes with R3 on and off, 2 dense; 16 deterministic, 16 with FP8 weights
+    assert len({name for name, _ in lines}) == 62
     code, output = sglang.run(SGLANG_PARSES, stdin=json.dumps(lines))
     assert code == 0, output[-3000:]
     parsed = [json.loads(line) for line in output.splitlines() if line.startswith("[")]

@@ -15,7 +15,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--enable-return-routed-experts", action="store_true")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float8"], default="float32",
+                   help="float8: the blocks' linear weights quantised to e4m3 per output channel, as FP8 rollouts "
+                        "serve them; float32 arithmetic")
     p.add_argument("--seed", type=int, default=0, help="seed of requests without sampling_seed")
     p.set_defaults(handler=_serve_embedded)
 
@@ -35,8 +37,10 @@ def _serve_embedded(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        return serve(args.model_path, host=args.host, port=args.port, dtype=getattr(torch, args.dtype),
-                     routed_experts=args.enable_return_routed_experts, seed=args.seed)
+        float8 = args.dtype == "float8"
+        return serve(args.model_path, host=args.host, port=args.port,
+                     dtype=torch.float32 if float8 else getattr(torch, args.dtype),
+                     routed_experts=args.enable_return_routed_experts, seed=args.seed, float8_weights=float8)
     except (RequestError, OSError) as error:  # no such model, a port in use: one line, no traceback
         return refuse(error)
 

@@ -114,7 +114,9 @@ class RolloutConfig:
     mem_fraction: float = doc("SGLang --mem-fraction-static", 0.85)
     deterministic: bool = doc("SGLang --enable-deterministic-inference: honour each response's sampling seed, so a "
                               "resumed step samples the same tokens (off: SGLang ignores the seeds; slower on)", False)
-    dtype: Literal["auto", "float32", "bfloat16"] = doc("engine dtype (auto: the checkpoint's)", "auto")
+    dtype: Literal["auto", "float32", "bfloat16", "float8"] = doc(
+        "engine dtype (auto: the checkpoint's; float8: the blocks' linear weights in float8 e4m3 with per-channel "
+        "scales, as FP8 rollouts: SGLang --quantization fp8, the embedded engine the same numbers on the CPU)", "auto")
     host: str = doc("interface servers bind to", "127.0.0.1")
     base_port: int = doc("port of the first server; the others count up", 30000)
     weight_sync: Literal["disk", "distributed"] = doc("how new weights reach the servers", "disk")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dppo_megatron.model.mapping import hf_expert_tensor
+from dppo_megatron.rollout.float8_weights import quantize_to_float8
 from dppo_megatron.rollout.engine_request import RequestError, Sampling, parse_generate
 from dppo_megatron.rollout.protocol import encode_routed_experts
 
@@ -29,8 +30,9 @@ GREEDY_TEMPERATURE = 1e-6  # below this SGLang samples greedily, its logprobs at
 
 class EmbeddedEngine:
     def __init__(self, model_path: str | Path, *, dtype: torch.dtype = torch.float32,
-                 enable_routed_experts: bool = False, seed: int = 0):
+                 enable_routed_experts: bool = False, seed: int = 0, float8_weights: bool = False):
         self.dtype = dtype
+        self.float8_weights = float8_weights  # serve the blocks' linear weights as FP8 (float8_weights.py)
         self.enable_routed_experts = enable_routed_experts
         self.generator = torch.Generator().manual_seed(seed)
         self.lock = threading.Lock()  # one forward at a time; weight updates wait for it
@@ -55,6 +57,8 @@ class EmbeddedEngine:
         if not (Path(model_path) / "config.json").is_file():  # else transformers takes it for a hub id
             raise RequestError(f"{model_path}: not a Hugging Face model directory (no config.json there)")
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).eval()
+        if self.float8_weights:
+            quantize_to_float8(model)
         config = model.config
         self.model_path = str(model_path)
         self.model = model
@@ -179,6 +183,8 @@ class EmbeddedEngine:
                     unknown.append(name)
         if unknown:
             raise RequestError(f"unknown weight names: {unknown[:8]}")
+        if self.float8_weights:  # the new weights, served as FP8 (the others round-trip unchanged)
+            quantize_to_float8(self.model)
 
     # --- generation ---------------------------------------------------------------------
 

@@ -222,9 +222,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 # --- command line -------------------------------------------------------------------------
 
-def serve(model_path: str, *, host: str, port: int, dtype: torch.dtype, routed_experts: bool, seed: int) -> int:
+def serve(model_path: str, *, host: str, port: int, dtype: torch.dtype, routed_experts: bool, seed: int,
+          float8_weights: bool = False) -> int:
     """Load the model and serve it until interrupted."""
-    engine = EmbeddedEngine(model_path, dtype=dtype, enable_routed_experts=routed_experts, seed=seed)
+    engine = EmbeddedEngine(model_path, dtype=dtype, enable_routed_experts=routed_experts, seed=seed,
+                            float8_weights=float8_weights)
     server = make_server(engine, host, port)
     print(f"embedded engine serving {model_path} on http://{host}:{server.server_port}", flush=True)
     try:

@@ -63,7 +63,9 @@ def server_command(spec: ServerSpec) -> list[str]:
             # The trainer counts versions from 0, the initial model (SGLang's default is "default").
             "--weight-version", "0",
         ]
-        if spec.dtype:
+        if spec.dtype == "float8":  # FP8 weights, per-channel scales, computed from the checkpoint at load
+            command += ["--quantization", "fp8"]
+        elif spec.dtype:
             command += ["--dtype", spec.dtype]
         if spec.deterministic:
             command.append("--enable-deterministic-inference")
