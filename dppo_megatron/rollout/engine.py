@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from dppo_megatron.model.mapping import hf_expert_tensor
-from dppo_megatron.rollout.float8_weights import quantize_to_float8
 from dppo_megatron.rollout.engine_request import RequestError, Sampling, parse_generate
+from dppo_megatron.rollout.float8_weights import quantize_to_float8
 from dppo_megatron.rollout.protocol import encode_routed_experts
 
 GREEDY_TEMPERATURE = 1e-6  # below this SGLang samples greedily, its logprobs at T = 1 (sampling_params.py)
