@@ -74,14 +74,27 @@ class MicroBatch:
         return {"tokens": self.tokens, "batch": self}
 
 
+def lr_scheduler(optimizer, config: OptimizerConfig):
+    """Megatron's scheduler for `config`, stepped once per optimizer step: a linear warm-up from
+    0 over `lr_warmup_steps`, then `lr_decay_style` down to `min_lr` at `lr_decay_steps` (None:
+    the learning rate stays at `lr` after the warm-up). Weight decay stays constant."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_steps = config.lr_decay_steps or max(1, config.lr_warmup_steps + 1)
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if config.lr_warmup_steps else config.lr, max_lr=config.lr, min_lr=config.min_lr,
+        lr_warmup_steps=config.lr_warmup_steps, lr_decay_steps=decay_steps,
+        lr_decay_style=config.lr_decay_style if config.lr_decay_steps else "constant",
+        start_wd=config.weight_decay, end_wd=config.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant",
+    )
+
+
 class Learner:
     def __init__(self, arch: Qwen3Arch, layout: ParallelLayout, model_options: ModelOptions,
                  optimizer_config: OptimizerConfig, loss_config: LossConfig):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
         from megatron.core.optimizer import get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
         self.arch, self.layout, self.loss_config = arch, layout, loss_config
         model = build_model(arch, layout, model_options)
         ddp_config = DistributedDataParallelConfig(
@@ -101,15 +114,7 @@ class Learner:
             ),
             [self.model],
         )
-        decay_steps = optimizer_config.lr_decay_steps or max(1, optimizer_config.lr_warmup_steps + 1)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if optimizer_config.lr_warmup_steps else optimizer_config.lr,
-            max_lr=optimizer_config.lr, min_lr=optimizer_config.min_lr,
-            lr_warmup_steps=optimizer_config.lr_warmup_steps, lr_decay_steps=decay_steps,
-            lr_decay_style=optimizer_config.lr_decay_style if optimizer_config.lr_decay_steps else "constant",
-            start_wd=optimizer_config.weight_decay, end_wd=optimizer_config.weight_decay,
-            wd_incr_steps=decay_steps, wd_incr_style="constant",
-        )
+        self.scheduler = lr_scheduler(self.optimizer, optimizer_config)
         config = self.model.config
         config.no_sync_func = self.model.no_sync
         config.finalize_model_grads_func = finalize_model_grads

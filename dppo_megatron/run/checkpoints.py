@@ -55,12 +55,13 @@ class CheckpointManager:
         """After `done` steps: save and export what is due (a collective). `write_extra(dir)`:
         rank 0's own files for the checkpoint. Returns the time taken."""
         metrics = {}
-        final = done == self.total_steps
-        if stop or final or (self.save_every and done % self.save_every == 0):
+        save, export = due_after(done, self.total_steps, save_every=self.save_every,
+                                 export_every=self.export_every, stop=stop)
+        if save:
             started = time.monotonic()
             self._save(done, write_extra)
             metrics["time/checkpoint"] = time.monotonic() - started
-        if self.export_every and (final or done % self.export_every == 0):
+        if export:
             save_hf(self.learner.module, self.arch, self.export_root / step_dir_name(done), config=self.hf_config,
                     dtype=self.learner.module.config.params_dtype, side_files_from=self.initial_model)
         return metrics
@@ -69,9 +70,23 @@ class CheckpointManager:
         path = save_checkpoint(self.root, self.learner, {"step": step}, self.hf_config, name_step=step,
                                write_extra=write_extra)
         if dist.get_rank() == 0:
-            older = sorted(p for p in self.root.glob("step_*")
-                           if p.is_dir() and p != path and not p.name.endswith(".partial"))
-            for old in older[: max(0, len(older) - (self.keep - 1))]:
+            for old in superseded(self.root, path, self.keep):
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
         self.saved_at = step
+
+
+def due_after(done: int, total_steps: int, *, save_every: int, export_every: int, stop: bool) -> tuple[bool, bool]:
+    """After `done` steps: (save a checkpoint?, write an HF export?). A checkpoint every
+    `save_every` steps, on a stop and at the end; an export every `export_every` and at the end."""
+    final = done == total_steps
+    save = stop or final or bool(save_every and done % save_every == 0)
+    export = bool(export_every) and (final or done % export_every == 0)
+    return save, export
+
+
+def superseded(root: Path, newest: Path, keep: int) -> list[Path]:
+    """The complete checkpoints under `root` to delete once `newest` is written: all but the
+    `keep` newest (a `.partial` one being written is not counted, nor touched)."""
+    older = sorted(p for p in root.glob("step_*") if p.is_dir() and p != newest and not p.name.endswith(".partial"))
+    return older[: max(0, len(older) - (keep - 1))]

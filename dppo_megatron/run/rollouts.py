@@ -144,13 +144,10 @@ class Rollouts:
         samples, groups, metrics = self._generate_scored(prompts, n, f"s{step}", recipe.trainer.seed * 7919 + step,
                                                          advantages=True, on_packed=on_packed)
         rewards, advantages = groups.rewards, groups.advantages
-        keep = torch.ones(len(samples), dtype=torch.bool)
         grouped = rewards.view(-1, n)
-        if recipe.trainer.dynamic_sampling:  # a group whose rewards all agree teaches nothing
-            keep &= (grouped.max(1).values > grouped.min(1).values).repeat_interleave(n)
         truncated = torch.tensor([s.truncated for s in samples])
-        if recipe.reward.overlong == "drop":
-            keep &= ~truncated
+        keep = trained_samples(rewards, truncated, n, dynamic_sampling=recipe.trainer.dynamic_sampling,
+                               drop_truncated=recipe.reward.overlong == "drop")
         lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float)
         # Each sample's distance from the weights the learner trains: it was generated with the
         # weights the servers held (`version`); another version means a server was out of step.
@@ -173,6 +170,26 @@ class Rollouts:
         """Mean reward, avg@k and pass@k on the held-out prompts (fixed seeds: comparable over steps)."""
         k = self.recipe.trainer.eval_n
         _, groups, _ = self._generate_scored(self.eval, k, "eval", EVAL_SEED, advantages=False)
-        rewards = groups.rewards.view(-1, k)
-        return {"eval/mean_reward": rewards.mean().item(), f"eval/avg@{k}": rewards.mean().item(),
-                f"eval/pass@{k}": (rewards >= 1.0).any(1).float().mean().item()}
+        return eval_scores(groups.rewards.view(-1, k))
+
+
+def trained_samples(rewards: torch.Tensor, truncated: torch.Tensor, n: int, *, dynamic_sampling: bool,
+                    drop_truncated: bool) -> torch.Tensor:
+    """Which of a step's responses (groups of `n`, in order) the learner trains on: with dynamic
+    sampling not those of a group whose rewards all agree (it teaches nothing: every advantage
+    is 0), and with `reward.overlong: drop` not those cut at max_new_tokens."""
+    keep = torch.ones(len(rewards), dtype=torch.bool)
+    if dynamic_sampling:
+        grouped = rewards.view(-1, n)
+        keep &= (grouped.max(1).values > grouped.min(1).values).repeat_interleave(n)
+    if drop_truncated:
+        keep &= ~truncated
+    return keep
+
+
+def eval_scores(rewards: torch.Tensor) -> dict[str, float]:
+    """[prompts, k] rewards: the mean; avg@k (the same mean: each prompt's mean over its k, then
+    over prompts); pass@k (the fraction of prompts with at least one response scoring 1)."""
+    k = rewards.shape[1]
+    return {"eval/mean_reward": rewards.mean().item(), f"eval/avg@{k}": rewards.mean(1).mean().item(),
+            f"eval/pass@{k}": (rewards >= 1.0).any(1).float().mean().item()}
