@@ -296,3 +296,5 @@ def test_every_mode_stays_finite_at_the_edges(mode):
             assert torch.isfinite(loss) and torch.isfinite(grad).all(), (mode, cap)
             assert all(torch.isfinite(v) for v in metrics.values()), (mode, cap, metrics)
             assert metrics["ratio_max"].item() == pytest.approx(math.exp(20.0))  # the clamp, not inf
+            # |pi - mu| from pi and mu themselves: the three tokens that moved all the mass count 1.
+            assert metrics["mismatch_tv"].item() == pytest.approx(3 / 8, abs=1e-5)

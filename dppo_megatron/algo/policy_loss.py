@@ -122,12 +122,12 @@ def policy_loss(
         total = denominator if denominator is not None else logprob.shape[0]
         loss = per_sequence.sum() / total
 
-    metrics = _metrics(ratio, log_ratio, rollout_logprob, advantages, response_mask, keep)
+    metrics = _metrics(logprob.detach(), ratio, log_ratio, rollout_logprob, advantages, response_mask, keep)
     return loss, metrics
 
 
 @torch.no_grad()
-def _metrics(ratio, log_ratio, rollout_logprob, advantages, response_mask, keep) -> dict[str, torch.Tensor]:
+def _metrics(logprob, ratio, log_ratio, rollout_logprob, advantages, response_mask, keep) -> dict[str, torch.Tensor]:
     def mean(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         count = where.sum()
         return torch.where(where, values, 0.0).sum() / count.clamp(min=1)
@@ -135,8 +135,9 @@ def _metrics(ratio, log_ratio, rollout_logprob, advantages, response_mask, keep)
     tokens = response_mask
     dropped = tokens & ~keep
     pos, neg = tokens & (advantages > 0), tokens & (advantages < 0)
+    # pi and mu themselves (not mu * the clamped ratio): |pi - mu| is right for any move.
     rollout_prob = torch.where(tokens, rollout_logprob.float(), 0.0).exp()
-    prob = ratio * rollout_prob
+    prob = torch.where(tokens, logprob.float(), 0.0).exp()
     by_mu = {}
     for low, high in MU_BUCKETS:
         name = mu_bucket_name(low, high)
