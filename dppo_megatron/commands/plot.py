@@ -60,13 +60,17 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, labels: list[str] | None = No
             axes.set_xlabel("step")
             axes.grid(alpha=0.3)
             axes.legend()
-            figure.tight_layout()
-            path = out_dir / f"{file_name}.png"
-            figure.savefig(path, dpi=100)
-            written.append(path)
+            written.append(_save(figure, out_dir, file_name))
         plt.close(figure)
     written += _by_mu_figures(runs, out_dir, plt)
     return written
+
+
+def _save(figure, out_dir: Path, file_name: str) -> Path:
+    figure.tight_layout()
+    path = out_dir / f"{file_name}.png"
+    figure.savefig(path, dpi=100)
+    return path
 
 
 def _by_mu_figures(runs: list[tuple[str, list[dict]]], out_dir: Path, plt) -> list[Path]:
@@ -100,11 +104,8 @@ def _by_mu_figures(runs: list[tuple[str, list[dict]]], out_dir: Path, plt) -> li
             axis.set_title(f"{'masked fraction' if file_name == 'masked_by_mu' else 'mismatch'}: {title}")
             axis.grid(alpha=0.3, axis="y")
             axis.legend()
-        figure.tight_layout()
-        path = out_dir / f"{file_name}.png"
-        figure.savefig(path, dpi=100)
+        written.append(_save(figure, out_dir, file_name))
         plt.close(figure)
-        written.append(path)
     return written
 
 
