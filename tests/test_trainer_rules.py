@@ -15,6 +15,10 @@ from dppo_megatron.run.checkpoints import due_after, superseded
 from dppo_megatron.run.rollouts import eval_scores, trained_samples
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "quickstart.yaml"
+# Importing Megatron's scheduler says that it falls back to torch on a CPU, and repeats torch's
+# and its own deprecation notices: expected here, not this test's subject.
+pytestmark = [pytest.mark.filterwarnings("ignore:Transformer Engine and Apex are not installed"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
 def test_dynamic_sampling_drops_the_groups_whose_rewards_all_agree():
