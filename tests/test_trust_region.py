@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from dppo_megatron.algo import LOSS_MODES, binary_kl, binary_tv, needs_old_logprob, needs_topk, trust_region_mask
+from dppo_megatron.algo import (
+    LOSS_MODES,
+    binary_kl,
+    binary_tv,
+    needs_old_logprob,
+    needs_ratio_cap,
+    needs_relax_below,
+    needs_topk,
+    trust_region_mask,
+)
 
 
 def logp(p: float) -> torch.Tensor:
@@ -108,6 +117,23 @@ def test_mode_capabilities():
     assert {m for m in LOSS_MODES if needs_topk(m)} == {"dppo_topk_tv", "dppo_topk_kl"}
     assert {m for m in LOSS_MODES if needs_old_logprob(m)} == {
         "dppo_binary_tv_recompute", "dppo_binary_kl_recompute", "grpo_recompute"}
+    assert {m for m in LOSS_MODES if needs_relax_below(m)} == {"grpo_relax_high", "grpo_relax_low", "grpo_relax_both"}
+    assert {m for m in LOSS_MODES if needs_ratio_cap(m)} == {"pg_tis"}
+
+
+def test_relax_ablations_keep_only_the_rare_ratio_clipped_tokens_on_their_side():
+    """GRPO drops a token that rose from mu = 0.05 to 0.1 (r = 2) with A > 0, and one that fell
+    from 0.05 to 0.02 (r = 0.4) with A < 0; the relax modes keep them on their side (mu < 0.1),
+    and still drop such moves of a likely token (mu = 0.5 -> 0.9 up, 0.5 -> 0.2 down)."""
+    rare_up, rare_down = (0.1, 0.05, 1.0), (0.02, 0.05, -1.0)
+    likely_up, likely_down = (0.9, 0.5, 1.0), (0.2, 0.5, -1.0)
+    expected = {"grpo": (False, False), "grpo_relax_high": (True, False), "grpo_relax_low": (False, True),
+                "grpo_relax_both": (True, True)}
+    for mode, (up, down) in expected.items():
+        extra = {"low": 0.2, "high": 0.28, "relax_below": 0.1}
+        assert kept(mode, *rare_up, **extra) is up, mode
+        assert kept(mode, *rare_down, **extra) is down, mode
+        assert not kept(mode, *likely_up, **extra) and not kept(mode, *likely_down, **extra), mode
 
 
 def test_unknown_mode_lists_the_known_ones():
