@@ -138,21 +138,22 @@ def _metrics(logprob, ratio, log_ratio, rollout_logprob, advantages, response_ma
     # pi and mu themselves (not mu * the clamped ratio): |pi - mu| is right for any move.
     rollout_prob = torch.where(tokens, rollout_logprob.float(), 0.0).exp()
     prob = torch.where(tokens, logprob.float(), 0.0).exp()
+    shift, was_dropped = (prob - rollout_prob).abs(), dropped.float()
     by_mu = {}
     for low, high in MU_BUCKETS:
         name = mu_bucket_name(low, high)
         in_bucket = tokens & (rollout_prob >= low) & ((rollout_prob < high) if high < 1.0 else True)
-        by_mu[f"mismatch_tv_by_mu/{name}"] = mean((prob - rollout_prob).abs(), in_bucket)
+        by_mu[f"mismatch_tv_by_mu/{name}"] = mean(shift, in_bucket)
         by_mu[f"tokens_by_mu/{name}"] = in_bucket.sum().float()
         for sign, side in (("pos", pos), ("neg", neg)):
-            by_mu[f"masked_frac_by_mu/{sign}/{name}"] = mean(dropped.float(), in_bucket & side)
+            by_mu[f"masked_frac_by_mu/{sign}/{name}"] = mean(was_dropped, in_bucket & side)
             by_mu[f"tokens_by_mu/{sign}/{name}"] = (in_bucket & side).sum().float()
     return by_mu | {
         # Of the tokens with a gradient to lose (A != 0), as the authors' clip fraction counts.
-        "masked_frac": mean(dropped.float(), pos | neg),
-        "masked_frac_pos": mean(dropped.float(), pos),
-        "masked_frac_neg": mean(dropped.float(), neg),
-        "mismatch_tv": mean((prob - rollout_prob).abs(), tokens),
+        "masked_frac": mean(was_dropped, pos | neg),
+        "masked_frac_pos": mean(was_dropped, pos),
+        "masked_frac_neg": mean(was_dropped, neg),
+        "mismatch_tv": mean(shift, tokens),
         "ratio_mean": mean(ratio, tokens),
         "ratio_max": torch.where(tokens, ratio, 0.0).max() if tokens.any() else ratio.new_zeros(()),
         "kl_k3": mean(ratio - 1.0 - log_ratio, tokens),

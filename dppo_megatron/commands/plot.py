@@ -87,9 +87,9 @@ def _by_mu_figures(runs: list[tuple[str, list[dict]]], out_dir: Path, plt) -> li
             out.append(sum(v * c for v, c in pairs) / weight if weight else float("nan"))
         return out
 
-    panels = {"masked_by_mu": [("A > 0", "masked_frac_by_mu/pos", "tokens_by_mu/pos"),
-                               ("A < 0", "masked_frac_by_mu/neg", "tokens_by_mu/neg")],
-              "mismatch_by_mu": [("|pi - mu|", "mismatch_tv_by_mu", "tokens_by_mu")]}
+    panels = {"masked_by_mu": [("masked fraction: A > 0", "masked_frac_by_mu/pos", "tokens_by_mu/pos"),
+                               ("masked fraction: A < 0", "masked_frac_by_mu/neg", "tokens_by_mu/neg")],
+              "mismatch_by_mu": [("mismatch: |pi - mu|", "mismatch_tv_by_mu", "tokens_by_mu")]}
     written = []
     for file_name, rows in panels.items():
         if not any(f"train/{rows[0][1]}/{buckets[0]}" in m for _, metrics in runs for m in metrics):
@@ -101,7 +101,7 @@ def _by_mu_figures(runs: list[tuple[str, list[dict]]], out_dir: Path, plt) -> li
                 positions = [b + (index - (len(runs) - 1) / 2) * width for b in range(len(buckets))]
                 axis.bar(positions, averaged(metrics, value, count), width, label=label, color=f"C{index}")
             axis.set_xticks(range(len(buckets)), [f"mu {b}" for b in buckets])
-            axis.set_title(f"{'masked fraction' if file_name == 'masked_by_mu' else 'mismatch'}: {title}")
+            axis.set_title(title)
             axis.grid(alpha=0.3, axis="y")
             axis.legend()
         written.append(_save(figure, out_dir, file_name))

@@ -95,6 +95,7 @@ class Learner:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
         from megatron.core.optimizer import get_megatron_optimizer
+
         self.arch, self.layout, self.loss_config = arch, layout, loss_config
         model = build_model(arch, layout, model_options)
         ddp_config = DistributedDataParallelConfig(

@@ -22,7 +22,7 @@ import torch
 
 from dppo_megatron.model.mapping import hf_expert_tensor
 from dppo_megatron.rollout.engine_request import RequestError, Sampling, parse_generate
-from dppo_megatron.rollout.float8_weights import quantize_to_float8
+from dppo_megatron.rollout.float8_weights import float8_round_trip, is_float8_weight, quantize_to_float8
 from dppo_megatron.rollout.protocol import encode_routed_experts
 
 GREEDY_TEMPERATURE = 1e-6  # below this SGLang samples greedily, its logprobs at T = 1 (sampling_params.py)
@@ -166,6 +166,8 @@ class EmbeddedEngine:
         unknown = []
         with torch.no_grad():
             for name, tensor in tensors.items():
+                if self.float8_weights and is_float8_weight(name, tensor):  # rows scale alone: as in the model
+                    tensor = float8_round_trip(tensor)
                 expert = hf_expert_tensor(name)
                 if expert is not None:
                     prefix, index, which = expert
@@ -183,8 +185,6 @@ class EmbeddedEngine:
                     unknown.append(name)
         if unknown:
             raise RequestError(f"unknown weight names: {unknown[:8]}")
-        if self.float8_weights:  # the new weights, served as FP8 (the others round-trip unchanged)
-            quantize_to_float8(self.model)
 
     # --- generation ---------------------------------------------------------------------
 

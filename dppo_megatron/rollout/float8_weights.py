@@ -32,11 +32,8 @@ def is_float8_weight(name: str, param: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def quantize_to_float8(model: torch.nn.Module) -> list[str]:
-    """Replace, in place, every FP8-served weight of `model` by its e4m3 round trip; the names."""
-    names = []
+def quantize_to_float8(model: torch.nn.Module) -> None:
+    """Replace, in place, every FP8-served weight of `model` by its e4m3 round trip."""
     for name, param in model.named_parameters():
         if is_float8_weight(name, param):
             param.copy_(float8_round_trip(param))
-            names.append(name)
-    return names

@@ -28,7 +28,8 @@ def learner_configs(recipe: Recipe) -> tuple[ModelOptions, OptimizerConfig, Loss
         adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps, clip_grad=optim.clip_grad,
     )
     loss_config = LossConfig(mode=loss.mode, low=loss.low, high=loss.high, ratio_cap=loss.ratio_cap,
-                             relax_below=loss.relax_below, aggregation=loss.aggregation, max_response_len=recipe.rollout.max_new_tokens,
+                             relax_below=loss.relax_below, aggregation=loss.aggregation,
+                             max_response_len=recipe.rollout.max_new_tokens,
                              temperature=recipe.rollout.temperature,
                              stats_memory_budget=recipe.learner.token_stats_memory_mib * 2**20)
     return options, optimizer, loss_config
