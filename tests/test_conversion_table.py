@@ -132,6 +132,8 @@ def test_vocab_rows_are_zero_padded():
 def test_valid_layouts_pass():
     arch = Qwen3Arch.from_hf(QWEN3_30B_A3B)
     ParallelLayout(tp=2, ep=8).validate(16, arch)
+    assert ParallelLayout(tp=2, ep=8).etp == 1 and ParallelLayout(tp=2).etp == 2  # the defaults
+    ParallelLayout(tp=2).validate(2, arch)
     ParallelLayout(tp=4, pp=4, ep=8).validate(64, arch)
 
 
@@ -144,6 +146,8 @@ def test_valid_layouts_pass():
         (ParallelLayout(pp=5), 5, "num_hidden_layers 48 is not divisible by pp 5"),
         (ParallelLayout(tp=2), 3, "world size 3 is not a multiple of tp\\*pp = 2\\*1"),
         (ParallelLayout(ep=4), 6, "world size 6 is not a multiple of etp\\*ep\\*pp = 1\\*4\\*1"),
+        # Experts copied on both TP ranks, each training on its half of the sequence.
+        (ParallelLayout(tp=2, etp=1), 2, "with ep 1, etp must equal tp \\(got etp 1, tp 2\\)"),
     ],
 )
 def test_invalid_layouts_are_refused_naming_the_numbers(layout, world, message):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dppo_megatron.algo import AGGREGATIONS, LOSS_MODES, group_advantages, needs_old_logprob, policy_loss
+from tests.loss_reference import reference_loss
 
 
 def batch(seed=0, b=4, length=6):
@@ -194,50 +195,6 @@ def test_group_advantages_refuse_ragged_groups():
 
 
 # --- every mode against its formula, written here from the paper and the authors' code --------
-
-
-def reference_loss(mode, logprob, rollout_logprob, advantages, mask, *, low, high, ratio_cap=None, relax_below=None,
-                   topk_tv=None, topk_kl=None, old_logprob=None):
-    """Token-mean loss and its gradient in log pi, in float64, token by token:
-    loss_t = -A * w * keep * log pi with r = exp(clamp(log pi - log mu, -20, 20)), w = r
-    truncated at ratio_cap (PG-TIS) and at 1 + high (CISPO) and held constant, keep from the
-    mode's rule against mu (or against the recomputed old policy)."""
-    count = int(mask.sum())
-    total, grad = 0.0, torch.zeros(logprob.shape, dtype=torch.float64)
-    for b in range(logprob.shape[0]):
-        for t in range(logprob.shape[1]):
-            if not mask[b, t]:
-                continue
-            a, lp = float(advantages[b]), float(logprob[b, t])
-            anchor = float((old_logprob if mode.endswith("_recompute") else rollout_logprob)[b, t])
-            pi, mu_anchor = math.exp(lp), math.exp(anchor)
-            r = math.exp(min(max(lp - float(rollout_logprob[b, t]), -20.0), 20.0))
-            r_anchor = math.exp(lp - anchor)
-            rule = mode.removesuffix("_recompute")
-            if rule == "dppo_binary_tv":
-                drop = (a > 0 and pi - mu_anchor > high) or (a < 0 and pi - mu_anchor < -low)
-            elif rule in ("dppo_binary_kl", "dppo_topk_tv", "dppo_topk_kl"):
-                if rule == "dppo_binary_kl":
-                    d = mu_anchor * math.log(mu_anchor / pi) + (1 - mu_anchor) * math.log((1 - mu_anchor) / (1 - pi))
-                else:
-                    d = float((topk_tv if rule == "dppo_topk_tv" else topk_kl)[b, t])
-                drop = (a > 0 and pi > mu_anchor and d > high) or (a < 0 and pi < mu_anchor and d > low)
-            elif rule.startswith("grpo"):
-                up, down = a > 0 and r_anchor > 1 + high, a < 0 and r_anchor < 1 - low
-                if rule in ("grpo_relax_high", "grpo_relax_both"):
-                    up = up and mu_anchor >= relax_below
-                if rule in ("grpo_relax_low", "grpo_relax_both"):
-                    down = down and mu_anchor >= relax_below
-                drop = up or down
-            else:
-                drop = False  # cispo, pg_is, pg_tis
-            w = r if ratio_cap is None else min(r, ratio_cap)
-            if mode == "cispo":
-                w = min(w, 1 + high)
-            if not drop:
-                total += -a * w * lp / count
-                grad[b, t] = -a * w / count
-    return total, grad
 
 
 def mode_inputs(mode, seed=0, b=6, length=7):

@@ -21,14 +21,14 @@ def make_dense(directory: Path, *, seed: int = 0, tie_word_embeddings: bool = Tr
 
 
 def make_moe(directory: Path, *, seed: int = 0, norm_topk_prob: bool = True, mlp_only_layers=(1,),
-             dtype: torch.dtype = torch.float32) -> Path:
+             dtype: torch.dtype = torch.float32, router_aux_loss_coef: float = 0.001) -> Path:
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen3MoeConfig(
         num_hidden_layers=2, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
         num_experts_per_tok=2, norm_topk_prob=norm_topk_prob, mlp_only_layers=list(mlp_only_layers),
-        router_aux_loss_coef=0.001, tie_word_embeddings=False, **COMMON,
+        router_aux_loss_coef=router_aux_loss_coef, tie_word_embeddings=False, **COMMON,
     )
     return _save(Qwen3MoeForCausalLM(config), directory, dtype)
 

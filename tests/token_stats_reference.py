@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-MIN_MASS = 1e-12
+from tests.loss_reference import topk_divergences
 
 
 @dataclass
@@ -78,11 +78,5 @@ def reference(case: Case) -> dict[str, torch.Tensor]:
     (grad,) = torch.autograd.grad(loss, logits)
     grad = torch.cat([grad, grad.new_zeros(grad.shape[0], case.logits.shape[1] - case.vocab_size)], dim=1)
 
-    pi_k = log_probs.detach().gather(1, case.topk_ids).exp()
-    mu_k = case.topk_logprobs.double().exp()
-    mu = torch.cat([mu_k, (1 - mu_k.sum(-1, keepdim=True)).clamp(min=0)], dim=1)
-    pi = torch.cat([pi_k, (1 - pi_k.sum(-1, keepdim=True)).clamp(min=0)], dim=1)
-    tv = 0.5 * (mu - pi).abs().sum(dim=-1)
-    mu_c, pi_c = mu.clamp(min=MIN_MASS), pi.clamp(min=MIN_MASS)
-    kl = (mu_c * (mu_c.log() - pi_c.log())).sum(dim=-1)
+    tv, kl = topk_divergences(log_probs.detach(), case.topk_ids, case.topk_logprobs)
     return {"logprob": logprob.detach(), "entropy": entropy.detach(), "topk_tv": tv, "topk_kl": kl, "grad": grad}

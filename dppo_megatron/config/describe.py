@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from dppo_megatron.config.placement import learner_world_size, rank_coordinates, server_placements
+from dppo_megatron.config.placement import expert_tp, learner_world_size, rank_coordinates, server_placements
 from dppo_megatron.config.schema import Recipe
 from dppo_megatron.config.validate import recipe_arch
 from dppo_megatron.model.arch import Qwen3Arch, parameter_counts
@@ -31,9 +31,10 @@ def memory_estimate(recipe: Recipe, arch: Qwen3Arch) -> MemoryEstimate:
     world = learner_world_size(recipe)
     dense, experts = parameter_counts(arch)
     dense_local = dense / (learner.tp * learner.pp)
-    expert_local = experts / (learner.ep * learner.etp * learner.pp)
+    etp = expert_tp(learner)
+    expert_local = experts / (learner.ep * etp * learner.pp)
     dense_dp = world // (learner.tp * learner.pp)
-    expert_dp = world // (learner.ep * learner.etp * learner.pp)
+    expert_dp = world // (learner.ep * etp * learner.pp)
     bf16 = recipe.model.dtype == "bfloat16"
     weight_bytes = 2 if bf16 else 4
     # Adam moments in fp32, plus fp32 master weights when training in bf16; gradients are
@@ -58,7 +59,7 @@ def describe(recipe: Recipe, resolved: dict) -> str:
     lines.append(f"{arch.architecture}: {(dense + experts) / 1e9:.2f}B parameters ({experts / 1e9:.2f}B in experts), "
                  f"{arch.num_layers} layers, vocab {arch.vocab_size} (padded {arch.padded_vocab_size})")
     lines += ["", f"# learner: {world} ranks on {learner.nodes} node(s); TP {learner.tp} (sequence parallel "
-              f"{'on' if learner.tp > 1 else 'off'}), PP {learner.pp}, EP {learner.ep}, ETP {learner.etp}, "
+              f"{'on' if learner.tp > 1 else 'off'}), PP {learner.pp}, EP {learner.ep}, ETP {expert_tp(learner)}, "
               f"DP {world // (learner.tp * learner.pp)}"]
     rows = rank_coordinates(recipe)
     shown = rows if len(rows) <= 32 else rows[:16] + rows[-4:]

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dppo_megatron.config.schema import Recipe
+from dppo_megatron.config.schema import LearnerConfig, Recipe
+from dppo_megatron.model.layout import expert_tp_default
 
 
 @dataclass(frozen=True)
@@ -61,15 +62,21 @@ def server_placements(recipe: Recipe) -> list[ServerPlacement]:
     return placements
 
 
+def expert_tp(learner: LearnerConfig) -> int:
+    """learner.etp, or its default when the recipe leaves it out."""
+    return learner.etp if learner.etp is not None else expert_tp_default(learner.tp, learner.ep)
+
+
 def rank_coordinates(recipe: Recipe) -> list[dict]:
     """Each learner rank's place in Megatron's grids (order tp-cp-ep-dp-pp, TP fastest)."""
     learner = recipe.learner
     world = learner_world_size(recipe)
     dp = world // (learner.tp * learner.pp)
-    edp = world // (learner.ep * learner.etp * learner.pp)
+    etp = expert_tp(learner)
+    edp = world // (learner.ep * etp * learner.pp)
     rows = []
     for rank in range(world):
         rows.append(dict(rank=rank, node=rank // learner.ranks_per_node, tp=rank % learner.tp,
                          dp=(rank // learner.tp) % dp, pp=rank // (learner.tp * dp),
-                         ep=(rank // learner.etp) % learner.ep, edp=(rank // (learner.etp * learner.ep)) % edp))
+                         ep=(rank // etp) % learner.ep, edp=(rank // (etp * learner.ep)) % edp))
     return rows

@@ -54,7 +54,8 @@ class LearnerConfig:
     tp: int = doc("tensor parallel size (sequence parallel is on with it)", 1)
     pp: int = doc("pipeline parallel size", 1)
     ep: int = doc("expert parallel size", 1)
-    etp: int = doc("expert tensor parallel size", 1)
+    etp: int | None = doc("expert tensor parallel size; default: 1 with ep > 1, tp with ep 1 (then the only "
+                           "correct value)", None)
     distributed_optimizer: bool = doc("shard optimizer state over data-parallel ranks", True)
     recompute: bool = doc("recompute activations in the backward (full layers)", False)
     micro_batch_size: int = doc("sequences per micro-batch", 1)

@@ -14,19 +14,31 @@ class LayoutError(ValueError):
     """A parallel layout that cannot work for this model on this many ranks."""
 
 
+def expert_tp_default(tp: int, ep: int) -> int:
+    """Expert tensor parallel when a recipe leaves it out: experts split like the dense layers
+    when there is no expert parallelism (the only correct choice then, see `problems`), whole
+    on each rank when there is."""
+    return tp if ep == 1 else 1
+
+
 @dataclass(frozen=True)
 class ParallelLayout:
     """Sizes of each parallel dimension; data parallel takes the ranks left over.
 
-    Expert tensor parallel defaults to 1 (experts whole on each rank), the usual choice for
-    Qwen3-MoE. Sequence parallel is on whenever TP > 1 (Megatron requires it for MoE with TP,
-    and it saves activation memory for dense models too)."""
+    Expert tensor parallel (etp) defaults to `expert_tp_default`: 1 (experts whole on each
+    rank, the usual choice for Qwen3-MoE) with EP, TP without. Sequence parallel is on whenever
+    TP > 1 (Megatron requires it for MoE with TP, and it saves activation memory for dense
+    models too)."""
 
     tp: int = 1
     pp: int = 1
     ep: int = 1
-    etp: int = 1
+    etp: int | None = None  # None: expert_tp_default(tp, ep)
     use_distributed_optimizer: bool = True
+
+    def __post_init__(self):
+        if self.etp is None:
+            object.__setattr__(self, "etp", expert_tp_default(self.tp, self.ep))
 
     @property
     def sequence_parallel(self) -> bool:
@@ -67,7 +79,14 @@ class ParallelLayout:
                 out.append(f"num_experts {arch.num_experts} is not divisible by ep {self.ep}")
             if arch.moe_intermediate_size % self.etp:
                 out.append(f"moe_intermediate_size {arch.moe_intermediate_size} is not divisible by etp {self.etp}")
-        elif self.ep > 1 or self.etp > 1:
+            if self.ep == 1 and self.etp != self.tp:
+                # Megatron sums expert gradients over the ranks that share an expert only with
+                # EP > 1; without it, experts copied on TP ranks that each route their own
+                # share of the sequence would each learn from that share alone.
+                out.append(f"with ep 1, etp must equal tp (got etp {self.etp}, tp {self.tp}): experts copied "
+                           "on tensor-parallel ranks would each train on part of the batch; leave etp unset "
+                           "or use ep > 1")
+        elif self.ep > 1 or self.etp not in (1, self.tp):
             out.append(f"ep {self.ep} / etp {self.etp} need a MoE model; {arch.architecture} has no experts")
         return out
 

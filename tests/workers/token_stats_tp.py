@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: its tests package
 
-from token_stats_reference import all_cases  # noqa: E402
+from tests.token_stats_reference import all_cases  # noqa: E402
 
 from dppo_megatron.algo import token_stats  # noqa: E402
 
