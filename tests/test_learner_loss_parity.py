@@ -149,7 +149,8 @@ LAYOUTS = {"dp2-ep2": ("1", "2"), "tp2": ("2", "1")}
 def learner_results(setup):
     """Every case at each layout, and the R3 cases at TP=2, in one torchrun."""
     root, hf, _ = setup
-    runs = [[root / name, tp, ep, hf, root / "batch.pt", json.dumps(CASES), "off"] for name, (tp, ep) in LAYOUTS.items()]
+    runs = [[root / name, tp, ep, hf, root / "batch.pt", json.dumps(CASES), "off"]
+            for name, (tp, ep) in LAYOUTS.items()]
     runs.append([root / "tp2-r3", "2", "1", hf, root / "batch.pt", json.dumps(R3_CASES), "on"])
     run_torchrun_each(WORKER, 2, runs, timeout=600)
     return {name: json.loads((root / name / "results.json").read_text()) for name in [*LAYOUTS, "tp2-r3"]}
@@ -157,7 +158,7 @@ def learner_results(setup):
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_one_learner_step_has_the_loss_and_gradient_norm_of_the_formula(setup, learner_results, case):
-    root, hf, batch = setup
+    _, hf, batch = setup
     expected = reference_step(hf, batch, case, r3=False)
     # The batch exercises the rule: tokens with A != 0 kept, and where the mode masks, some
     # dropped. The *_recompute modes anchor to pi_old, which is pi itself at a batch's first
@@ -173,7 +174,7 @@ def test_one_learner_step_has_the_loss_and_gradient_norm_of_the_formula(setup, l
 
 @pytest.mark.parametrize("case", R3_CASES, ids=[c["name"] for c in R3_CASES])
 def test_with_r3_the_step_follows_routes_the_routers_would_not_pick(setup, learner_results, case):
-    root, hf, batch = setup
+    _, hf, batch = setup
     forced = reference_step(hf, batch, case, r3=True)
     natural = reference_step(hf, batch, case, r3=False)
     # The random routes change the model's answer: the test can tell routes apart.

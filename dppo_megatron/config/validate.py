@@ -83,7 +83,8 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
     loss, data, reward, optim = recipe.loss, recipe.data, recipe.reward, recipe.optim
     for path, value in [("learner.nodes", learner.nodes), ("learner.ranks_per_node", learner.ranks_per_node),
                         ("learner.tp", learner.tp), ("learner.pp", learner.pp), ("learner.ep", learner.ep),
-                        ("learner.etp", parallel_layout(recipe).etp), ("learner.micro_batch_size", learner.micro_batch_size),
+                        ("learner.etp", parallel_layout(recipe).etp),
+                        ("learner.micro_batch_size", learner.micro_batch_size),
                         ("learner.token_stats_memory_mib", learner.token_stats_memory_mib),
                         ("rollout.max_new_tokens", rollout.max_new_tokens), ("rollout.servers", rollout.servers),
                         ("rollout.server_tp", rollout.server_tp), ("rollout.server_dp", rollout.server_dp),

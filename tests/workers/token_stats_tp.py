@@ -11,9 +11,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: its tests package
 
-from tests.token_stats_reference import all_cases  # noqa: E402
-
 from dppo_megatron.algo import token_stats  # noqa: E402
+from tests.token_stats_reference import all_cases  # noqa: E402
 
 
 def main(out_dir: str) -> None:
