@@ -42,6 +42,9 @@ def test_plot_draws_the_runs_that_have_steps_and_names_those_skipped(tmp_path):
     (good / "metrics.jsonl").write_text("".join(
         json.dumps({"step": step, "reward/mean": step / 10, "response/length_mean": 4.0, **by_mu}) + "\n"
         for step in range(5)))
+    (good / "masked_tokens.json").write_text(json.dumps({
+        "A>0": [{"id": 5, "token": " Wait", "count": 3, "share": 0.75}, {"id": 9, "token": "1", "count": 1, "share": 0.25}],
+        "A>0 masked": 4, "A<0": [], "A<0 masked": 0}))
     result = subprocess.run([sys.executable, "-m", "dppo_megatron", "plot", str(good), str(failed), "--out",
                              str(tmp_path / "plots")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -50,3 +53,5 @@ def test_plot_draws_the_runs_that_have_steps_and_names_those_skipped(tmp_path):
     # By bucket of the rollout probability: bars per run.
     assert (tmp_path / "plots" / "masked_by_mu.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "mismatch_by_mu.png").stat().st_size > 1000
+    # The run's most often masked tokens (of several runs, one figure each).
+    assert (tmp_path / "plots" / "masked_tokens-quickstart-1.png").stat().st_size > 1000

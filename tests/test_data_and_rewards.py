@@ -52,6 +52,21 @@ def test_chat_template_is_applied_when_the_tokenizer_has_one(tokenizer):
         tokenizer.chat_template = None
 
 
+def test_the_thinking_switch_reaches_the_chat_template(tokenizer):
+    """Like Qwen3's template: with enable_thinking false the generation prompt closes an empty
+    thinking block (here the word 0); left out, the template's default (thinking) holds."""
+    tokenizer.chat_template = ("{% for m in messages %}reverse {{ m['content'] }}{% endfor %}{% if add_generation_prompt %}"
+                               " :{% if enable_thinking is defined and not enable_thinking %} 0{% endif %}{% endif %}")
+    try:
+        def text(**switch):
+            return tokenizer.decode(encode_prompt(tokenizer, "3 4", chat_template=True, **switch))
+
+        assert text() == text(enable_thinking=None) == text(enable_thinking=True) == "reverse 3 4 :"
+        assert text(enable_thinking=False) == "reverse 3 4 : 0"
+    finally:
+        tokenizer.chat_template = None
+
+
 def test_long_prompts_are_skipped_and_counted(tmp_path, tokenizer):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "reverse 1 :", "answer": "1"}) + "\n" +

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dppo_megatron.algo import AGGREGATIONS, LOSS_MODES, group_advantages, needs_old_logprob, policy_loss
+from dppo_megatron.algo.policy_loss import masked_token_counts
 from tests.loss_reference import reference_loss
 
 
@@ -255,3 +256,14 @@ def test_every_mode_stays_finite_at_the_edges(mode):
             assert metrics["ratio_max"].item() == pytest.approx(math.exp(20.0))  # the clamp, not inf
             # |pi - mu| from pi and mu themselves: the three tokens that moved all the mass count 1.
             assert metrics["mismatch_tv"].item() == pytest.approx(3 / 8, abs=1e-5)
+
+
+def test_masked_token_counts_count_each_dropped_token_id_by_advantage_sign():
+    token_ids = torch.tensor([[5, 7, 5, 9], [5, 2, 2, 0]])
+    dropped = torch.tensor([[True, False, True, True], [True, True, True, False]])
+    counts = masked_token_counts(token_ids, dropped, torch.tensor([1.0, -2.0]), vocab_size=10)
+    assert counts.shape == (2, 10) and counts.dtype == torch.float64
+    assert counts[0].tolist() == [0, 0, 0, 0, 0, 2, 0, 0, 0, 1]  # A > 0: 5 twice, 9 once
+    assert counts[1].tolist() == [0, 0, 2, 0, 0, 1, 0, 0, 0, 0]  # A < 0: 2 twice, 5 once
+    # A = 0 tokens are never counted, even if a caller marks them.
+    assert masked_token_counts(token_ids, dropped, torch.zeros(2), vocab_size=10).sum() == 0

@@ -23,7 +23,8 @@ def test_the_expected_recipes_are_shipped():
     for expected in ["qwen3-30b-a3b/dppo-binary-tv.yaml", "qwen3-30b-a3b/dppo-binary-kl.yaml",
                      "qwen3-30b-a3b/dppo-topk-kl.yaml", "qwen3-30b-a3b/grpo-clip-higher.yaml",
                      "qwen3-30b-a3b/cispo.yaml", "qwen3-235b-a22b/dppo-binary-tv.yaml",
-                     "qwen3-8b-base/dppo-binary-tv.yaml", "qwen3-4b-base/dppo-binary-tv.yaml", "tiny/quickstart.yaml"]:
+                     "qwen3-8b-base/dppo-binary-tv.yaml", "qwen3-4b-base/dppo-binary-tv.yaml", "tiny/quickstart.yaml",
+                     "qwen3-30b-a3b-thinking/dppo-binary-tv.yaml", "qwen3-30b-a3b-thinking/grpo-clip-higher.yaml"]:
         assert expected in names
 
 
@@ -64,6 +65,25 @@ def test_30b_recipes_follow_the_published_setup_with_r3_off():
         assert recipe.loss.aggregation == "seq-mean-token-sum-norm" and recipe.loss.normalize_std is False
         assert (recipe.learner.tp, recipe.learner.ep) == (2, 8)
         assert load_recipe(RECIPES / "qwen3-30b-a3b" / f"{name}.yaml", ["rollout.r3=true"]).rollout.r3 is True
+
+
+@pytest.mark.parametrize("setting, model, moe", [("qwen3-30b-a3b-thinking", "Qwen/Qwen3-30B-A3B", True),
+                                                 ("qwen3-8b-base", "Qwen/Qwen3-8B-Base", False)])
+def test_the_thinking_and_dense_recipes_follow_the_papers_table(setting, model, moe):
+    """The paper's table of scaling-experiment settings (no script was published for these):
+    MoE Thinking and Dense Base, with DPPO-Binary-TV at 0.2 and GRPO-ClipHigher at 0.2 / 0.27."""
+    for name, mode, low, high in [("dppo-binary-tv", "dppo_binary_tv", 0.2, 0.2),
+                                  ("dppo-binary-kl", "dppo_binary_kl", 0.05, 0.05),
+                                  ("grpo-clip-higher", "grpo", 0.2, 0.27), ("cispo", "cispo", 0.2, 0.28)]:
+        recipe = load_recipe(RECIPES / setting / f"{name}.yaml")
+        assert recipe.model.path == model and (recipe.loss.mode, recipe.loss.low, recipe.loss.high) == (mode, low, high)
+        assert recipe.data.max_prompt_len == 1024 and recipe.optim.lr == 1e-6 and recipe.rollout.temperature == 1.0
+        assert (recipe.rollout.max_new_tokens, recipe.rollout.n, recipe.trainer.prompts_per_step) == (
+            (16384, 16, 256) if moe else (8000, 8, 128))
+        assert recipe.trainer.prompts_per_step // recipe.trainer.mini_batches == 32  # ppo_mini_batch_size
+        assert (recipe.trainer.eval_every, recipe.trainer.eval_n) == ((5, 32) if moe else (10, 32))
+        assert (recipe.trainer.eval_temperature, recipe.trainer.eval_top_p) == (0.7, 0.95)
+        assert recipe.data.enable_thinking is (True if moe else None) and recipe.rollout.r3 is False
 
 
 def test_overrides_reach_nested_keys_and_parse_yaml_values():

@@ -49,6 +49,15 @@ def test_quickstart_learns_the_toy_task_from_chance_to_mastery(quickstart):
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{QUICKSTART_STEPS:08d}"
     assert any((run_dir / "tensorboard").iterdir())
     assert (run_dir / "recipe.yaml").is_file() and (run_dir / "logs").is_dir()
+    assert_masked_tokens_add_up(run_dir, metrics)
+
+
+def assert_masked_tokens_add_up(run_dir, metrics):
+    """masked_tokens.json (counted by the learner from the trust region's mask) holds as many
+    tokens as the steps' train/tokens_masked metrics (counted by the loss) add up to."""
+    masked = json.loads((run_dir / "masked_tokens.json").read_text())
+    assert masked["A>0 masked"] + masked["A<0 masked"] == sum(m["train/tokens_masked"] for m in metrics) > 0
+    assert masked["A>0"] and all(isinstance(row["token"], str) and row["count"] > 0 for row in masked["A>0"])
 
 
 def test_the_exported_quickstart_model_scores_what_the_last_evaluation_did(quickstart, tmp_path):
@@ -117,6 +126,7 @@ def test_a_run_stopped_by_sigterm_then_killed_then_losing_its_server_ends_with_t
     assert [m["step"] for m in got] == list(range(steps))  # no step lost or repeated
     assert got == comparable(read_metrics(quickstart[0]))[:steps]
     assert read_status(run_dir)["state"] == "finished"
+    assert_masked_tokens_add_up(run_dir, got)  # the counts restored from the checkpoint, not lost or doubled
     # TensorBoard, as its own reader loads the run: every step once, the killed segment's
     # steps after the checkpoint purged.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -1,7 +1,7 @@
 """The trainer's rules, each against numbers worked out by hand here: which samples are trained
 (dynamic sampling, overlong responses), the overlong penalty, evaluation scores (avg@k, pass@k),
 when checkpoints and exports are written and which are deleted, the learning-rate schedule the
-recipe asks for, and the STOP file."""
+recipe asks for, the STOP file, and the masked-token counts a checkpoint carries."""
 
 import math
 from pathlib import Path
@@ -11,7 +11,9 @@ import torch
 
 from dppo_megatron.config.validate import load_recipe
 from dppo_megatron.rewards import overlong_penalty
+from dppo_megatron.data.toy import build_toy_tokenizer, toy_vocab_size
 from dppo_megatron.run.checkpoints import due_after, superseded
+from dppo_megatron.run.masked_tokens import MaskedTokens
 from dppo_megatron.run.rollouts import eval_scores, trained_samples
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "quickstart.yaml"
@@ -125,3 +127,45 @@ def test_a_stop_file_is_agreed_by_every_rank_and_cleared(tmp_path):
 
         for sig in (signal.SIGTERM, signal.SIGUSR1):  # StopRequest caught them for this process
             signal.signal(sig, signal.SIG_DFL)
+
+
+def test_masked_token_counts_survive_a_checkpoint_and_list_the_most_frequent_with_their_text(tmp_path):
+    tokenizer = tmp_path / "tokenizer"
+    build_toy_tokenizer(tokenizer)
+    vocab = toy_vocab_size()
+    from transformers import AutoTokenizer
+
+    seven = AutoTokenizer.from_pretrained(tokenizer).convert_tokens_to_ids("7")
+    counts = torch.zeros(2, vocab, dtype=torch.float64)
+    counts[0, seven], counts[0, 3], counts[1, seven] = 6, 2, 1
+    before = MaskedTokens(vocab, str(tokenizer), top=5)
+    before.add(counts)
+    before.save(tmp_path)
+    after = MaskedTokens(vocab, str(tokenizer), top=5)
+    after.load(tmp_path)
+    after.add(counts)  # a resumed run goes on counting
+    summary = after.summary()
+    assert summary["A>0 masked"] == 16 and summary["A<0 masked"] == 2
+    assert [(row["id"], row["token"], row["count"]) for row in summary["A>0"]][0] == (seven, "7", 12)
+    assert summary["A>0"][0]["share"] == pytest.approx(12 / 16) and len(summary["A>0"]) == 2
+    after.write(tmp_path)
+    assert (tmp_path / "masked_tokens.json").read_text().count('"token": "7"') == 2
+    # A checkpoint from before the counts were kept: counting starts from zero.
+    fresh = MaskedTokens(vocab, str(tokenizer))
+    fresh.load(tmp_path / "nothing-here")
+    assert fresh.counts.sum() == 0
+
+
+def test_evaluation_samples_at_its_own_temperature_and_top_p_when_the_recipe_sets_them():
+    from dppo_megatron.config.loading import RecipeError
+    from dppo_megatron.rollout.protocol import SamplingParams
+    from dppo_megatron.run.configs import eval_sampling_params
+
+    train = SamplingParams(max_new_tokens=9, temperature=1.0, top_p=1.0, top_k=-1, stop_token_ids=(1,))
+    same = eval_sampling_params(load_recipe(QUICKSTART), train)
+    assert same == train
+    paper = eval_sampling_params(load_recipe(QUICKSTART, ["trainer.eval_temperature=0.7", "trainer.eval_top_p=0.95"]),
+                                 train)
+    assert (paper.temperature, paper.top_p, paper.max_new_tokens, paper.stop_token_ids) == (0.7, 0.95, 9, (1,))
+    with pytest.raises(RecipeError, match="trainer.eval_top_p: must be in \\(0, 1\\], got 1.5"):
+        load_recipe(QUICKSTART, ["trainer.eval_top_p=1.5"])

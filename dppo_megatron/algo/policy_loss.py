@@ -127,6 +127,20 @@ def policy_loss(
 
 
 @torch.no_grad()
+def masked_token_counts(token_ids: torch.Tensor, dropped: torch.Tensor, advantages: torch.Tensor,
+                        vocab_size: int) -> torch.Tensor:
+    """[2, vocab_size] float64: how many times each token id lost its gradient to the trust
+    region with A > 0 (row 0) and with A < 0 (row 1). token_ids, dropped: [B, L]; advantages:
+    [B] or [B, L]."""
+    advantages = broadcast_advantages(advantages, dropped)
+    counts = torch.zeros(2, vocab_size, dtype=torch.float64, device=token_ids.device)
+    for row, side in enumerate((advantages > 0, advantages < 0)):
+        ids = token_ids[dropped & side]
+        counts[row].index_add_(0, ids, torch.ones(ids.shape, dtype=torch.float64, device=ids.device))
+    return counts
+
+
+@torch.no_grad()
 def _metrics(logprob, ratio, log_ratio, rollout_logprob, advantages, response_mask, keep) -> dict[str, torch.Tensor]:
     def mean(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         count = where.sum()

@@ -3,10 +3,12 @@ runs overlaid (for ablations: R3 on/off, DPPO vs GRPO)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from dppo_megatron.algo.policy_loss import MU_BUCKETS, mu_bucket_name
+from dppo_megatron.run.masked_tokens import MASKED_TOKENS_FILE, SIDES
 from dppo_megatron.run.metrics import read_metrics
 
 # (file name, title, metric names: the first one a run has is drawn)
@@ -28,13 +30,16 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, labels: list[str] | None = No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs, empty = [], []
+    runs, empty, masked = [], [], []
     for index, run_dir in enumerate(run_dirs):
         metrics = read_metrics(run_dir)
+        label = labels[index] if labels else run_dir.name
         if metrics:
-            runs.append((labels[index] if labels else run_dir.name, metrics))
+            runs.append((label, metrics))
         else:
             empty.append(str(run_dir))
+        if (run_dir / MASKED_TOKENS_FILE).exists():
+            masked.append((label, json.loads((run_dir / MASKED_TOKENS_FILE).read_text())))
     if not runs:
         raise FileNotFoundError(f"no metrics.jsonl with any step in {', '.join(empty)}")
     if empty:  # `plot runs/quickstart-*` after a run that failed before its first step
@@ -63,7 +68,29 @@ def plot_runs(run_dirs: list[Path], out_dir: Path, labels: list[str] | None = No
             written.append(_save(figure, out_dir, file_name))
         plt.close(figure)
     written += _by_mu_figures(runs, out_dir, plt)
+    for label, summary in masked:
+        written.append(_masked_tokens_figure(summary, label, out_dir, plt, one_run=len(run_dirs) == 1))
     return written
+
+
+def _masked_tokens_figure(summary: dict, label: str, out_dir: Path, plt, *, one_run: bool, top: int = 20) -> Path:
+    """The run's most often masked tokens, A > 0 and A < 0 side by side, as shares of the
+    tokens masked on that side."""
+    figure, axes = plt.subplots(1, 2, figsize=(12.8, 0.28 * top + 1.2))
+    for axis, side in zip(axes, SIDES):
+        rows = summary.get(side, [])[:top][::-1]  # the most frequent at the top
+        axis.barh(range(len(rows)), [row["share"] for row in rows], color="C0" if side == "A>0" else "C3")
+        axis.set_yticks(range(len(rows)), [repr(row["token"]) for row in rows], fontsize=8)
+        axis.set_title(f"{label}: masked with {side} ({summary.get(f'{side} masked', 0)} tokens)")
+        axis.set_xlabel("share of the masked tokens")
+        axis.grid(alpha=0.3, axis="x")
+    path = _save(figure, out_dir, "masked_tokens" if one_run else f"masked_tokens-{_file_safe(label)}")
+    plt.close(figure)
+    return path
+
+
+def _file_safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
 def _save(figure, out_dir: Path, file_name: str) -> Path:

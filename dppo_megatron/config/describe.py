@@ -59,8 +59,9 @@ def describe(recipe: Recipe, resolved: dict) -> str:
     lines.append(f"{arch.architecture}: {(dense + experts) / 1e9:.2f}B parameters ({experts / 1e9:.2f}B in experts), "
                  f"{arch.num_layers} layers, vocab {arch.vocab_size} (padded {arch.padded_vocab_size})")
     lines += ["", f"# learner: {world} ranks on {learner.nodes} node(s); TP {learner.tp} (sequence parallel "
-              f"{'on' if learner.tp > 1 else 'off'}), PP {learner.pp}, EP {learner.ep}, ETP {expert_tp(learner)}, "
-              f"DP {world // (learner.tp * learner.pp)}"]
+              f"{'on' if learner.tp > 1 else 'off'}), PP {learner.pp}, "
+              + (f"EP {learner.ep}, ETP {expert_tp(learner)}, " if arch.is_moe else "")
+              + f"DP {world // (learner.tp * learner.pp)}"]
     rows = rank_coordinates(recipe)
     shown = rows if len(rows) <= 32 else rows[:16] + rows[-4:]
     lines.append("rank  node  tp  pp  dp  ep  expert-dp")

@@ -143,6 +143,8 @@ class DataConfig:
     prompt_key: str = doc("field with the prompt: a string, or a list of chat messages; dots reach inside", "prompt")
     answer_key: str = doc("field with the reference answer; dots reach inside", "answer")
     chat_template: bool = doc("apply the tokenizer's chat template when it has one", True)
+    enable_thinking: bool | None = doc("the chat template's thinking switch (Qwen3): true for thinking mode, false "
+                                       "for answers without a <think> block; null: the template's default")
     max_prompt_len: int = doc("longer prompts are skipped (with a count in the log)", 2048)
     shuffle: bool = doc("shuffle prompts each epoch (seeded by trainer.seed)", True)
 
@@ -179,6 +181,8 @@ class TrainerConfig:
     keep_checkpoints: int = doc("complete checkpoints kept", 2)
     eval_every: int = doc("evaluate every N steps (0: never)", 0)
     eval_n: int = doc("responses per held-out prompt: mean reward and avg@k", 4)
+    eval_temperature: float | None = doc("sampling temperature of the evaluation (null: rollout.temperature)")
+    eval_top_p: float | None = doc("nucleus sampling of the evaluation (null: rollout.top_p)")
     export_every: int = doc("write an HF checkpoint every N steps (0: never)", 0)
     run_dir: str | None = doc("run directory (default runs/<name>-<timestamp>)")
     tensorboard: bool = doc("write TensorBoard events", True)

@@ -107,6 +107,10 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
     need(0 <= optim.adam_beta1 < 1 and 0 <= optim.adam_beta2 < 1, "optim.adam_beta1/adam_beta2: must be in [0, 1)")
     need(rollout.temperature > 0, f"rollout.temperature: must be > 0, got {rollout.temperature}")
     need(0 < rollout.top_p <= 1, f"rollout.top_p: must be in (0, 1], got {rollout.top_p}")
+    need(trainer.eval_temperature is None or trainer.eval_temperature > 0,
+         f"trainer.eval_temperature: must be > 0, got {trainer.eval_temperature}")
+    need(trainer.eval_top_p is None or 0 < trainer.eval_top_p <= 1,
+         f"trainer.eval_top_p: must be in (0, 1], got {trainer.eval_top_p}")
     need(rollout.top_k == -1 or rollout.top_k >= 1, f"rollout.top_k: -1 (off) or >= 1, got {rollout.top_k}")
     need(0 < rollout.mem_fraction <= 1, f"rollout.mem_fraction: must be in (0, 1], got {rollout.mem_fraction}")
     need(1 <= rollout.base_port <= 65535 - rollout.servers, f"rollout.base_port: {rollout.base_port} leaves no room "

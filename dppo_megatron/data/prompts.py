@@ -83,23 +83,25 @@ def _is_chat(prompt) -> bool:
     return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
 
 
-def encode_prompt(tokenizer, prompt, *, chat_template: bool) -> list[int]:
+def encode_prompt(tokenizer, prompt, *, chat_template: bool, enable_thinking: bool | None = None) -> list[int]:
     """Token ids of one prompt: through the chat template (with the generation prompt) when the
-    tokenizer has one and it is wanted, else the plain text."""
+    tokenizer has one and it is wanted, else the plain text. `enable_thinking`: the template's
+    thinking switch (Qwen3), None to leave the template's default."""
     if chat_template and getattr(tokenizer, "chat_template", None):
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        switch = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **switch)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def load_prompts(path, tokenizer, *, prompt_key: str, answer_key: str, chat_template: bool,
-                 max_prompt_len: int) -> tuple[list[Prompt], int]:
+                 max_prompt_len: int, enable_thinking: bool | None = None) -> tuple[list[Prompt], int]:
     """Tokenized prompts, and how many were skipped for being longer than `max_prompt_len`."""
     prompts, skipped = [], 0
     for where, prompt, answer in read_rows(path, prompt_key, answer_key):
-        ids = encode_prompt(tokenizer, prompt, chat_template=chat_template)
+        ids = encode_prompt(tokenizer, prompt, chat_template=chat_template, enable_thinking=enable_thinking)
         if not ids:
             raise DatasetError(f"{where}: the prompt is empty after tokenization")
         if len(ids) > max_prompt_len:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dppo_megatron.algo import needs_old_logprob, needs_topk, policy_loss, token_stats
-from dppo_megatron.algo.policy_loss import BY_MU_WEIGHTS
+from dppo_megatron.algo import needs_old_logprob, needs_topk, policy_loss, token_stats, trust_region_mask
+from dppo_megatron.algo.policy_loss import BY_MU_WEIGHTS, masked_token_counts
 from dppo_megatron.algo.token_stats import DEFAULT_MEMORY_BUDGET
 from dppo_megatron.learner.forward import model_device, run_schedule
 from dppo_megatron.learner.model import ModelOptions, build_model
@@ -121,6 +121,8 @@ class Learner:
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
         self.step = 0
+        # Which token ids the trust region masks (A > 0, A < 0), since the last take.
+        self._masked_counts = torch.zeros(2, arch.vocab_size, dtype=torch.float64, device=model_device(self.module))
 
     @property
     def module(self):
@@ -194,21 +196,39 @@ class Learner:
             self.routing.after_step()
 
     def _policy_loss(self, batch: MicroBatch, logits: torch.Tensor, denominator: torch.Tensor):
+        from megatron.core import parallel_state as ps
+
         loss_config = self.loss_config
         mask = batch.response_mask[:, 1:].to(logits.device)
         stats = self._token_stats(logits, batch, with_topk=needs_topk(loss_config.mode))
         old = batch.old_logprobs[:, 1:].to(logits.device).float() if batch.old_logprobs is not None else None
+        rollout = batch.rollout_logprobs[:, 1:].to(logits.device).float()
+        advantages = batch.advantages.to(logits.device)
+        region = dict(mode=loss_config.mode, low=loss_config.low, high=loss_config.high,
+                      relax_below=loss_config.relax_below, topk_tv=stats.topk_tv, topk_kl=stats.topk_kl,
+                      old_logprob=old)
         loss, metrics = policy_loss(
-            stats.logprob, batch.rollout_logprobs[:, 1:].to(logits.device).float(),
-            batch.advantages.to(logits.device), mask, mode=loss_config.mode, low=loss_config.low,
-            high=loss_config.high, ratio_cap=loss_config.ratio_cap, relax_below=loss_config.relax_below,
-            aggregation=loss_config.aggregation,
-            max_response_len=loss_config.max_response_len, denominator=denominator,
-            topk_tv=stats.topk_tv, topk_kl=stats.topk_kl, old_logprob=old,
+            stats.logprob, rollout, advantages, mask, ratio_cap=loss_config.ratio_cap,
+            aggregation=loss_config.aggregation, max_response_len=loss_config.max_response_len,
+            denominator=denominator, **region,
         )
+        if ps.get_tensor_model_parallel_rank() == 0:  # every TP rank has the same tokens: count once
+            with torch.no_grad():
+                dropped = mask & ~trust_region_mask(logprob=stats.logprob.detach(), rollout_logprob=rollout,
+                                                    advantages=advantages, **region)
+                self._masked_counts += masked_token_counts(batch.tokens[:, 1:].to(logits.device), dropped,
+                                                           advantages, self.arch.vocab_size)
         entropy = stats.entropy.detach()
         metrics["entropy"] = torch.where(mask, entropy, 0.0).sum() / mask.sum().clamp(min=1)
         return loss, metrics
+
+    def take_masked_token_counts(self) -> torch.Tensor:
+        """[2, vocab] float64 on the CPU: how many times each token id lost its gradient to the
+        trust region with A > 0 (row 0) and A < 0 (row 1), over every rank, since the last
+        call. A collective: every rank calls it."""
+        counts, self._masked_counts = self._masked_counts, torch.zeros_like(self._masked_counts)
+        dist.all_reduce(counts)
+        return counts.cpu()
 
     def _token_stats(self, logits: torch.Tensor, batch: MicroBatch, *, with_topk: bool,
                      with_entropy: bool = True, temperature: float | None = None):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from dppo_megatron.algo import needs_topk
@@ -53,6 +55,15 @@ def sampling_params(recipe: Recipe, eos_token_id: int | None) -> SamplingParams:
     rollout = recipe.rollout
     return SamplingParams(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
                           top_k=rollout.top_k, stop_token_ids=() if eos_token_id is None else (eos_token_id,))
+
+
+def eval_sampling_params(recipe: Recipe, train: SamplingParams) -> SamplingParams:
+    """The training sampling, with the evaluation's own temperature and top-p where the recipe
+    sets them (the paper evaluates at 0.7 / 0.95 what it trains at 1 / 1)."""
+    trainer = recipe.trainer
+    temperature, top_p = trainer.eval_temperature, trainer.eval_top_p
+    return replace(train, temperature=train.temperature if temperature is None else temperature,
+                   top_p=train.top_p if top_p is None else top_p)
 
 
 def micro_batch_layout(recipe: Recipe, arch: Qwen3Arch) -> dict:

@@ -30,12 +30,13 @@ from dppo_megatron.rollout.job_layout import JobLayout
 from dppo_megatron.rollout.servers import RemoteServers, ServerManager, Servers
 from dppo_megatron.run.checkpoints import CheckpointManager
 from dppo_megatron.run.configs import learner_configs, micro_batch_layout
+from dppo_megatron.run.masked_tokens import MaskedTokens
 from dppo_megatron.run.metrics import MetricsLog, mean_over_mini_batches
 from dppo_megatron.run.placement import server_specs
 from dppo_megatron.run.producer import PENDING_DIR, RolloutProducer, load_pending, save_pending
 from dppo_megatron.run.publisher import WeightPublisher
 from dppo_megatron.run.rollout_process import RolloutProcess, run_rollouts
-from dppo_megatron.run.run_dir import RECIPE_FILE, STOP_FILE, model_dir, write_status
+from dppo_megatron.run.run_dir import RECIPE_FILE, STOP_FILE, model_dir, tokenizer_dir, write_status
 from dppo_megatron.run.scatter import SampleScatter
 from dppo_megatron.run.stop import StopRequest
 
@@ -81,7 +82,7 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
                             layout=micro_batch_layout(recipe, arch))
     servers: Servers = (RemoteServers(JobLayout.load(job_layout).agents) if job_layout is not None
                         else ServerManager(server_specs(recipe, run_dir), run_dir / "logs"))
-    rollouts = producer = metrics_log = publisher = None
+    rollouts = producer = metrics_log = publisher = masked_tokens = None
     staleness = trainer.max_staleness
     try:
         if rank == 0:
@@ -106,6 +107,9 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
             metrics_log = MetricsLog(run_dir, first_step=start, total_steps=trainer.steps,
                                      tensorboard=trainer.tensorboard, wandb_project=trainer.wandb_project,
                                      run_name=run_dir.name, config=asdict(recipe))
+            masked_tokens = MaskedTokens(arch.vocab_size, tokenizer_dir(recipe, run_dir))
+            if checkpoints.resumed_from:
+                masked_tokens.load(checkpoints.resumed_from)
         if start > 0:  # the servers started from the initial weights
             publisher.publish(start)
         if rank == 0 and staleness:  # the first N batches (a resumed run has them from its checkpoint)
@@ -131,6 +135,9 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
             if needs_old_logprob(recipe.loss.mode):
                 learner.anchor_old_logprobs([mb for mini in share for mb in mini])
             learner_metrics = [learner.train_step(micro_batches) for micro_batches in share]
+            masked_counts = learner.take_masked_token_counts()
+            if rank == 0:
+                masked_tokens.add(masked_counts)
             learner_done = time.monotonic()
 
             # 3. New weights to the servers: written while they may still be generating (the
@@ -149,14 +156,18 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
                 metrics.update(rollouts.evaluate())
             stop = stop_request.agreed()
             pending = producer.pending() if rank == 0 else {}
-            metrics.update(checkpoints.after_step(
-                step + 1, stop=stop,
-                write_extra=lambda directory, pending=pending: save_pending(directory / PENDING_DIR, pending)))
+
+            def write_extra(directory: Path, pending=pending) -> None:  # rank 0's part of a checkpoint
+                save_pending(directory / PENDING_DIR, pending)
+                masked_tokens.save(directory)
+
+            metrics.update(checkpoints.after_step(step + 1, stop=stop, write_extra=write_extra))
 
             # 5. Metrics.
             if rank == 0:
                 metrics["time/step"] = time.monotonic() - started
                 metrics_log.log(step, metrics)
+                masked_tokens.write(run_dir)
                 say(metrics_log.progress(step, metrics))
             if stop and step + 1 < trainer.steps:
                 if rank == 0:

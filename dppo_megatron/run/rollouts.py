@@ -23,7 +23,14 @@ from dppo_megatron.rewards import overlong_penalty
 from dppo_megatron.rewards.pool import RewardPool
 from dppo_megatron.rollout.client import Request, RolloutClient
 from dppo_megatron.rollout.protocol import Sample, SamplingParams
-from dppo_megatron.run.configs import client_config, reward_spec, routing_shape, sampling_params, topk_of
+from dppo_megatron.run.configs import (
+    client_config,
+    eval_sampling_params,
+    reward_spec,
+    routing_shape,
+    sampling_params,
+    topk_of,
+)
 from dppo_megatron.run.run_dir import dataset_paths, tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -77,7 +84,7 @@ class Rollouts:
         data = recipe.data
         train_path, eval_path = dataset_paths(recipe, run_dir)
         encode = dict(prompt_key=data.prompt_key, answer_key=data.answer_key, chat_template=data.chat_template,
-                      max_prompt_len=data.max_prompt_len)
+                      max_prompt_len=data.max_prompt_len, enable_thinking=data.enable_thinking)
         self.train, skipped = load_prompts(train_path, self.tokenizer, **encode)
         if skipped:
             log.warning("%d prompts of %s are longer than data.max_prompt_len and are skipped", skipped, train_path)
@@ -88,15 +95,17 @@ class Rollouts:
         self.topk = topk_of(recipe)
         self.routing = routing_shape(recipe, arch)
         self.params = sampling_params(recipe, self.tokenizer.eos_token_id)
+        self.eval_params = eval_sampling_params(recipe, self.params)
         self.client = RolloutClient(urls, client_config(recipe), restart=restart)
 
-    def _requests(self, prompts: list[Prompt], n: int, tag: str, seed: int) -> list[Request]:
+    def _requests(self, prompts: list[Prompt], n: int, tag: str, seed: int, sampling: SamplingParams
+                  ) -> list[Request]:
         requests = []
         for slot, prompt in enumerate(prompts):
             for j in range(n):
                 # A seed per response: the same step samples the same tokens after a resume.
                 sample_seed = (seed * 1_000_003 + slot * n + j) % (2**31 - 1)
-                params = SamplingParams(**{**asdict(self.params), "sampling_seed": sample_seed})
+                params = SamplingParams(**{**asdict(sampling), "sampling_seed": sample_seed})
                 requests.append(Request(f"{tag}-p{slot}-r{j}", prompt.prompt_ids, params, self.topk, self.routing))
         return requests
 
@@ -104,7 +113,8 @@ class Rollouts:
         self.rewards.close()
 
     def _generate_scored(self, prompts: list[Prompt], n: int, tag: str, seed: int, *, advantages: bool,
-                         on_packed: Callable[[int, TrainSample], None] | None = None
+                         on_packed: Callable[[int, TrainSample], None] | None = None,
+                         sampling: SamplingParams | None = None,
                          ) -> tuple[list[Sample], ScoredGroups, dict[str, float]]:
         """Generate n responses per prompt, each scored in the pool as soon as it arrives.
         `on_packed(index, sample)`: each response as it arrives, in its compact block
@@ -124,7 +134,8 @@ class Rollouts:
             future = self.rewards.submit(sample.response_ids, prompts[index // n].answer)
             future.add_done_callback(lambda done: groups.add(index, done, penalty))
 
-        samples = self.client.generate_sync(self._requests(prompts, n, tag, seed), on_sample=arrived)
+        requests = self._requests(prompts, n, tag, seed, sampling or self.params)
+        samples = self.client.generate_sync(requests, on_sample=arrived)
         groups.wait()
         counts = self.rewards.counts.take()
         if counts.errors == len(samples):
@@ -169,7 +180,8 @@ class Rollouts:
     def evaluate(self) -> dict[str, float]:
         """Mean reward, avg@k and pass@k on the held-out prompts (fixed seeds: comparable over steps)."""
         k = self.recipe.trainer.eval_n
-        _, groups, _ = self._generate_scored(self.eval, k, "eval", EVAL_SEED, advantages=False)
+        _, groups, _ = self._generate_scored(self.eval, k, "eval", EVAL_SEED, advantages=False,
+                                             sampling=self.eval_params)
         return eval_scores(groups.rewards.view(-1, k))
 
 
