@@ -1,9 +1,13 @@
 """Suite-wide hooks and fixtures."""
 
+import fcntl
+import json
+import os
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.sglang_contract import start_building
 from tests.train_runs import (
@@ -16,6 +20,28 @@ from tests.train_runs import (
     start_train,
 )
 
+# As the dppo-megatron command does without CUDA (commands/cli.py): torch.compile hands functions
+# back as they are, so that the rank programs the tests start (and the tests themselves) do not
+# spend seconds importing torch's compiler stack when Megatron Core compiles its fused kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+# The suite runs on 2 workers (pytest-xdist, `--dist loadscope`, see the README): each test
+# module goes whole to one worker, so that its module-scoped fixtures (a torchrun over every
+# layout) run once. The two longest modules are handed out first, one to each worker, and the
+# tests that read the shared quickstart run go last in their module, so that the worker that
+# did not make that run finds it done (the `quickstart` fixture makes it once for both).
+FIRST_MODULES = ("test_train", "test_slurm")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    def order(item) -> tuple[int, bool]:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        first = FIRST_MODULES.index(module) if module in FIRST_MODULES else len(FIRST_MODULES)
+        return first, module != "test_train" and "quickstart" in getattr(item, "fixturenames", ())
+
+    items.sort(key=order)
+
 
 def pytest_collection_finish(session) -> None:
     # SGLang's environment for the contract tests takes minutes to make on a fresh machine:
@@ -27,12 +53,23 @@ def pytest_collection_finish(session) -> None:
 @pytest.fixture(scope="session")
 def quickstart(tmp_path_factory) -> tuple[Path, float]:
     """The README's main command (run from the repository root, into a temporary run dir): one
-    120-step run that the learning, export, evaluate, resume and multi-node tests share. Returns
-    the run directory and the seconds it took."""
-    run_dir = tmp_path_factory.mktemp("quickstart") / "run"
-    started = time.monotonic()
-    _, _, recipe = readme_main_command()
-    code = finish(start_train(run_dir, f"trainer.steps={QUICKSTART_STEPS}", *QUICKSTART_AT_THE_END,
-                              recipe=REPO / recipe), run_dir, timeout=600)
-    assert code == 0, log_tail(run_dir)
-    return run_dir, time.monotonic() - started
+    120-step run that the learning, export, evaluate, resume and multi-node tests share, made
+    once for all the workers of the suite (the first to ask makes it, under a file lock; the
+    others wait for it). Returns the run directory and the seconds it took."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the workers' base directories sit side by side in it
+    root, done = shared / "quickstart", shared / "quickstart.json"
+    with open(shared / "quickstart.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            run_dir = root / "run"
+            root.mkdir(exist_ok=True)
+            started = time.monotonic()
+            _, _, recipe = readme_main_command()
+            code = finish(start_train(run_dir, f"trainer.steps={QUICKSTART_STEPS}", *QUICKSTART_AT_THE_END,
+                                      recipe=REPO / recipe), run_dir, timeout=600)
+            assert code == 0, log_tail(run_dir)
+            done.write_text(json.dumps({"run_dir": str(run_dir), "seconds": time.monotonic() - started}))
+    made = json.loads(done.read_text())
+    return Path(made["run_dir"]), made["seconds"]

@@ -15,8 +15,9 @@ RESUME_TOL = 1e-5  # reduction order differs between layouts; the step itself mo
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """a: TP=2+EP=2 from HF, warm-up step, checkpoint, next step. b: TP=1 resumed from a's
-    checkpoint. c: TP=2+EP=2 resumed from b's. d: TP=2+EP=2 resumed from a's (same layout)."""
+    """a: TP=2+EP=2 from HF, warm-up step, checkpoint, next step. b: TP=2 with the experts split
+    by expert TP instead (EP=1, ETP=2) resumed from a's checkpoint. c: TP=2+EP=2 resumed from
+    b's. d: TP=2+EP=2 resumed from a's (same layout). All in one torchrun, in this order."""
     root = tmp_path_factory.mktemp("ckpt")
     hf = make_moe(root / "hf")
 
@@ -28,11 +29,9 @@ def runs(tmp_path_factory):
             results[name] = torch.load(root / name / "result.pt", weights_only=False)
 
     results = {"root": root, "hf": hf}
-    run(2, ("a", "2", "2", "-"))
-    run(1, ("b", "1", "1", "a"))
-    # c and d in the same ranks: d must come out bit-identical to a although its process ran c
-    # first, so nothing left over from an earlier model can stand in for what a checkpoint holds.
-    run(2, ("c", "2", "2", "b"), ("d", "2", "2", "a"))
+    # d must come out bit-identical to a although its process ran b and c first, so nothing left
+    # over from an earlier model can stand in for what a checkpoint holds.
+    run(2, ("a", "2", "2", "-"), ("b", "2", "1", "a"), ("c", "2", "2", "b"), ("d", "2", "2", "a"))
     return results
 
 
@@ -48,7 +47,7 @@ def test_resume_at_the_same_layout_is_bit_identical(runs):
     assert d["step"] == a["step"] == 2 and d["trainer_state"] == {"note": "warm-up done"}
 
 
-@pytest.mark.parametrize("saved, resumed", [("a", "b"), ("b", "c")], ids=["tp2ep2-to-tp1", "tp1-to-tp2ep2"])
+@pytest.mark.parametrize("saved, resumed", [("a", "b"), ("b", "c")], ids=["ep2-to-etp2", "etp2-to-ep2"])
 def test_resume_at_another_layout_gives_the_same_logits_and_the_same_next_step(runs, saved, resumed):
     s, r = runs[saved], runs[resumed]
     assert max_diff(s["before"], r["before"]) <= RESUME_TOL
@@ -91,3 +90,34 @@ def test_partial_and_half_written_checkpoints_are_never_loaded(tmp_path):
     (tmp_path / LATEST_FILE).write_text("step_00000012")
     assert latest_checkpoint(tmp_path) == complete
     assert latest_checkpoint(tmp_path / "missing") is None
+
+
+SHIELD_PROBE = """
+import os, signal, time
+from pathlib import Path
+
+from dppo_megatron.learner.checkpoint import _start_checkpoint_writer_deaf_to_stop_signals
+
+if __name__ == "__main__":
+    os.setpgrp()  # a run of its own, as `dppo-megatron train` starts its ranks
+    _start_checkpoint_writer_deaf_to_stop_signals()
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    signal.signal(signal.SIGTERM, lambda *_: None)  # this "rank" takes the stop and goes on
+    os.killpg(os.getpgrp(), signal.SIGTERM)
+    time.sleep(1)
+    filesystem_async._results_queue.put("still serving")  # what the stop's checkpoint does
+    print(filesystem_async._results_queue.get(timeout=10))
+"""
+
+
+def test_the_checkpoint_writers_helper_process_outlives_a_stop_signal_to_the_run(tmp_path):
+    """Megatron's checkpoint writer talks to a manager process it starts at the first save; a
+    SIGTERM to the run's process group (kill, scancel, Ctrl-C) killed it, and the checkpoint of
+    that stop failed with BrokenPipeError."""
+    import subprocess
+    import sys
+
+    probe = tmp_path / "probe.py"  # a file: the manager is spawned, and re-imports __main__
+    probe.write_text(SHIELD_PROBE)
+    done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "still serving", done.stderr[-3000:]

@@ -172,8 +172,8 @@ def test_every_sglang_command_line_of_the_shipped_recipes_parses_with_sglangs_se
                 float8 = spec.dtype == "float8"  # SGLang's FP8 weights: --quantization fp8, the dtype left auto
                 expected.append([lines[-1][0], "0", spec.routed_experts, spec.deterministic, spec.tp, spec.port,
                                  "auto" if float8 or spec.dtype is None else spec.dtype, "fp8" if float8 else None])
-    # 14 MoE recipes with R3 on and off, 2 dense; 16 deterministic, 16 with FP8 weights
-    assert len({name for name, _ in lines}) == 62
+    # 19 MoE recipes with R3 on and off, 6 dense; 25 deterministic, 25 with FP8 weights
+    assert len({name for name, _ in lines}) == 19 * 4 + 6 * 3
     code, output = sglang.run(SGLANG_PARSES, stdin=json.dumps(lines))
     assert code == 0, output[-3000:]
     parsed = [json.loads(line) for line in output.splitlines() if line.startswith("[")]
@@ -278,7 +278,7 @@ def test_every_request_body_the_trainer_sends_is_read_by_sglangs_own_code_as_mea
                     "top_p": params.top_p, "top_k": "all" if params.top_k == -1 else params.top_k, "min_p": params.min_p,
                     "stop_token_ids": [arch.vocab_size - 1], "ignore_eos": False, "skip_special_tokens": False,
                     "no_stop_trim": True, "sampling_seed": r.params.sampling_seed} for r in requests]
-    assert len(meant) == 4 * 34  # 18 recipes: 16 MoE (the two tiny ones too) with R3 on and off, 2 dense
+    assert len(meant) == 4 * 48  # 27 recipes: 21 MoE (the two tiny ones too) with R3 on and off, 6 dense
     disk = DiskWeightSync(tmp_path / "weights")
     sync = DistributedWeightSync(["http://a:1", "http://b:2"], master_address="10.0.0.1", master_port=29600,
                                  server_tp=[2, 1], backend="nccl")

@@ -7,6 +7,8 @@ import os
 import sys
 import warnings
 
+import torch
+
 from dppo_megatron import __version__
 from dppo_megatron.commands import convert, evaluate, job, plot, serve, submit, train, validate
 
@@ -44,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     # Megatron's tensor/sequence parallel overlap relies on one CUDA work queue (its own
     # training scripts set this; it asks for it at every parallel layer otherwise).
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    # Megatron Core wraps its fused-kernel helpers in torch.compile at import, which imports
+    # torch's compiler stack: 3 s of every process's start on a CPU, where those kernels are
+    # not compiled anyway. Without CUDA, torch.compile hands the functions back as they are.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     parser = build_parser()
     # key=value overrides may come after options (`train R.yaml --run-dir D loss.mode=grpo`),
     # which argparse alone does not take for a positional list.

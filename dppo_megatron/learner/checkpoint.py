@@ -13,10 +13,11 @@ Layout of a checkpoint root:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 import logging
 import os
 import shutil
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,6 +37,31 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+# The signals that ask a run to stop (run/stop.py), and Ctrl-C.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+
+
+def _start_checkpoint_writer_deaf_to_stop_signals() -> None:
+    """Megatron's checkpoint writer keeps a multiprocessing manager process, spawned at the
+    first save, in the run's process group: a stop signal sent to the group (SIGTERM from
+    `kill`, `scancel`, a terminal's Ctrl-C) killed it, and the checkpoint of that very stop
+    then failed with BrokenPipeError. It is started here with those signals blocked, a mask it
+    inherits: the ranks decide when to stop, and it serves them until they exit."""
+    from multiprocessing import resource_tracker
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    # Started first: starting it unblocks SIGINT and SIGTERM in this process when it is done.
+    resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def save_checkpoint(root: str | Path, learner, trainer_state: dict | None = None,
                     hf_config: dict | None = None, *, name_step: int | None = None,
                     write_extra: Callable[[Path], None] | None = None) -> Path:
@@ -53,6 +79,7 @@ def save_checkpoint(root: str | Path, learner, trainer_state: dict | None = None
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
     dist.barrier()
+    _start_checkpoint_writer_deaf_to_stop_signals()
     model_state = learner.module.sharded_state_dict()
     dist_checkpointing.save(
         {"model": model_state, "optimizer": learner.optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_FORMAT)},
