@@ -28,17 +28,21 @@ if not torch.cuda.is_available():
 
 # The suite runs on 2 workers (pytest-xdist, `--dist loadscope`, see the README): each test
 # module goes whole to one worker, so that its module-scoped fixtures (a torchrun over every
-# layout) run once. The two longest modules are handed out first, one to each worker, and the
-# tests that read the shared quickstart run go last in their module, so that the worker that
-# did not make that run finds it done (the `quickstart` fixture makes it once for both).
-FIRST_MODULES = ("test_train", "test_slurm")
+# layout) run once. Modules are handed out longest first (seconds measured on 2 cores), so that
+# the last ones are short and neither worker waits long for the other at the end; the two
+# longest share the quickstart run, which the `quickstart` fixture makes once for both, and
+# test_slurm's tests that read it go last in their module, when it is made.
+LONGEST_FIRST = ("test_train", "test_slurm", "test_embedded_engine", "test_convert_cli", "test_sglang_contract",
+                 "test_learner_checkpoint", "test_learner_parity", "test_learner_loss_parity", "test_node_agent",
+                 "test_rollout_client", "test_learner_train", "test_token_stats", "test_cpu_bridge",
+                 "test_engine_learner_parity", "test_recipes", "test_reward_pool")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
     def order(item) -> tuple[int, bool]:
         module = item.module.__name__.rsplit(".", 1)[-1]
-        first = FIRST_MODULES.index(module) if module in FIRST_MODULES else len(FIRST_MODULES)
-        return first, module != "test_train" and "quickstart" in getattr(item, "fixturenames", ())
+        rank = LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+        return rank, module != "test_train" and "quickstart" in getattr(item, "fixturenames", ())
 
     items.sort(key=order)
 
