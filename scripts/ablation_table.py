@@ -11,6 +11,7 @@ likely tokens pushed down: A < 0 with mu > 0.9), each step weighted by its token
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -33,6 +34,11 @@ def eval_at(metrics: list[dict], step: int) -> float | None:
     return next((m["eval/mean_reward"] for m in metrics if m["step"] + 1 == step and "eval/mean_reward" in m), None)
 
 
+def finished(run_dir: Path) -> bool:
+    status = run_dir / "status.json"
+    return status.exists() and json.loads(status.read_text())["state"] == "finished"
+
+
 def main(root: Path, losses: list[str]) -> None:
     seeds = sorted(p.name for p in root.glob("s*") if p.is_dir())
     print("| loss | seeds | reward, last 10 steps | eval @100 | eval @200 | first step with reward >= 0.8 | "
@@ -40,8 +46,7 @@ def main(root: Path, losses: list[str]) -> None:
           "masked A<0, mu > 0.9 |")
     print("|" + "---|" * 12)
     for loss in losses:
-        runs = [read_metrics(root / seed / loss) for seed in seeds if (root / seed / loss / "metrics.jsonl").exists()]
-        runs = [m for m in runs if m]
+        runs = [read_metrics(root / seed / loss) for seed in seeds if finished(root / seed / loss)]
         if not runs:
             continue
         last10 = [sum(m["reward/mean"] for m in run[-10:]) / len(run[-10:]) for run in runs]
