@@ -223,7 +223,8 @@ def test_every_mode_gives_the_loss_and_gradient_of_its_formula(mode):
     logprob, rollout, adv, mask, extra = mode_inputs(mode)
     expected_loss, expected_grad = reference_loss(mode, logprob, rollout, adv, mask, **extra)
     lp = logprob.clone().requires_grad_()
-    loss, metrics = policy_loss(lp, rollout, adv, mask, mode=mode, **extra)
+    token_ids = torch.randint(0, 5, logprob.shape, generator=torch.Generator().manual_seed(1))
+    loss, metrics = policy_loss(lp, rollout, adv, mask, mode=mode, token_ids=token_ids, vocab_size=5, **extra)
     (grad,) = torch.autograd.grad(loss, lp)
     # The weight is computed in float32 (as in training): agreement to float32 precision.
     assert loss.item() == pytest.approx(expected_loss, rel=1e-6, abs=1e-9)
@@ -235,6 +236,10 @@ def test_every_mode_gives_the_loss_and_gradient_of_its_formula(mode):
     assert dropped.any() == (mode not in ("cispo", "pg_is", "pg_tis")), mode
     assert metrics["tokens_masked"].item() == dropped.sum().item()
     assert metrics["masked_frac"].item() == pytest.approx(dropped.sum().item() / signed.sum().item())
+    # Which ids were dropped, by advantage sign: the reference's dropped tokens, counted per id.
+    for row, side in enumerate((adv[:, None] > 0, adv[:, None] < 0)):
+        expected = torch.bincount(token_ids[dropped & side], minlength=5).double()
+        torch.testing.assert_close(metrics["masked_token_counts"][row], expected, msg=mode)
 
 
 @pytest.mark.parametrize("mode", LOSS_MODES)

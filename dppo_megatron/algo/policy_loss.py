@@ -54,6 +54,8 @@ def policy_loss(
     topk_kl: torch.Tensor | None = None,
     old_logprob: torch.Tensor | None = None,
     denominator: float | torch.Tensor | None = None,
+    token_ids: torch.Tensor | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and metrics for one (micro-)batch of responses.
 
@@ -72,10 +74,13 @@ def policy_loss(
         denominator: the count to divide by instead of this batch's own (tokens for
             `token-mean`, sequences otherwise); pass the global count when a batch is split
             into micro-batches or over data-parallel ranks, so the gradients add up right.
+        token_ids, vocab_size: [B, L] ids of the sampled tokens and the vocabulary size, to
+            count which ids the trust region drops (`masked_token_counts` in the metrics).
 
     Returns (loss, metrics): metrics are detached scalars; `*_frac` and means are over
     response tokens, with the counts they average over (`tokens`, `tokens_pos`, ...) so that
-    callers can combine micro-batches and ranks with the right weights.
+    callers can combine micro-batches and ranks with the right weights. With `token_ids`, also
+    `masked_token_counts`, the [2, vocab_size] tensor of `masked_token_counts()`.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
@@ -123,6 +128,9 @@ def policy_loss(
         loss = per_sequence.sum() / total
 
     metrics = _metrics(logprob.detach(), ratio, log_ratio, rollout_logprob, advantages, response_mask, keep)
+    if token_ids is not None:
+        metrics["masked_token_counts"] = masked_token_counts(token_ids, response_mask & ~keep, advantages,
+                                                             vocab_size)
     return loss, metrics
 
 
@@ -133,11 +141,8 @@ def masked_token_counts(token_ids: torch.Tensor, dropped: torch.Tensor, advantag
     region with A > 0 (row 0) and with A < 0 (row 1). token_ids, dropped: [B, L]; advantages:
     [B] or [B, L]."""
     advantages = broadcast_advantages(advantages, dropped)
-    counts = torch.zeros(2, vocab_size, dtype=torch.float64, device=token_ids.device)
-    for row, side in enumerate((advantages > 0, advantages < 0)):
-        ids = token_ids[dropped & side]
-        counts[row].index_add_(0, ids, torch.ones(ids.shape, dtype=torch.float64, device=ids.device))
-    return counts
+    return torch.stack([torch.bincount(token_ids[dropped & side], minlength=vocab_size)
+                        for side in (advantages > 0, advantages < 0)]).double()
 
 
 @torch.no_grad()

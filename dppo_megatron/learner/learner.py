@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dppo_megatron.algo import needs_old_logprob, needs_topk, policy_loss, token_stats, trust_region_mask
-from dppo_megatron.algo.policy_loss import BY_MU_WEIGHTS, masked_token_counts
+from dppo_megatron.algo import needs_old_logprob, needs_topk, policy_loss, token_stats
+from dppo_megatron.algo.policy_loss import BY_MU_WEIGHTS
 from dppo_megatron.algo.token_stats import DEFAULT_MEMORY_BUDGET
 from dppo_megatron.learner.forward import model_device, run_schedule
 from dppo_megatron.learner.model import ModelOptions, build_model
@@ -202,22 +202,18 @@ class Learner:
         mask = batch.response_mask[:, 1:].to(logits.device)
         stats = self._token_stats(logits, batch, with_topk=needs_topk(loss_config.mode))
         old = batch.old_logprobs[:, 1:].to(logits.device).float() if batch.old_logprobs is not None else None
-        rollout = batch.rollout_logprobs[:, 1:].to(logits.device).float()
-        advantages = batch.advantages.to(logits.device)
-        region = dict(mode=loss_config.mode, low=loss_config.low, high=loss_config.high,
-                      relax_below=loss_config.relax_below, topk_tv=stats.topk_tv, topk_kl=stats.topk_kl,
-                      old_logprob=old)
+        # Every TP rank has the same tokens: one of them counts the masked ids.
+        count_ids = ps.get_tensor_model_parallel_rank() == 0
         loss, metrics = policy_loss(
-            stats.logprob, rollout, advantages, mask, ratio_cap=loss_config.ratio_cap,
+            stats.logprob, batch.rollout_logprobs[:, 1:].to(logits.device).float(),
+            batch.advantages.to(logits.device), mask, mode=loss_config.mode, low=loss_config.low,
+            high=loss_config.high, ratio_cap=loss_config.ratio_cap, relax_below=loss_config.relax_below,
             aggregation=loss_config.aggregation, max_response_len=loss_config.max_response_len,
-            denominator=denominator, **region,
+            denominator=denominator, topk_tv=stats.topk_tv, topk_kl=stats.topk_kl, old_logprob=old,
+            token_ids=batch.tokens[:, 1:].to(logits.device) if count_ids else None, vocab_size=self.arch.vocab_size,
         )
-        if ps.get_tensor_model_parallel_rank() == 0:  # every TP rank has the same tokens: count once
-            with torch.no_grad():
-                dropped = mask & ~trust_region_mask(logprob=stats.logprob.detach(), rollout_logprob=rollout,
-                                                    advantages=advantages, **region)
-                self._masked_counts += masked_token_counts(batch.tokens[:, 1:].to(logits.device), dropped,
-                                                           advantages, self.arch.vocab_size)
+        if count_ids:  # summed here, not carried with every micro-batch's metrics
+            self._masked_counts += metrics.pop("masked_token_counts")
         entropy = stats.entropy.detach()
         metrics["entropy"] = torch.where(mask, entropy, 0.0).sum() / mask.sum().clamp(min=1)
         return loss, metrics
