@@ -190,20 +190,48 @@ def test_weight_update_from_disk_serves_the_new_weights(server, models):
     post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "43"})
 
 
-def test_disk_weight_sync_serves_the_learners_new_weights(server, models, tmp_path):
+@pytest.fixture(scope="module")
+def synced(server, models, tmp_path_factory):
+    """The learner side of every weight-sync case below, one case after another in one torchrun
+    of 2 ranks (each starts torch and Megatron once): each case's directory, holding the
+    learner's weights after its step (`reference`) and what the servers served right after its
+    sync (`served-<i>.json`). Between cases the server goes back to the first model's weights."""
+    from tests.distributed import run_torchrun_each
+
+    root, hf = tmp_path_factory.mktemp("sync"), str(models[0])
+    worker = str(Path(__file__).parent / "workers" / "weight_sync_cases.py")
+    with running_server(models[0]) as second:
+        both = f"{server},{second}"
+        runs = [
+            ["weight_sync_export", root / "disk", "", hf, "2", "2", hf, root / "disk" / "sync", "7"],
+            ["weight_sync_distributed", root / "gloo", server, hf, "2", "2", hf, server, free_port(), "9"],
+            ["weight_sync_distributed", root / "owners-tp1-ep2", server, hf, "1", "2", hf, server, free_port(), "11",
+             "owners"],
+            ["weight_sync_distributed", root / "owners-tp2-ep2", server, hf, "2", "2", hf, server, free_port(), "11",
+             "owners"],
+            ["weight_sync_two_senders", root / "two-senders", both, hf, hf, both, "4"],
+        ]
+        run_torchrun_each(worker, 2, runs, timeout=420)
+    return root
+
+
+def served(case_dir, index=0):
+    """What server `index` answered right after the case's sync (tests/workers/weight_sync_cases.py)."""
+    answer = json.loads((case_dir / f"served-{index}.json").read_text())
+    return parse_generate_response(answer, rid="r", prompt_ids=PROMPT, server="", topk=5, routing=ROUTING)
+
+
+def test_disk_weight_sync_serves_the_learners_new_weights(server, models, synced):
     from dppo_megatron.rollout.weight_sync import DiskWeightSync, WeightSyncError
-    from tests.distributed import run_torchrun
     from tests.tiny_models import hf_logits, parity_tokens
 
-    sync = DiskWeightSync(tmp_path / "sync", keep=1)
+    sync = DiskWeightSync(synced / "disk" / "sync", keep=1)
     stale = sync.version_dir(6)
     stale.mkdir(parents=True)
     before = generate(server, max_new_tokens=6, sampling_seed=5)
-    worker = str(Path(__file__).parent / "workers" / "weight_sync_export.py")
-    run_torchrun(worker, 2, str(tmp_path), "2", "2", str(models[0]), str(tmp_path / "sync"), "7")
     published = sync.version_dir(7)
     # What was published is what the learner holds after its step (TP=2 + EP=2, experts and all).
-    learner_logits = torch.load(tmp_path / "learner_logits.pt")
+    learner_logits = torch.load(synced / "disk" / "learner_logits.pt")
     assert (hf_logits(published, parity_tokens()) - learner_logits).abs().max() <= 1e-4
 
     sync.publish([server], 7)
@@ -220,62 +248,47 @@ def test_disk_weight_sync_serves_the_learners_new_weights(server, models, tmp_pa
     post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "0"})
 
 
-def test_distributed_weight_sync_over_gloo_serves_the_learners_new_weights(server, models, tmp_path):
-    from dppo_megatron.processes import free_port
-    from tests.distributed import run_torchrun
-
-    worker = str(Path(__file__).parent / "workers" / "weight_sync_distributed.py")
-    run_torchrun(worker, 2, str(tmp_path), "2", "2", str(models[0]), server, str(free_port()), "9")
-    sent = json.loads((tmp_path / "sent-rank0.json").read_text())["bytes"]
+def test_distributed_weight_sync_over_gloo_serves_the_learners_new_weights(server, models, synced):
+    case = synced / "gloo"
+    sent = json.loads((case / "sent-rank0.json").read_text())["bytes"]
     assert sent > 64 * 1024  # several buckets
-    after = generate(server, max_new_tokens=6, sampling_seed=5)
-    assert after.weight_version == "9"
-    expected, _ = teacher_forced(tmp_path / "reference", PROMPT, after.response_ids, 1.0)
+    after, before = served(case), generate(server, max_new_tokens=6, sampling_seed=5)
+    assert after.weight_version == "9" and after.logprobs.tolist() != before.logprobs.tolist()
+    expected, _ = teacher_forced(case / "reference", PROMPT, after.response_ids, 1.0)
     assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
     status, answer = post(server, "/update_weights_from_distributed",
                           {"names": ["x"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "dppo-weights"})
-    assert status == 400 and "no weight update group" in answer["message"]  # closed after the sync
-    post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "0"})
+    assert status == 400 and "no weight update group" in answer["message"]  # closed after the syncs
 
 
-def test_two_sending_ranks_publish_to_two_servers_version_after_version_without_deadlock(server, models, tmp_path):
+def test_two_sending_ranks_publish_to_two_servers_version_after_version_without_deadlock(synced):
     """Each EP rank sends the experts it owns, through its own group with both servers; a
     server takes one weight-group call at a time (as SGLang's scheduler does), so the senders
     take turns: with both at once, two servers that took them in opposite orders would hang."""
-    from tests.distributed import run_torchrun
-
-    worker = str(Path(__file__).parent / "workers" / "weight_sync_two_senders.py")
-    with running_server(models[0]) as second:
-        run_torchrun(worker, 2, str(tmp_path), str(models[0]), f"{server},{second}", "4", timeout=240)
-        for url in (server, second):
-            after = generate(url, max_new_tokens=6, sampling_seed=5)
-            assert after.weight_version == "4"
-            expected, _ = teacher_forced(tmp_path / "reference", PROMPT, after.response_ids, 1.0)
-            assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
-    post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "0"})
+    case = synced / "two-senders"
+    for index in (0, 1):
+        after = served(case, index)
+        assert after.weight_version == "4"
+        expected, _ = teacher_forced(case / "reference", PROMPT, after.response_ids, 1.0)
+        assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("tp, ep", [("1", "2"), ("2", "2")])
-def test_experts_are_sent_by_the_ep_rank_that_owns_them(server, models, tmp_path, tp, ep):
+def test_experts_are_sent_by_the_ep_rank_that_owns_them(models, synced, tp, ep):
     from dppo_megatron.model.arch import Qwen3Arch
     from dppo_megatron.model.mapping import hf_tensor_names
-    from dppo_megatron.processes import free_port
-    from tests.distributed import run_torchrun
 
-    worker = str(Path(__file__).parent / "workers" / "weight_sync_distributed.py")
-    base_port = free_port()
-    run_torchrun(worker, 2, str(tmp_path), tp, ep, str(models[0]), server, str(base_port), "11", "owners")
-    sent = {rank: json.loads((tmp_path / f"sent-rank{rank}.json").read_text())["names"] for rank in (0, 1)}
+    case = synced / f"owners-tp{tp}-ep{ep}"
+    sent = {rank: json.loads((case / f"sent-rank{rank}.json").read_text())["names"] for rank in (0, 1)}
     experts = {rank: {n for n in names if ".mlp.experts." in n} for rank, names in sent.items()}
     assert experts[0] and experts[1] and not experts[0] & experts[1]  # each expert from one rank
     assert all(".mlp.experts." in n for n in sent[1])  # rank 1 sends only its own experts
     everything = set(hf_tensor_names(Qwen3Arch.from_hf(models[0])))
     assert set(sent[0]) | set(sent[1]) == everything and len(sent[0]) + len(sent[1]) == len(everything)
-    after = generate(server, max_new_tokens=6, sampling_seed=5)
+    after = served(case)
     assert after.weight_version == "11"
-    expected, _ = teacher_forced(tmp_path / "reference", PROMPT, after.response_ids, 1.0)
+    expected, _ = teacher_forced(case / "reference", PROMPT, after.response_ids, 1.0)
     assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
-    post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "0"})
 
 
 def test_batched_generation_matches_one_request_at_a_time(models):
