@@ -210,6 +210,7 @@ def synced(server, models, tmp_path_factory):
             ["weight_sync_distributed", root / "owners-tp2-ep2", server, hf, "2", "2", hf, server, free_port(), "11",
              "owners"],
             ["weight_sync_two_senders", root / "two-senders", both, hf, hf, both, "4"],
+            ["weight_sync_server_dies", root / "server-dies", "", hf, hf, free_port(), free_port()],
         ]
         run_torchrun_each(worker, 2, runs, timeout=420)
     return root
@@ -271,6 +272,25 @@ def test_two_sending_ranks_publish_to_two_servers_version_after_version_without_
         assert after.weight_version == "4"
         expected, _ = teacher_forced(case / "reference", PROMPT, after.response_ids, 1.0)
         assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
+
+
+def test_a_server_that_dies_during_a_broadcast_is_left_out_and_the_version_sent_again(synced):
+    """Two servers run by a ServerManager, as in a run; the second is killed after the check
+    that comes before each broadcast. The senders' broadcast fails; the first server, waiting on
+    it, is restarted; the senders form their groups again with the first server alone and send
+    the version again, which it then serves."""
+    case = synced / "server-dies"
+    publisher = json.loads((case / "publisher.json").read_text())
+    first, second = publisher["urls"]
+    assert publisher["members"] == [first]
+    log = publisher["log"]
+    assert any(line.startswith("sending weight version 2 failed") for line in log), log
+    assert f"restarting {first}: they wait on the failed broadcast" in log, log
+    assert f"weight-update groups formed again: {second} left, {first} joined" in log, log
+    after = served(case)
+    assert after.weight_version == "2"
+    expected, _ = teacher_forced(case / "reference", PROMPT, after.response_ids, 1.0)
+    assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("tp, ep", [("1", "2"), ("2", "2")])

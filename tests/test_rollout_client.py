@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from dppo_megatron.processes import free_port
-from dppo_megatron.rollout.client import ClientConfig, Request, RolloutClient, RolloutError
+from dppo_megatron.rollout.client import ClientConfig, Request, RolloutClient, RolloutError, ServerRejoinsLater
 from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams
 from dppo_megatron.rollout.servers import ServerManager, ServerSpec, server_command
 from tests.tiny_models import make_moe
@@ -89,6 +89,31 @@ def test_a_server_killed_mid_batch_is_restarted_and_the_batch_completes(manager)
         time.sleep(0.2)
     assert manager.restarts[victim] == before + 1
     assert RolloutClient([victim], FAST).generate_sync(requests(1))[0].server == victim
+
+
+def test_a_server_restarted_to_rejoin_later_is_left_out_of_this_batch_and_serves_the_next(manager):
+    """Under the distributed weight sync a restarted server gets the weights only at the next
+    broadcast: the restart call says so (ServerRejoinsLater), the client keeps the server out of
+    the batch, and asks again with the next one; from then on it serves."""
+    victim = manager.urls[0]
+    calls, restarted = [], threading.Event()
+
+    def restart(url: str) -> None:
+        calls.append(url)
+        if len(calls) == 1:
+            manager.restart(url)
+            restarted.set()
+            raise ServerRejoinsLater("it rejoins at the next weight update")
+
+    client = RolloutClient(manager.urls, FAST, restart=restart)
+    os.killpg(manager.processes[victim].pid, signal.SIGKILL)
+    manager.processes[victim].wait()
+    first = client.generate_sync(requests(24, max_new_tokens=20))
+    assert [s.rid for s in first] == [f"q{i}" for i in range(24)] and {s.server for s in first} == {manager.urls[1]}
+    assert restarted.wait(120) and client.dead_servers() == [victim]
+    client.generate_sync(requests(4))  # (its calls were handed out before the answer came)
+    assert calls == [victim, victim] and client.dead_servers() == []
+    assert victim in {s.server for s in client.generate_sync(requests(8))}
 
 
 class _Misbehaving(BaseHTTPRequestHandler):

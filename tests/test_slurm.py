@@ -196,32 +196,52 @@ def test_a_missing_partition_is_refused_before_sbatch(cluster, tmp_path):
     assert "the job needs 4 nodes" in too_big.stderr and "partition debug has 3" in too_big.stderr
 
 
-def assert_laid_out_on_three_nodes(run_dir: Path, job_id: str, runs: int) -> None:
-    """Learner rank 0 on node0, rank 1 on node1 (each run of the job says so), the server and its
-    agent on node2; the servers reached by node name, not loopback."""
+def assert_laid_out_on_three_nodes(run_dir: Path, job_id: str, runs: int) -> list[str]:
+    """Learner rank 0 on node0, rank 1 on node1 (each run of the job says so), the servers and
+    their agent on node2; the servers reached by node name, not loopback. Returns their urls."""
     log = job_log(run_dir)
     for line in ("learner node 0 (node0): ranks 0-0 of 2", "learner node 1 (node1): ranks 1-1 of 2",
                  "learner on node0,node1 (rendezvous node0:", "rollout servers on node2"):
         assert log.count(line) == runs, (line, log[-3000:])
     layout = json.loads((run_dir / "job" / "layout.json").read_text())
     assert layout["learner_nodes"] == ["node0", "node1"] and layout["server_nodes"] == ["node2"]
-    port = layout["servers"][0]["spec"]["port"]
-    assert log.count(f"node2: 1 server(s) healthy: http://node2:{port}") == runs
+    urls = [f"http://node2:{server['spec']['port']}" for server in layout["servers"]]
+    assert log.count(f"node2: {len(urls)} server(s) healthy: {', '.join(urls)}") == runs
     assert read_status(run_dir)["state"] == "finished" and read_status(run_dir)["slurm_job_id"] == job_id
     assert log.count("the trainer is done; stopping the servers") == runs, log[-3000:]  # told, not killed
+    return urls
 
 
-def test_a_three_node_job_stopped_and_requeued_matches_train_on_one_machine_step_for_step(
+def test_a_three_node_job_with_a_server_killed_then_stopped_and_requeued_matches_train_on_one_machine(
         cluster, quickstart, tmp_path):
-    """recipes/tiny/three-node.yaml: learner ranks on node0 and node1 (EP=2 spans them: the
-    experts' all-to-all crosses nodes), the embedded engine on node2 under its agent, R3 on, the
-    weights sent to it over the network by the distributed sync. Stopped mid-run as before a time
-    limit (`scancel --signal=USR1 --batch`): checkpoint, requeue, resume on the same nodes. Every
-    step comes once, with the numbers of the quickstart trained on one machine by `train`."""
+    """recipes/tiny/three-node.yaml with two servers: learner ranks on node0 and node1 (EP=2
+    spans them: the experts' all-to-all crosses nodes), two embedded engines on node2 under its
+    agent, R3 on, the weights sent to them over the network by the distributed sync.
+
+    One server is SIGKILLed mid-run: the other takes its requests, node2's agent restarts it
+    when the trainer asks, and it rejoins the weight-update groups at the next broadcast (the
+    senders form them again), then serves again. Later the job is stopped as before a time
+    limit (`scancel --signal=USR1 --batch`): checkpoint, requeue, resume on the same nodes.
+    Every step comes once, with the numbers of the quickstart trained on one machine by `train`."""
     run_dir = tmp_path / "three-node"
     steps = 12
-    job_id = submit_job(cluster, run_dir, f"trainer.steps={steps}", *QUICKSTART_AT_THE_END, recipe=THREE_NODE)
-    wait_for_steps(cluster, job_id, run_dir, 4)
+    job_id = submit_job(cluster, run_dir, f"trainer.steps={steps}", "rollout.servers=2", *QUICKSTART_AT_THE_END,
+                        recipe=THREE_NODE)
+    wait_for_steps(cluster, job_id, run_dir, 2)
+    layout = json.loads((run_dir / "job" / "layout.json").read_text())
+    port = layout["servers"][0]["spec"]["port"]
+    found = subprocess.run(["pgrep", "-f", f"serve-embedded.*{run_dir}.*--port {port} "], capture_output=True,
+                           text=True)
+    victims = [int(pid) for pid in found.stdout.split()]
+    assert len(victims) == 1, found
+    assert victims[0] in cluster.processes_on(cluster.nodes[2])  # the server runs on node2
+    os.kill(victims[0], signal.SIGKILL)
+    rejoined = f"weight-update groups formed again: none left, http://node2:{port} joined"
+    deadline = time.monotonic() + 300
+    while rejoined not in job_log(run_dir):
+        assert time.monotonic() < deadline and cluster.job_state(job_id), job_log(run_dir)[-3000:]
+        time.sleep(0.5)
+    wait_for_steps(cluster, job_id, run_dir, len(read_metrics(run_dir)) + 2)  # served by both again
     signalled = cluster.run("scancel", "--signal=USR1", "--batch", job_id)  # as SLURM before the time limit
     assert signalled.returncode == 0, signalled.stderr
 
@@ -234,39 +254,16 @@ def test_a_three_node_job_stopped_and_requeued_matches_train_on_one_machine_step
     assert f"job {job_id} (restart 1)" in log
     assert f"resumed from {stopped_at} at step {int(stopped_at.name.split('_')[1])}" in log
     assert f"finished: {steps} steps" in log, log[-3000:]
-    assert_laid_out_on_three_nodes(run_dir, job_id, runs=2)
+    urls = assert_laid_out_on_three_nodes(run_dir, job_id, runs=2)
+    agent = layout["agent_port"]
+    assert log.count(f"asking http://node2:{agent} to restart {urls[0]}") == 1, log[-3000:]
+    assert f"restarting http://127.0.0.1:{port} (restart 1)" in log  # the agent, which sees it on loopback
+    assert log.count(rejoined) == 1 and f"rollout server {urls[0]} restarted\n" in log, log[-3000:]
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(steps))  # none lost, none repeated
     assert comparable(metrics) == comparable(read_metrics(quickstart[0]))[:steps]
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{steps:08d}"
     assert not (run_dir / "weights").exists() or not any((run_dir / "weights").iterdir())  # sent, not written
-
-
-def test_a_three_node_job_whose_server_is_killed_has_it_restarted_by_its_node_agent(cluster, quickstart, tmp_path):
-    """The same job with disk weight sync on the shared run directory: the server on node2 is
-    SIGKILLed mid-run; node2's agent restarts it when the trainer asks, it loads the current
-    weights from the run directory, and the run completes with the one-machine numbers."""
-    run_dir = tmp_path / "server-killed"
-    steps = 10
-    job_id = submit_job(cluster, run_dir, f"trainer.steps={steps}", *QUICKSTART_AT_THE_END,
-                        "rollout.weight_sync=disk", recipe=THREE_NODE)
-    wait_for_steps(cluster, job_id, run_dir, 3)
-    server = f"serve-embedded.*{run_dir}"
-    found = subprocess.run(["pgrep", "-f", server], capture_output=True, text=True)
-    victims = [int(pid) for pid in found.stdout.split()]
-    assert len(victims) == 1, found
-    assert victims[0] in cluster.processes_on(cluster.nodes[2])  # the server runs on node2
-    os.kill(victims[0], signal.SIGKILL)
-
-    assert cluster.wait_until_gone(job_id, timeout=400), f"job still {cluster.job_state(job_id)}:\n{job_log(run_dir)}"
-    log = job_log(run_dir)
-    assert f"finished: {steps} steps" in log, log[-3000:]
-    assert_laid_out_on_three_nodes(run_dir, job_id, runs=1)
-    agent = json.loads((run_dir / "job" / "layout.json").read_text())["agent_port"]
-    assert log.count(f"asking http://node2:{agent} to restart http://node2:") == 1, log[-3000:]
-    port = json.loads((run_dir / "job" / "layout.json").read_text())["servers"][0]["spec"]["port"]
-    assert f"restarting http://127.0.0.1:{port} (restart 1)" in log  # the agent, which sees it on loopback
-    assert comparable(read_metrics(run_dir)) == comparable(read_metrics(quickstart[0]))[:steps]
 
 
 def test_one_node_jobs_side_by_side_one_warned_before_its_time_limit_one_failing(cluster, tmp_path):

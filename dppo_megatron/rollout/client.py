@@ -6,7 +6,8 @@ concurrency bound and a timeout. Connection errors, timeouts, 5xx, malformed JSO
 requests are retried with backoff (the whole call, under fresh rids: SGLang refuses a rid
 still in flight), on another server when there is one; a server that fails
 `failures_before_dead` times in a row is marked dead and handed to `restart` (the server
-manager), and takes requests again once that returns. A 4xx is the request's fault and a
+manager), and takes requests again once that returns (or, where it raises ServerRejoinsLater,
+from the next `generate` call, when it is asked again). A 4xx is the request's fault and a
 well-formed answer that breaks the protocol (say, no routes under R3) stops the run: neither
 is retried. Every request yields exactly one sample, in the order given.
 """
@@ -26,6 +27,11 @@ from dppo_megatron.rollout.protocol import (
 
 log = logging.getLogger(__name__)
 RETRIED_4XX = (408, 429)  # timeouts and throttling: the server's state, not the request's fault
+
+
+class ServerRejoinsLater(RuntimeError):
+    """A restart's answer: the server runs again but takes requests only from the next
+    `generate` call (it gets the current weights at the next weight update, with the others)."""
 
 
 class RolloutError(RuntimeError):
@@ -75,6 +81,7 @@ class _Server:
     failures: int = 0
     dead: bool = False
     reviving: asyncio.Task | None = field(default=None, repr=False)
+    waits_for: str = ""  # why a restarted server takes no requests yet (ServerRejoinsLater)
 
 
 class RolloutClient:
@@ -214,10 +221,14 @@ class RolloutClient:
     async def _revive(self, server: _Server) -> None:
         try:
             await asyncio.to_thread(self.restart, server.url)
+        except ServerRejoinsLater as later:
+            server.waits_for = str(later)
+            log.warning("rollout server %s restarted: %s", server.url, later)
+            return
         except Exception as error:  # noqa: BLE001 - a failed restart leaves the server dead
             log.error("restarting %s failed: %s", server.url, error)
             return
-        server.failures, server.dead = 0, False
+        server.failures, server.dead, server.waits_for = 0, False, ""
         log.warning("rollout server %s restarted", server.url)
 
     async def _pick(self, exclude: _Server | None) -> _Server:
@@ -231,6 +242,8 @@ class RolloutClient:
                 return min(others, key=lambda s: s.in_flight)
             restarting = any(s.reviving is not None and not s.reviving.done() for s in self._servers)
             if waited >= self.config.wait_for_servers_seconds or not restarting:
-                raise RolloutError("every rollout server is dead: " + ", ".join(s.url for s in self._servers))
+                waiting = [f"{s.url} was restarted: {s.waits_for}" for s in self._servers if s.waits_for]
+                raise RolloutError("every rollout server is dead: " + ", ".join(s.url for s in self._servers)
+                                   + "".join(f"; {line}" for line in waiting))
             await asyncio.sleep(0.2)
             waited += 0.2

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import shutil
 import threading
 from collections.abc import Iterable
@@ -21,6 +22,9 @@ import torch
 import torch.distributed as dist
 
 from dppo_megatron.rollout.servers import post_json
+
+log = logging.getLogger(__name__)
+ANSWER_GRACE_SECONDS = 5.0  # for the servers' answers after a broadcast failed on the sender's side
 
 
 class WeightSyncError(RuntimeError):
@@ -112,15 +116,21 @@ def _post_to_all(servers: list[str], path: str, bodies: list[dict], timeout: flo
     def call(index: int) -> None:
         answers[index] = post_json(servers[index].rstrip("/") + path, bodies[index], timeout)
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(servers))]
+    threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(len(servers))]
     for thread in threads:
         thread.start()
     try:
         if work is not None:
             work()
-    finally:
+    except BaseException as error:
+        # A broadcast that failed here leaves the servers waiting on it until their group's
+        # timeout: their answers are not waited for (their threads end when the servers do).
         for thread in threads:
-            thread.join()
+            thread.join(timeout=ANSWER_GRACE_SECONDS)
+        log.error("%s: %s", context or path, error)
+        raise
+    for thread in threads:
+        thread.join()
     failures = [f"{server}: {answer.get('message', answer)}" for server, answer in zip(servers, answers)
                 if not answer.get("success", False)]
     if failures:
@@ -208,9 +218,13 @@ class DistributedWeightSync:
                      work=broadcast)
         return sum(t.numel() * t.element_size() for _, t in bucket)
 
-    def close(self) -> None:
+    def close(self, servers: list[str] | None = None) -> None:
+        """Leave the group, telling `servers` (default: all of them) to leave it too: a server
+        that died or was restarted since no longer holds it."""
         if self.group is not None:
-            _post_to_all(self.servers, "/destroy_weights_update_group",
-                         [self.destroy_body()] * len(self.servers), self.timeout)
-            destroy_weight_update_group(self.group)
-            self.group = None
+            told = self.servers if servers is None else servers
+            try:
+                _post_to_all(told, "/destroy_weights_update_group", [self.destroy_body()] * len(told), self.timeout)
+            finally:
+                destroy_weight_update_group(self.group)
+                self.group = None

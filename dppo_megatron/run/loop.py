@@ -96,12 +96,8 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
             learner, arch, servers.urls, method=recipe.rollout.weight_sync, weights_dir=run_dir / "weights",
             hf_config=checkpoints.hf_config, side_files_from=model_dir(recipe, run_dir),
             server_tp=recipe.rollout.server_tp, servers=servers if rank == 0 else None)
-        if rank == 0:
-            def restart_server(url: str) -> None:  # the client's call for a server that died
-                servers.restart(url)
-                publisher.bring_up_to_date(url)
-
-            rollouts = RolloutProcess(run_rollouts(recipe, run_dir, arch, servers.urls), restart_server)
+        if rank == 0:  # the client asks rank 0's publisher to restart a server that died
+            rollouts = RolloutProcess(run_rollouts(recipe, run_dir, arch, servers.urls), publisher.restart)
             pending = load_pending(checkpoints.resumed_from / PENDING_DIR) if checkpoints.resumed_from else {}
             producer = RolloutProducer(rollouts, pending)
             metrics_log = MetricsLog(run_dir, first_step=start, total_steps=trainer.steps,

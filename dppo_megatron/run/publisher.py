@@ -1,12 +1,21 @@
 """After each step, the learner's weights to the rollout servers: from disk (every rank writes
 its part of a Hugging Face checkpoint, rank 0 tells the servers to load it) or by broadcast
 (every rank that owns tensors sends them through its own weight-update group). A collective:
-every learner rank publishes."""
+every learner rank publishes.
+
+A server that dies is restarted when the rollout client asks (rank 0, `restart`). From disk it
+loads the current weights at once. By broadcast it cannot: a group is formed by every learner
+rank that sends, and they are busy training; so before each broadcast rank 0 checks the servers,
+and when one died or was restarted, every sender forms its group again with the servers that
+are alive, the restarted ones included, which then get the new weights with the others and take
+requests from the next batch on."""
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -17,8 +26,9 @@ from dppo_megatron.learner.learner import Learner
 from dppo_megatron.learner.weights import iter_hf_tensors, save_hf, sends_weights
 from dppo_megatron.model.arch import Qwen3Arch
 from dppo_megatron.processes import free_port
+from dppo_megatron.rollout.client import ServerRejoinsLater
 from dppo_megatron.rollout.job_layout import LOOPBACK
-from dppo_megatron.rollout.servers import Servers
+from dppo_megatron.rollout.servers import Servers, is_healthy
 from dppo_megatron.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, WeightSyncError
 
 log = logging.getLogger(__name__)
@@ -35,18 +45,20 @@ class WeightPublisher:
         self.version = 0  # what the servers hold: 0 is the initial model they start from
         self.written: int | None = None  # the last version written to disk
         self.disk = DiskWeightSync(weights_dir) if method == "disk" else None
-        self.distributed, self.senders = None, []
+        self.distributed, self.senders, self.server_tp = None, [], server_tp
+        # Distributed: the servers in the weight-update groups, and how often the groups were
+        # formed (each formation has group names of its own). Rank 0: the servers restarted since
+        # the last broadcast (their groups died with them), and those that rejoined at it.
+        self.members, self.formation = list(urls), 0
+        self._restarted: set[str] = set()
+        self._rejoined: set[str] = set()
+        self._lock = threading.Lock()  # a restart and the check before a broadcast, one at a time
         if method == "distributed":
             sends = sends_weights(arch)
             sending = [None] * dist.get_world_size()
             dist.all_gather_object(sending, sends)
             self.senders = [rank for rank, sender in enumerate(sending) if sender]
-            if sends:
-                self.distributed = DistributedWeightSync(
-                    urls, master_address=_address_for(urls), master_port=free_port(),
-                    group_name=f"dppo-weights-r{dist.get_rank()}",
-                    backend="nccl" if torch.cuda.is_available() else "gloo", server_tp=[server_tp] * len(urls))
-            self._in_turns(lambda: self.distributed.connect())
+            self._form_groups()
 
     def write(self, version: int) -> None:
         """Disk: every rank writes its part of `version` (a collective). The servers may still be
@@ -73,19 +85,138 @@ class WeightPublisher:
                             self.servers.restart(url)
                     self.disk.publish(self.urls, version)
         else:
-            tensors = iter_hf_tensors(self.learner.module, self.arch, experts_from_owners=True)
-            if len(self.senders) == 1:  # streamed, bucket by bucket, as the iterator makes them
-                if self.distributed is not None:
-                    self.distributed.publish(tensors, version)
-                else:
-                    for _ in tensors:  # the iterator is a collective: every rank runs it through
-                        pass
-            else:  # each sender keeps what it sends (owned experts are views) until its turn
-                mine = list(tensors)
-                self._in_turns(lambda: self.distributed.publish(mine, version))
-                del mine
+            self._broadcast(version)
         dist.barrier()
         self.version = version
+
+    def _broadcast(self, version: int, attempts: int = 3) -> None:
+        """Every sender sends `version` through its group. A server that dies meanwhile breaks
+        the groups it is in: the senders then form them again without it and send the whole
+        version again."""
+        regroup = False
+        for _ in range(attempts):
+            rejoining = self._regroup(force=regroup)
+            failed = [None] * dist.get_world_size()
+            dist.all_gather_object(failed, self._send(version))
+            errors = [error for error in failed if error]
+            if not errors:
+                with self._lock:
+                    self._rejoined.update(rejoining)
+                return
+            if dist.get_rank() == 0:
+                log.warning("sending weight version %d failed (%s); forming the groups again and sending it again",
+                            version, errors[0])
+            regroup = True
+        raise WeightSyncError(f"weight version {version} could not be sent in {attempts} attempts: {errors[0]}")
+
+    def _send(self, version: int) -> str | None:
+        """This rank's part of a broadcast; returns what went wrong in its own sending."""
+        tensors = iter_hf_tensors(self.learner.module, self.arch, experts_from_owners=True)
+        error = None
+
+        def send(named_tensors) -> None:
+            nonlocal error
+            try:
+                self.distributed.publish(named_tensors, version)
+            except RuntimeError as failure:  # a server gone: gloo/NCCL errors, or its HTTP answer
+                error = f"rank {dist.get_rank()}: {failure}"
+
+        if len(self.senders) == 1:  # streamed, bucket by bucket, as the iterator makes them
+            if self.distributed is not None:
+                send(tensors)
+            for _ in tensors:  # the iterator is a collective: every rank runs it through
+                pass
+        else:  # each sender keeps what it sends (owned experts are views) until its turn
+            mine = list(tensors)
+            self._in_turns(lambda: send(mine))
+            del mine
+        return error
+
+    def restart(self, url: str) -> None:
+        """Rank 0, the rollout client's call for a server that died: start it again, with the
+        current weights. From disk it loads them now. By broadcast it rejoins the groups at the
+        next publish, and until then raises ServerRejoinsLater (the client keeps it out of this
+        batch and asks again with the next, when this returns at once)."""
+        with self._lock:
+            if url in self._rejoined:
+                self._rejoined.discard(url)
+                if is_healthy(url):  # restarted, and given the weights at the last publish
+                    return
+            if url in self._restarted and is_healthy(url):  # asked again before it rejoined
+                raise ServerRejoinsLater("it rejoins at the next weight update")
+            self.servers.restart(url)
+            if self.disk is not None:
+                if self.version:
+                    self.disk.publish([url], self.version)
+                return
+            self._restarted.add(url)
+        if self.version:  # 0: it holds the initial weights, as the others do
+            raise ServerRejoinsLater(f"it gets the weights of version {self.version + 1} with the other servers at "
+                                     "the next weight update, and serves from the batch after it")
+
+    def _form_groups(self) -> None:
+        """Every sending rank forms its weight-update group with the member servers, in turns
+        (a collective). Each picks its store's port in its turn: picked at once, two ranks of a
+        node could both get the port the first then listens on."""
+        def connect() -> None:
+            self.distributed = DistributedWeightSync(
+                self.members, master_address=_address_for(self.members), master_port=free_port(),
+                group_name=f"dppo-weights-r{dist.get_rank()}-{self.formation}",
+                backend="nccl" if torch.cuda.is_available() else "gloo", server_tp=[self.server_tp] * len(self.members))
+            self.distributed.connect()
+
+        self._in_turns(connect)
+
+    def _regroup(self, force: bool = False) -> list[str]:
+        """Before a broadcast (a collective): where a member server died or one was restarted
+        (or, with `force`, after a failed broadcast), every sender leaves its group (the servers
+        that still hold it leave too) and forms a new one with the servers that are alive.
+        Returns the servers that rejoined after the client asked for their restart."""
+        change = [self._membership_change(force) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(change, src=0)
+        if change[0] is None:
+            return []
+        if "error" in change[0]:
+            raise WeightSyncError(change[0]["error"])
+        def leave() -> None:
+            try:
+                self.distributed.close(change[0]["holding"])
+            except WeightSyncError as error:  # one that died just now: it holds nothing any more either
+                log.warning("leaving the weight-update group: %s", error)
+
+        self._in_turns(leave)
+        self.members, self.formation = change[0]["members"], self.formation + 1
+        self._form_groups()
+        return change[0]["rejoined"]
+
+    def _membership_change(self, force: bool) -> dict | None:
+        """Rank 0: the new members, the old members that still hold their groups, and the
+        servers that join; None when nothing changed (and nothing `force`s a new formation)."""
+        with self._lock:
+            with ThreadPoolExecutor(max_workers=min(32, len(self.urls))) as pool:
+                alive = dict(zip(self.urls, pool.map(is_healthy, self.urls)))
+            restarted, self._restarted = self._restarted, set()
+        members = [url for url in self.urls if alive[url]]
+        if members == self.members and not restarted and not force:
+            return None
+        if not members:
+            return {"error": "no rollout server is alive to take the new weights: " + ", ".join(self.urls)}
+        asked = set(restarted)  # restarted at the client's call: it asks again, and is told to go on
+        if force:  # after a failed broadcast the servers of the broken groups wait on it: start them again
+            stuck = [url for url in self.members if alive[url] and url not in restarted]
+            if stuck and self.servers is None:
+                return {"error": f"{', '.join(stuck)} wait on a failed broadcast, and this publisher cannot "
+                                 "restart servers"}
+            log.warning("restarting %s: they wait on the failed broadcast", ", ".join(stuck) or "no server")
+            with ThreadPoolExecutor(max_workers=max(1, min(32, len(stuck)))) as pool:
+                list(pool.map(self.servers.restart, stuck))
+            restarted |= set(stuck)
+        holding = [url for url in self.members if alive[url] and url not in restarted]
+        joined = [url for url in members if url not in holding]
+        left = [url for url in self.members if url not in members]
+        log.warning("weight-update groups formed again: %s left, %s joined", ", ".join(left) or "none",
+                    ", ".join(joined) or "none")
+        return {"members": members, "holding": holding, "rejoined": [url for url in joined if url in asked]}
 
     def _in_turns(self, action) -> None:
         """Each sending rank runs `action` in turn (a collective). A server takes one weight-group
@@ -96,20 +227,12 @@ class WeightPublisher:
                 action()
             dist.barrier()
 
-    def bring_up_to_date(self, url: str) -> None:
-        """Rank 0, after a server was restarted (it starts from the initial model): give it the
-        current weights before it serves again."""
-        if self.version == 0:
-            return
-        if self.disk is None:
-            raise WeightSyncError(
-                f"{url} was restarted, and a server cannot rejoin the distributed weight-update group in the middle "
-                "of a run: stopping; the run resumes from its last checkpoint (or use rollout.weight_sync: disk)")
-        self.disk.publish([url], self.version)
-
     def close(self) -> None:
         if self.distributed is not None:
-            self.distributed.close()
+            try:
+                self.distributed.close()
+            except WeightSyncError as error:  # a server that died since the last step: the run is done anyway
+                log.warning("leaving the weight-update group: %s", error)
 
 
 def _address_for(urls: list[str]) -> str:

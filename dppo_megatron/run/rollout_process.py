@@ -30,6 +30,7 @@ import numpy as np
 from dppo_megatron.config.schema import Recipe
 from dppo_megatron.learner.batches import TrainSample, unpack_sample
 from dppo_megatron.model.arch import Qwen3Arch
+from dppo_megatron.rollout.client import ServerRejoinsLater
 from dppo_megatron.run.rollouts import Rollouts
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,10 @@ class RolloutProcess:
         try:
             self._restart(url)
             answer = None
+        except ServerRejoinsLater as later:
+            answer = ("later", str(later))
         except Exception as error:  # noqa: BLE001 - the child's client reports it and goes on without the server
-            answer = f"{type(error).__name__}: {error}"
+            answer = ("failed", f"{type(error).__name__}: {error}")
         try:
             self._send(("restarted", url, answer))
         except OSError:
@@ -213,4 +216,7 @@ class _Child:
         self.send(("restart", url))
         done.wait()
         if box[0] is not None:
-            raise RuntimeError(f"rank 0 could not restart {url}: {box[0]}")
+            outcome, message = box[0]
+            if outcome == "later":
+                raise ServerRejoinsLater(message)
+            raise RuntimeError(f"rank 0 could not restart {url}: {message}")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dppo_megatron.rollout.protocol import SamplingParams, generate_request  # noqa: E402
+from dppo_megatron.rollout.protocol import SamplingParams, generate_request
 
 PROMPT = [5, 17, 42, 99]  # as tests/test_embedded_engine.py
 
@@ -29,16 +29,23 @@ def post(url: str, path: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
+def record_served(out_dir, urls: list[str], reset_to: str | None = None) -> None:
+    """Rank 0: one seeded sample from each server (OUT_DIR/served-<i>.json), then, with
+    `reset_to`, the server back on those weights."""
+    body = generate_request("r", PROMPT, SamplingParams(max_new_tokens=6, sampling_seed=5), topk=5,
+                            return_routed_experts=True)
+    for index, url in enumerate(urls):
+        Path(out_dir, f"served-{index}.json").write_text(json.dumps(post(url, "/generate", body)))
+        if reset_to:
+            post(url, "/update_weights_from_disk", {"model_path": reset_to, "weight_version": "0"})
+
+
 def main(worker, out_dir, served_urls, reset_to, *worker_args) -> None:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     importlib.import_module(worker).main(out_dir, *worker_args)
     dist.barrier()
     if dist.get_rank() == 0 and served_urls:
-        body = generate_request("r", PROMPT, SamplingParams(max_new_tokens=6, sampling_seed=5), topk=5,
-                                return_routed_experts=True)
-        for index, url in enumerate(served_urls.split(",")):
-            Path(out_dir, f"served-{index}.json").write_text(json.dumps(post(url, "/generate", body)))
-            post(url, "/update_weights_from_disk", {"model_path": reset_to, "weight_version": "0"})
+        record_served(out_dir, served_urls.split(","), reset_to)
 
 
 if __name__ == "__main__":
