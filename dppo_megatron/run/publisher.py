@@ -172,7 +172,13 @@ class WeightPublisher:
         (or, with `force`, after a failed broadcast), every sender leaves its group (the servers
         that still hold it leave too) and forms a new one with the servers that are alive.
         Returns the servers that rejoined after the client asked for their restart."""
-        change = [self._membership_change(force) if dist.get_rank() == 0 else None]
+        change = [None]
+        if dist.get_rank() == 0:
+            try:
+                change[0] = self._membership_change(force)
+            except Exception as error:  # noqa: BLE001 - every rank must hear of it, not wait for rank 0
+                change[0] = {"error": f"checking the servers before weight version {self.version + 1}: "
+                                      f"{type(error).__name__}: {error}"}
         dist.broadcast_object_list(change, src=0)
         if change[0] is None:
             return []
