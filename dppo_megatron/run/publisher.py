@@ -50,9 +50,10 @@ class WeightPublisher:
         # formed (each formation has group names of its own). Rank 0: the servers restarted since
         # the last broadcast (their groups died with them), and those that rejoined at it.
         self.members, self.formation = list(urls), 0
+        self._restarting: set[str] = set()
         self._restarted: set[str] = set()
         self._rejoined: set[str] = set()
-        self._lock = threading.Lock()  # a restart and the check before a broadcast, one at a time
+        self._lock = threading.Lock()  # for these three sets: the client's restarts run on threads
         if method == "distributed":
             sends = sends_weights(arch)
             sending = [None] * dist.get_world_size()
@@ -136,19 +137,29 @@ class WeightPublisher:
         """Rank 0, the rollout client's call for a server that died: start it again, with the
         current weights. From disk it loads them now. By broadcast it rejoins the groups at the
         next publish, and until then raises ServerRejoinsLater (the client keeps it out of this
-        batch and asks again with the next, when this returns at once)."""
+        batch and asks again with the next, when this returns at once). A restart can take
+        minutes (SGLang loads the model): the check before a broadcast does not wait for it,
+        it leaves the server out until it is back."""
         with self._lock:
             if url in self._rejoined:
                 self._rejoined.discard(url)
                 if is_healthy(url):  # restarted, and given the weights at the last publish
                     return
-            if url in self._restarted and is_healthy(url):  # asked again before it rejoined
+            if url in self._restarting or (url in self._restarted and is_healthy(url)):  # asked again
                 raise ServerRejoinsLater("it rejoins at the next weight update")
+            self._restarting.add(url)
+        try:
             self.servers.restart(url)
-            if self.disk is not None:
-                if self.version:
-                    self.disk.publish([url], self.version)
-                return
+        finally:
+            with self._lock:
+                self._restarting.discard(url)
+        if self.disk is not None:
+            if self.version:
+                self.disk.publish([url], self.version)
+            with self._lock:  # up to date: asked again (its batch ended before this returned), it is back
+                self._rejoined.add(url)
+            return
+        with self._lock:
             self._restarted.add(url)
         if self.version:  # 0: it holds the initial weights, as the others do
             raise ServerRejoinsLater(f"it gets the weights of version {self.version + 1} with the other servers at "
@@ -198,9 +209,10 @@ class WeightPublisher:
     def _membership_change(self, force: bool) -> dict | None:
         """Rank 0: the new members, the old members that still hold their groups, and the
         servers that join; None when nothing changed (and nothing `force`s a new formation)."""
-        with self._lock:
+        with self._lock:  # a server being restarted is not alive yet: it joins once it is back
             with ThreadPoolExecutor(max_workers=min(32, len(self.urls))) as pool:
                 alive = dict(zip(self.urls, pool.map(is_healthy, self.urls)))
+            alive.update({url: False for url in self._restarting})
             restarted, self._restarted = self._restarted, set()
         members = [url for url in self.urls if alive[url]]
         if members == self.members and not restarted and not force:
