@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import datetime
-import logging
 import shutil
 import threading
 from collections.abc import Iterable
@@ -23,7 +22,6 @@ import torch.distributed as dist
 
 from dppo_megatron.rollout.servers import post_json
 
-log = logging.getLogger(__name__)
 ANSWER_GRACE_SECONDS = 5.0  # for the servers' answers after a broadcast failed on the sender's side
 
 
@@ -122,12 +120,11 @@ def _post_to_all(servers: list[str], path: str, bodies: list[dict], timeout: flo
     try:
         if work is not None:
             work()
-    except BaseException as error:
+    except BaseException:
         # A broadcast that failed here leaves the servers waiting on it until their group's
         # timeout: their answers are not waited for (their threads end when the servers do).
         for thread in threads:
             thread.join(timeout=ANSWER_GRACE_SECONDS)
-        log.error("%s: %s", context or path, error)
         raise
     for thread in threads:
         thread.join()

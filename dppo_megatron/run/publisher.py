@@ -195,6 +195,7 @@ class WeightPublisher:
             return []
         if "error" in change[0]:
             raise WeightSyncError(change[0]["error"])
+
         def leave() -> None:
             try:
                 self.distributed.close(change[0]["holding"])
