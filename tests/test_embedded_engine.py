@@ -250,7 +250,13 @@ def test_disk_weight_sync_serves_the_learners_new_weights(server, models, synced
 
 
 def test_distributed_weight_sync_over_gloo_serves_the_learners_new_weights(server, models, synced):
+    """Inside a weight-update session of its own, on a server where an earlier trainer left one
+    open (ended first, with a warning); closed again after the last bucket."""
+    from dppo_megatron.rollout.protocol import OUTSIDE_SESSION
+
     case = synced / "gloo"
+    log = json.loads((case / "log.json").read_text())
+    assert any(line.startswith("a weight-update session was left open on " + server) for line in log), log
     sent = json.loads((case / "sent-rank0.json").read_text())["bytes"]
     assert sent > 64 * 1024  # several buckets
     after, before = served(case), generate(server, max_new_tokens=6, sampling_seed=5)
@@ -259,7 +265,12 @@ def test_distributed_weight_sync_over_gloo_serves_the_learners_new_weights(serve
     assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
     status, answer = post(server, "/update_weights_from_distributed",
                           {"names": ["x"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "dppo-weights"})
-    assert status == 400 and "no weight update group" in answer["message"]  # closed after the syncs
+    assert (status, answer["message"]) == (400, OUTSIDE_SESSION.format("update_weights_from_distributed"))
+    post(server, "/begin_weight_update", {})
+    status, answer = post(server, "/update_weights_from_distributed",
+                          {"names": ["x"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "dppo-weights"})
+    post(server, "/end_weight_update", {})
+    assert status == 400 and "no weight update group" in answer["message"]  # the groups were left after the syncs
 
 
 def test_two_sending_ranks_publish_to_two_servers_version_after_version_without_deadlock(synced):

@@ -23,7 +23,12 @@ import torch
 from dppo_megatron.model.mapping import hf_expert_tensor
 from dppo_megatron.rollout.engine_request import RequestError, Sampling, parse_generate
 from dppo_megatron.rollout.float8_weights import float8_round_trip, is_float8_weight, quantize_to_float8
-from dppo_megatron.rollout.protocol import encode_routed_experts
+from dppo_megatron.rollout.protocol import (
+    NO_SESSION_OPEN,
+    OUTSIDE_SESSION,
+    SESSION_ALREADY_OPEN,
+    encode_routed_experts,
+)
 
 GREEDY_TEMPERATURE = 1e-6  # below this SGLang samples greedily, its logprobs at T = 1 (sampling_params.py)
 
@@ -47,6 +52,7 @@ class EmbeddedEngine:
         self.requests_lock = threading.Lock()
         self.progress_at: float | None = None  # when the lock holder last made progress
         self.groups: dict = {}  # weight update process groups by name
+        self.session_open = False  # SGLang's weight-update session (begin_weight_update ... end)
         self._load(model_path)
 
     # --- weights ------------------------------------------------------------------------
@@ -110,31 +116,48 @@ class EmbeddedEngine:
             self.groups[group_name] = weight_update_group(master_address, int(master_port), int(rank_offset),
                                                           int(world_size), group_name)
 
+    def begin_weight_update(self) -> None:
+        """Open the weight-update session, as SGLang 0.5.23 does: one at a time."""
+        with self.group_lock:
+            if self.session_open:
+                raise RequestError(SESSION_ALREADY_OPEN)
+            self.session_open = True
+
+    def end_weight_update(self) -> None:
+        with self.group_lock:
+            if not self.session_open:
+                raise RequestError(NO_SESSION_OPEN)
+            self.session_open = False
+
     def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                         group_name: str, weight_version: str | None = None,
                                         load_format: str | None = None) -> None:
-        """Receive each tensor by broadcast from rank 0, in list order, then load them. The
-        request is checked before receiving, so the sender is never left hanging mid-bucket."""
+        """Receive each tensor by broadcast from rank 0, in list order, then load them: inside a
+        weight-update session only (refused outside one with SGLang's message, before anything
+        is received, as SGLang's scheduler does). The request is checked before receiving, so
+        the sender is never left hanging mid-bucket."""
         from dppo_megatron.rollout.weight_sync import broadcast_from_first
 
-        group = self.groups.get(group_name)
-        if group is None:
-            raise RequestError(f"no weight update group {group_name!r}; call /init_weights_update_group first")
-        if not (len(names) == len(dtypes) == len(shapes)):
-            raise RequestError(f"{len(names)} names, {len(dtypes)} dtypes and {len(shapes)} shapes")
-        try:
-            kinds = [getattr(torch, str(d).removeprefix("torch.")) for d in dtypes]
-        except AttributeError as error:
-            raise RequestError(f"unknown dtype in {dtypes}: {error}") from None
-        if load_format not in (None, "flattened_bucket"):
-            raise RequestError(f"unknown load_format {load_format!r}")
-        shapes = [[int(n) for n in shape] for shape in shapes]
-        sizes = [math.prod(shape) * kind.itemsize for shape, kind in zip(shapes, kinds)]
-        offsets = [0, *itertools.accumulate(sizes)][:-1]  # a bucket can hold thousands of experts
-        if load_format and any(at % kind.itemsize for at, kind in zip(offsets, kinds)):
-            raise RequestError("a flattened bucket whose tensors are not each aligned to their dtype")
-        received = {}
-        with self.group_lock:
+        with self.group_lock:  # the session cannot close while a bucket arrives
+            if not self.session_open:
+                raise RequestError(OUTSIDE_SESSION.format("update_weights_from_distributed"))
+            group = self.groups.get(group_name)
+            if group is None:
+                raise RequestError(f"no weight update group {group_name!r}; call /init_weights_update_group first")
+            if not (len(names) == len(dtypes) == len(shapes)):
+                raise RequestError(f"{len(names)} names, {len(dtypes)} dtypes and {len(shapes)} shapes")
+            try:
+                kinds = [getattr(torch, str(d).removeprefix("torch.")) for d in dtypes]
+            except AttributeError as error:
+                raise RequestError(f"unknown dtype in {dtypes}: {error}") from None
+            if load_format not in (None, "flattened_bucket"):
+                raise RequestError(f"unknown load_format {load_format!r}")
+            shapes = [[int(n) for n in shape] for shape in shapes]
+            sizes = [math.prod(shape) * kind.itemsize for shape, kind in zip(shapes, kinds)]
+            offsets = [0, *itertools.accumulate(sizes)][:-1]  # a bucket can hold thousands of experts
+            if load_format and any(at % kind.itemsize for at, kind in zip(offsets, kinds)):
+                raise RequestError("a flattened bucket whose tensors are not each aligned to their dtype")
+            received = {}
             if load_format:  # one broadcast: the tensors back to back, as SGLang's FlattenedTensorBucket
                 flat = torch.empty(sum(sizes), dtype=torch.uint8)
                 broadcast_from_first(group, flat)

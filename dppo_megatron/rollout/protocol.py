@@ -17,6 +17,14 @@ import numpy as np
 from dppo_megatron.rollout.sglang_release import SGLANG_RELEASE  # noqa: F401 - the release this protocol follows
 
 
+# SGLang 0.5.23's weight-update session (managers/scheduler_components/weight_updater.py): a
+# distributed or tensor update runs between /begin_weight_update and /end_weight_update, one
+# session at a time. Its refusals, word for word (the embedded engine answers the same).
+OUTSIDE_SESSION = "{} must run between begin_weight_update() and end_weight_update()"
+SESSION_ALREADY_OPEN = "a weight-update session is already open; call end_weight_update() first"
+NO_SESSION_OPEN = "no weight-update session is open; call begin_weight_update() first"
+
+
 class ProtocolError(ValueError):
     """A response that does not follow the protocol, or cannot be trained on."""
 

@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from dppo_megatron.rollout.engine import EmbeddedEngine, RequestError
+from dppo_megatron.rollout.sglang_release import SGLANG_RELEASE
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(HTTPStatus.OK, {
                 "model_path": engine.model_path, "weight_version": engine.weight_version,
                 "dtype": str(engine.dtype).removeprefix("torch."), "engine": "dppo-megatron embedded",
+                "version": SGLANG_RELEASE,  # the SGLang release whose protocol it serves
                 "enable_return_routed_experts": engine.enable_routed_experts,
             })
         if path == "/flush_cache":
@@ -193,7 +195,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(HTTPStatus.BAD_REQUEST, {"success": False, "message": f"failed to load {model_path}: {error}"})
             return self._send(HTTPStatus.OK, {"success": True, "message": f"loaded {model_path}",
                                               "weight_version": engine.weight_version})
-        if path in ("/init_weights_update_group", "/update_weights_from_distributed", "/destroy_weights_update_group"):
+        if path in ("/init_weights_update_group", "/update_weights_from_distributed", "/destroy_weights_update_group",
+                    "/begin_weight_update", "/end_weight_update"):
             return self._weights_over_group(path, body)
         if path == "/abort_request":
             engine.abort(body.get("rid"), bool(body.get("abort_all")))
@@ -207,6 +210,12 @@ class _Handler(BaseHTTPRequestHandler):
             if path == "/init_weights_update_group":
                 engine.init_weights_update_group(body["master_address"], body["master_port"], body["rank_offset"],
                                                  body["world_size"], body["group_name"], body.get("backend", "gloo"))
+            elif path == "/begin_weight_update":
+                if body.get("selector", "all") not in ("target", "draft", "all"):  # SGLang's Literal
+                    raise RequestError(f"selector must be target, draft or all, got {body.get('selector')!r}")
+                engine.begin_weight_update()
+            elif path == "/end_weight_update":
+                engine.end_weight_update()
             elif path == "/update_weights_from_distributed":
                 engine.update_weights_from_distributed(body["names"], body["dtypes"], body["shapes"],
                                                        body["group_name"], body.get("weight_version"),

@@ -6,13 +6,16 @@
   removes versions older than the last `keep`. The directory must be visible to the servers.
 - Distributed: `DistributedWeightSync` forms a process group with the servers
   (/init_weights_update_group; the sender is rank 0) and broadcasts tensors in HF names, in
-  buckets, each announced by /update_weights_from_distributed.
+  buckets, each announced by /update_weights_from_distributed, inside SGLang's weight-update
+  session (`begin_weight_update` ... `end_weight_update`): SGLang 0.5.23's scheduler refuses a
+  distributed or tensor update outside one. Disk updates need none.
 """
 
 from __future__ import annotations
 
 import datetime
 import shutil
+import logging
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,7 +23,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dppo_megatron.rollout.protocol import SESSION_ALREADY_OPEN
 from dppo_megatron.rollout.servers import post_json
+
+log = logging.getLogger(__name__)
 
 ANSWER_GRACE_SECONDS = 5.0  # for the servers' answers after a broadcast failed on the sender's side
 
@@ -109,6 +115,11 @@ def _post_to_all(servers: list[str], path: str, bodies: list[dict], timeout: flo
                  context: str | None = None) -> None:
     """POST `bodies[i]` to `servers[i]`, all at once in threads, while `work` (say, the
     broadcasts the servers wait for) runs here; raise naming every server that failed."""
+    _raise_failures(servers, _answers(servers, path, bodies, timeout, work=work), context or path + " failed")
+
+
+def _answers(servers: list[str], path: str, bodies: list[dict], timeout: float, *, work=None) -> list[dict]:
+    """Each server's answer to its POST, made at once in threads while `work` runs here."""
     answers: list[dict] = [{}] * len(servers)
 
     def call(index: int) -> None:
@@ -128,10 +139,42 @@ def _post_to_all(servers: list[str], path: str, bodies: list[dict], timeout: flo
         raise
     for thread in threads:
         thread.join()
+    return answers
+
+
+def _raise_failures(servers: list[str], answers: list[dict], context: str) -> None:
     failures = [f"{server}: {answer.get('message', answer)}" for server, answer in zip(servers, answers)
                 if not answer.get("success", False)]
     if failures:
-        raise WeightSyncError(f"{context or path + ' failed'}: " + "; ".join(failures))
+        raise WeightSyncError(f"{context}: " + "; ".join(failures))
+
+
+def begin_weight_update(servers: list[str], timeout: float = 600.0) -> None:
+    """Open SGLang's weight-update session on every server (`/begin_weight_update`, all of the
+    server's model runners): distributed and tensor updates are refused outside one. A session
+    left open on a reused server (a trainer that stopped mid-update) is ended first, and the
+    weights it half loaded are overwritten by the version sent in this one."""
+    body = {"selector": "all"}
+    answers = _answers(servers, "/begin_weight_update", [body] * len(servers), timeout)
+    stale = [server for server, answer in zip(servers, answers)
+             if not answer.get("success") and answer.get("message") == SESSION_ALREADY_OPEN]
+    if stale:
+        log.warning("a weight-update session was left open on %s (by a trainer that stopped during an update): "
+                    "ending it before this one", ", ".join(stale))
+        end_weight_update(stale, timeout)
+        _post_to_all(stale, "/begin_weight_update", [body] * len(stale), timeout,
+                     context="opening the weight-update session")
+    fresh = [(server, answer) for server, answer in zip(servers, answers) if server not in stale]
+    _raise_failures([s for s, _ in fresh], [a for _, a in fresh], "opening the weight-update session")
+
+
+def end_weight_update(servers: list[str], timeout: float = 600.0) -> list[str]:
+    """Close the session on every server (`/end_weight_update`: SGLang finalises the loaded
+    weights). Returns the servers that did not close it, with why (unreachable, busy past
+    `timeout`: still waiting on a broken broadcast, or holding no session)."""
+    answers = _answers(servers, "/end_weight_update", [{}] * len(servers), timeout)
+    return [f"{server}: {answer.get('message', answer)}" for server, answer in zip(servers, answers)
+            if not answer.get("success", False)]
 
 
 class DistributedWeightSync:
@@ -181,10 +224,27 @@ class DistributedWeightSync:
 
         _post_to_all(self.servers, "/init_weights_update_group", self.init_bodies(), self.timeout, work=join)
 
-    def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        """Send every (HF name, tensor), bucket by bucket. Returns the bytes sent."""
+    def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *,
+                session: bool = True) -> int:
+        """Send every (HF name, tensor), bucket by bucket. Returns the bytes sent. `session`:
+        inside a weight-update session of its own on every server (begin, the buckets, end);
+        False where the caller holds one around several senders' turns (run/publisher.py)."""
         if self.group is None:
             raise WeightSyncError("connect() first")
+        if not session:
+            return self._send_all(named_tensors, version)
+        begin_weight_update(self.servers, self.timeout)
+        try:
+            sent = self._send_all(named_tensors, version)
+        except BaseException:
+            end_weight_update(self.servers, ANSWER_GRACE_SECONDS)  # the servers not stuck on the broadcast
+            raise
+        not_closed = end_weight_update(self.servers, self.timeout)
+        if not_closed:
+            raise WeightSyncError(f"closing the weight-update session of version {version}: " + "; ".join(not_closed))
+        return sent
+
+    def _send_all(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         sent, bucket, size = 0, [], 0
         self.sent_names: list[str] = []
         for name, tensor in named_tensors:

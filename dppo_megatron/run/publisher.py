@@ -29,7 +29,14 @@ from dppo_megatron.processes import free_port
 from dppo_megatron.rollout.client import ServerRejoinsLater
 from dppo_megatron.rollout.job_layout import LOOPBACK
 from dppo_megatron.rollout.servers import Servers, is_healthy
-from dppo_megatron.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, WeightSyncError
+from dppo_megatron.rollout.weight_sync import (
+    ANSWER_GRACE_SECONDS,
+    DiskWeightSync,
+    DistributedWeightSync,
+    WeightSyncError,
+    begin_weight_update,
+    end_weight_update,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +98,14 @@ class WeightPublisher:
         self.version = version
 
     def _broadcast(self, version: int, attempts: int = 3) -> None:
-        """Every sender sends `version` through its group. A server that dies meanwhile breaks
-        the groups it is in: the senders then form them again without it and send the whole
-        version again."""
+        """Every sender sends `version` through its group, inside one weight-update session on
+        every member server (rank 0 opens it before the first sender's turn and closes it after
+        the last). A server that dies meanwhile breaks the groups it is in: the senders then
+        form them again without it and send the whole version again."""
         regroup = False
         for _ in range(attempts):
             rejoining = self._regroup(force=regroup)
-            failed = [None] * dist.get_world_size()
-            dist.all_gather_object(failed, self._send(version))
-            errors = [error for error in failed if error]
+            errors = self._send_in_session(version)
             if not errors:
                 with self._lock:
                     self._rejoined.update(rejoining)
@@ -110,6 +116,30 @@ class WeightPublisher:
             regroup = True
         raise WeightSyncError(f"weight version {version} could not be sent in {attempts} attempts: {errors[0]}")
 
+    def _send_in_session(self, version: int) -> list[str]:
+        """One attempt at sending `version` (a collective): rank 0 opens the session on the
+        members, every sender sends, rank 0 closes it, also after a failure, on every member that
+        answers within a few seconds (the others wait on the broken broadcast and are restarted
+        when the groups are formed again). Returns what went wrong, the same on every rank."""
+        opened = [None]
+        if dist.get_rank() == 0:
+            try:
+                begin_weight_update(self.members, self.distributed.timeout)
+            except WeightSyncError as error:
+                opened[0] = str(error)
+        dist.broadcast_object_list(opened, src=0)
+        mine = (opened[0] if dist.get_rank() == 0 else None) if opened[0] else self._send(version)
+        failed = [None] * dist.get_world_size()
+        dist.all_gather_object(failed, mine)
+        errors = [error for error in failed if error]
+        closed = [None]
+        if dist.get_rank() == 0:
+            not_closed = end_weight_update(self.members, ANSWER_GRACE_SECONDS if errors else self.distributed.timeout)
+            if not_closed and not errors:
+                closed[0] = f"closing the weight-update session of version {version}: " + "; ".join(not_closed)
+        dist.broadcast_object_list(closed, src=0)
+        return errors or [error for error in closed if error]
+
     def _send(self, version: int) -> str | None:
         """This rank's part of a broadcast; returns what went wrong in its own sending."""
         tensors = iter_hf_tensors(self.learner.module, self.arch, experts_from_owners=True)
@@ -118,7 +148,7 @@ class WeightPublisher:
         def send(named_tensors) -> None:
             nonlocal error
             try:
-                self.distributed.publish(named_tensors, version)
+                self.distributed.publish(named_tensors, version, session=False)  # rank 0 holds it
             except RuntimeError as failure:  # a server gone: gloo/NCCL errors, or its HTTP answer
                 error = f"rank {dist.get_rank()}: {failure}"
 
