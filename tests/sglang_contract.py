@@ -23,11 +23,11 @@ _build: dict = {}  # "thread", and "error" once a build failed
 def start_building() -> None:
     """Make the environment in the background, unless it is there or on its way: the suite's
     other tests run meanwhile (a few minutes of pip on a fresh machine; CI starts it earlier)."""
-    if "thread" in _build or (sglang_environment.venv_dir() / ".complete").is_file():
+    if "thread" in _build or (sglang_environment.venv_dir() / ".server-complete").is_file():
         return
 
     def build() -> None:
-        problem = sglang_environment.ensure()
+        problem = sglang_environment.ensure(server=True)
         if problem:
             _build["error"] = problem
 

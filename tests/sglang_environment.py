@@ -27,6 +27,12 @@ IMPORT_CHAIN = ["torch", "torchvision", "numpy", "transformers", "tokenizers", "
                 "einops", "xxhash", "zstandard", "orjson", "pybase64", "requests", "msgspec", "pyzmq", "IPython",
                 "pydantic", "setproctitle", "dill"]
 
+# What a real server on the CPU engine needs beyond that (tests/test_sglang_server.py): the kernel
+# package (only its CUDA build is on the index: its libraries load against a stub libcuda.so.1,
+# tests/sglang_server.py), grammar and audio modules imported at start, form parsing for
+# FastAPI, and jsonschema, imported by SGLang's function-call parser but not declared by it.
+SERVER_CHAIN = ["sglang-kernel", "xgrammar", "soundfile", "python-multipart", "jsonschema"]
+
 PINS = """
 import json
 from importlib.metadata import requires
@@ -49,36 +55,46 @@ def python() -> str:
     return str(venv_dir() / "bin" / "python")
 
 
-def ensure() -> str | None:
-    """Make the environment unless it is there. Returns None, or why it could not be made."""
+def ensure(server: bool = False) -> str | None:
+    """Make the environment unless it is there (with what a real server needs, if `server`).
+    Returns None, or why it could not be made."""
     venv = venv_dir()
     venv.parent.mkdir(parents=True, exist_ok=True)
     with open(venv.with_name(venv.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
-        if (venv / ".complete").is_file():
-            return None
-        shutil.rmtree(venv, ignore_errors=True)
         try:
-            _install(venv)
+            if not (venv / ".complete").is_file():
+                shutil.rmtree(venv, ignore_errors=True)
+                _install(venv)
+                (venv / ".complete").write_text(SGLANG_RELEASE)
+            if server and not (venv / ".server-complete").is_file():
+                _install_chain(venv, SERVER_CHAIN)
+                (venv / ".server-complete").write_text(SGLANG_RELEASE)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
             output = f"{error.stdout or ''}{error.stderr or ''}"[-3000:]
             return f"SGLang {SGLANG_RELEASE} could not be installed for the contract tests: {error}\n{output}"
-        (venv / ".complete").write_text(SGLANG_RELEASE)
     return None
+
+
+def _pip(venv: Path) -> list[str]:
+    return [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
 
 
 def _install(venv: Path) -> None:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, text=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "--no-deps", f"sglang=={SGLANG_RELEASE}", "packaging"], check=True, capture_output=True,
-                   text=True, timeout=600)
+    subprocess.run([*_pip(venv), "--no-deps", f"sglang=={SGLANG_RELEASE}", "packaging"], check=True,
+                   capture_output=True, text=True, timeout=600)
+    _install_chain(venv, IMPORT_CHAIN)
+
+
+def _install_chain(venv: Path, names: list[str]) -> None:
     pins = json.loads(subprocess.run([str(venv / "bin" / "python"), "-c", PINS], check=True, capture_output=True,
                                      text=True).stdout)
-    wanted = [pins.get(name.lower().replace("_", "-"), name) for name in IMPORT_CHAIN]
-    subprocess.run([*pip, *wanted], check=True, capture_output=True, text=True, timeout=1800)
+    wanted = [pins.get(name.lower().replace("_", "-"), name) for name in names]
+    subprocess.run([*_pip(venv), *wanted], check=True, capture_output=True, text=True, timeout=1800)
 
 
 if __name__ == "__main__":
-    problem = ensure()
+    problem = ensure(server="--server" in sys.argv)
     print(problem or f"SGLang {SGLANG_RELEASE}'s environment is ready: {venv_dir()}")
     sys.exit(1 if problem else 0)

@@ -151,6 +151,8 @@ INVALID = {
                                "rollout.servers: 5 servers of 3 GPUs (server_tp x server_dp) do not fit rollout.nodes 2"),
     "shared-node GPUs": (["rollout.engine=sglang", "rollout.servers=3", "rollout.gpus_per_node=2"],
                          "room for 2"),
+    "sglang interpreter for the embedded engine": (["rollout.sglang_python=/opt/sglang/bin/python"],
+                                                   "rollout.sglang_python: only SGLang servers use it"),
     "reward function form": (["reward.kind=python", "reward.function=myrewards.score"],
                              "reward.function: reward.kind python needs 'module:function', got 'myrewards.score'"),
     "reward url": (["reward.kind=http", "reward.url=localhost:8000"], "reward.url: reward.kind http needs an http(s)"),

@@ -15,7 +15,8 @@ import pytest
 from dppo_megatron.processes import free_port
 from dppo_megatron.rollout.client import ClientConfig, Request, RolloutClient, RolloutError, ServerRejoinsLater
 from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams
-from dppo_megatron.rollout.servers import ServerManager, ServerSpec, server_command
+from dppo_megatron.rollout.servers import ServerManager, ServerReleaseError, ServerSpec, check_release, server_command
+from dppo_megatron.rollout.sglang_release import SGLANG_RELEASE
 from tests.tiny_models import make_moe
 
 FAST = ClientConfig(backoff_seconds=0.05, max_backoff_seconds=0.2, failures_before_dead=2, max_attempts=8,
@@ -39,6 +40,9 @@ def test_sglang_command_line_from_a_spec():
     ]
     assert spec.url == "http://127.0.0.1:30001"
     assert "--enable-return-routed-experts" not in server_command(ServerSpec(model_path="m", port=1))
+    # rollout.sglang_python: SGLang's own environment, where it is not the trainer's.
+    assert server_command(ServerSpec(model_path="m", port=1, python="/opt/sglang/bin/python"))[:3] == [
+        "/opt/sglang/bin/python", "-m", "sglang.launch_server"]
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +147,13 @@ class _Misbehaving(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
+    def do_GET(self):  # /server_info, as SGLang 0.5.9 answers it
+        payload = json.dumps({"version": "0.5.9", "weight_version": "0"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
     @staticmethod
     def answer() -> bytes:
         return json.dumps({"output_ids": [7], "meta_info": {
@@ -221,3 +232,11 @@ def test_a_port_already_in_use_is_refused_rather_than_health_checked(tmp_path):
         with pytest.raises(ServerStartError, match=f"port {port} on 127.0.0.1 is already in use"):
             manager.start()
         manager.stop()
+
+
+def test_a_server_of_another_sglang_release_is_refused_naming_both_releases(manager, misbehaving):
+    check_release(manager.urls)  # the embedded engine serves 0.5.23's protocol
+    old = misbehaving("garbage")
+    with pytest.raises(ServerReleaseError, match=rf"{old} runs SGLang 0.5.9; dppo-megatron supports SGLang "
+                                                 rf"{SGLANG_RELEASE}.*install sglang=={SGLANG_RELEASE}"):
+        check_release([manager.urls[0], old])

@@ -125,6 +125,8 @@ class RolloutConfig:
     request_timeout: float = doc("seconds for one /generate answer", 1800.0)
     max_in_flight_per_server: int = doc("concurrent /generate calls per server", 64)
     extra_args: list[str] = doc("extra command-line arguments for every server", default_factory=list)
+    sglang_python: str | None = doc("interpreter that runs `-m sglang.launch_server`: SGLang's own environment "
+                                    "where it is not the trainer's (null: the trainer's interpreter)")
 
 
 @dataclass

@@ -5,6 +5,7 @@ no learner/ and no rollout/."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -183,6 +184,12 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
                                           f"(server_tp x server_dp) do not fit {where}: room for {room}")
         need(rollout.server_ep <= per_server,
              f"rollout.server_ep: {rollout.server_ep} exceeds the server's {per_server} GPUs")
+
+    if rollout.sglang_python is not None:
+        need(rollout.engine == "sglang", "rollout.sglang_python: only SGLang servers use it (rollout.engine is "
+                                         f"{rollout.engine})")
+        need(not check_files or os.access(rollout.sglang_python, os.X_OK),
+             f"rollout.sglang_python: {rollout.sglang_python} is not an executable interpreter here")
 
     # The SLURM job.
     slurm = recipe.slurm

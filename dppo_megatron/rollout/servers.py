@@ -23,12 +23,17 @@ from typing import Protocol
 
 from dppo_megatron.processes import die_with_parent
 from dppo_megatron.rollout.protocol import error_message
+from dppo_megatron.rollout.sglang_release import SGLANG_RELEASE
 
 log = logging.getLogger(__name__)
 
 
 class ServerStartError(RuntimeError):
     """A server did not become healthy."""
+
+
+class ServerReleaseError(ServerStartError):
+    """A server runs another SGLang release than the one the project speaks."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class ServerSpec:
     dtype: str | None = None  # None: the engine's default
     gpus: tuple[int, ...] = ()  # CUDA_VISIBLE_DEVICES for this server
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    python: str | None = None  # SGLang's interpreter where it is not the trainer's
 
     @property
     def url(self) -> str:
@@ -57,7 +63,7 @@ def server_command(spec: ServerSpec) -> list[str]:
     """The command line that starts one server."""
     if spec.engine == "sglang":
         command = [
-            sys.executable, "-m", "sglang.launch_server", "--model-path", spec.model_path,
+            spec.python or sys.executable, "-m", "sglang.launch_server", "--model-path", spec.model_path,
             "--host", spec.host, "--port", str(spec.port), "--tp-size", str(spec.tp), "--dp-size", str(spec.dp),
             "--ep-size", str(spec.ep), "--mem-fraction-static", str(spec.mem_fraction), "--skip-tokenizer-init",
             # The trainer counts versions from 0, the initial model (SGLang's default is "default").
@@ -275,6 +281,29 @@ def post_json(url: str, body: dict, timeout: float) -> dict:
         return {"success": False, "message": message or error_message(error.code, text)}
     except (urllib.error.URLError, OSError) as error:
         return {"success": False, "message": f"unreachable ({error})"}
+
+
+def server_release(url: str, timeout: float = 30.0) -> str | None:
+    """The SGLang release a server reports in /server_info ("version"), None if it names none."""
+    with urllib.request.urlopen(url + "/server_info", timeout=timeout) as response:
+        version = json.loads(response.read()).get("version")
+    return str(version) if version is not None else None
+
+
+def check_release(urls: list[str]) -> None:
+    """Refuse servers of another SGLang release: its weight-update session, request bodies and
+    answers are the ones the project was checked against (tests/test_sglang_contract.py)."""
+    for url in urls:
+        try:
+            found = server_release(url)
+        except (OSError, ValueError) as error:
+            raise ServerReleaseError(f"{url}/server_info did not answer ({error}); cannot tell its SGLang release"
+                                     ) from error
+        if found != SGLANG_RELEASE:
+            raise ServerReleaseError(
+                f"{url} runs SGLang {found or '(no version in /server_info)'}; dppo-megatron supports SGLang "
+                f"{SGLANG_RELEASE} (its weight-update session and request bodies): install "
+                f"sglang=={SGLANG_RELEASE} in the servers' environment (pip install 'dppo-megatron[gpu]')")
 
 
 def wait_healthy(url: str, timeout: float, check_alive=None) -> bool:

@@ -27,7 +27,7 @@ from dppo_megatron.learner.learner import Learner
 from dppo_megatron.learner.parallel import init_parallel
 from dppo_megatron.processes import say
 from dppo_megatron.rollout.job_layout import JobLayout
-from dppo_megatron.rollout.servers import RemoteServers, ServerManager, Servers
+from dppo_megatron.rollout.servers import RemoteServers, ServerManager, Servers, check_release
 from dppo_megatron.run.checkpoints import CheckpointManager
 from dppo_megatron.run.configs import learner_configs, micro_batch_layout
 from dppo_megatron.run.masked_tokens import MaskedTokens
@@ -91,6 +91,7 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
                 if job_layout is None else f"waiting for {len(servers.urls)} {recipe.rollout.engine} server(s) "
                 f"of the job: {', '.join(servers.urls)}")
             servers.start()
+            check_release(servers.urls)
         dist.barrier(group=control)  # every rank's publisher may talk to the servers
         publisher = WeightPublisher(
             learner, arch, servers.urls, method=recipe.rollout.weight_sync, weights_dir=run_dir / "weights",

@@ -23,7 +23,7 @@ def server_specs(recipe: Recipe, run_dir: Path) -> list[ServerSpec]:
                    tp=rollout.server_tp, dp=rollout.server_dp, ep=rollout.server_ep, mem_fraction=rollout.mem_fraction,
                    routed_experts=wants_routes(recipe), deterministic=rollout.deterministic,
                    dtype=None if rollout.dtype == "auto" else rollout.dtype, gpus=p.gpus,
-                   extra_args=tuple(rollout.extra_args))
+                   extra_args=tuple(rollout.extra_args), python=rollout.sglang_python)
         for p in server_placements(recipe)
     ]
 
