@@ -185,6 +185,12 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
         need(rollout.server_ep <= per_server,
              f"rollout.server_ep: {rollout.server_ep} exceeds the server's {per_server} GPUs")
 
+    # SGLang 0.5.23's tokenizer manager asserts dp_size == 1 in /init_weights_update_group and
+    # /update_weights_from_distributed (a 500 on the first sync, after step 0's rollout).
+    need(rollout.weight_sync != "distributed" or rollout.engine != "sglang" or rollout.server_dp == 1,
+         f"rollout.server_dp: SGLang takes no distributed weight updates into a server with "
+         f"data-parallel replicas (server_dp {rollout.server_dp}); use more rollout.servers instead, or "
+         "rollout.weight_sync disk")
     if rollout.sglang_python is not None:
         need(rollout.engine == "sglang", "rollout.sglang_python: only SGLang servers use it (rollout.engine is "
                                          f"{rollout.engine})")
