@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from dppo_megatron.processes import free_port
 from tests import sglang_environment
 
 _build: dict = {}  # "thread", and "error" once a build failed
@@ -103,3 +104,79 @@ class SGLangWorker:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+
+
+# SGLang's own weight-update state machine: the scheduler's request dispatcher
+# (Scheduler.init_request_dispatcher) over its SchedulerWeightUpdaterManager, each request read
+# into the io_struct class that SGLang's HTTP endpoint for its path declares. Stood in for: the
+# model runner's weight updater underneath (it needs a GPU: it records and succeeds) and the
+# scheduler's other handlers (never reached). stdin: a list of sequences of [path, body]; one
+# fresh manager per sequence; prints, per sequence, SGLang's answers, the weight versions it
+# recorded and whether a session is left open.
+SCHEDULER_REPLAY = """
+import json, sys, typing
+from types import SimpleNamespace
+import torch.distributed as dist
+from sglang.srt.entrypoints import http_server
+from sglang.srt.managers.scheduler import Scheduler
+from sglang.srt.managers.scheduler_components.weight_updater import SchedulerWeightUpdaterManager
+from sglang.srt.managers.tp_worker import TpModelWorker
+from sglang.srt.runtime_context import get_parallel
+
+port, sequences = int(sys.argv[1]), json.loads(sys.stdin.read())
+if not dist.is_initialized():  # the scheduler's TP group: one rank
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=1, rank=0)
+
+def request_class(path):
+    for route in http_server.app.routes:
+        if getattr(route, "path", None) == path and "POST" in getattr(route, "methods", ()):
+            return typing.get_args(typing.get_type_hints(route.endpoint, include_extras=True)["obj"])[0]
+    sys.exit(f"SGLang has no POST {path}")
+
+class ModelRunnerWeights:
+    def __init__(self):
+        self.calls = []
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            return {"begin_weight_update": None, "end_weight_update": None,
+                    "receive_weights_from_distributed": []}.get(name, (True, "loaded"))
+        return call
+
+class Versions:
+    def __init__(self):
+        self.versions = []
+    def record_weight_version_change(self, new_version):
+        if new_version is not None and new_version not in self.versions[-1:]:
+            self.versions.append(new_version)
+
+class NotReached:
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"the scheduler's {name} is not part of a weight update")
+        return call
+
+answers = []
+with get_parallel().override(tp_group=SimpleNamespace(cpu_group=dist.group.WORLD), tp_rank=0, tp_size=1):
+    for sequence in sequences:
+        worker = object.__new__(TpModelWorker)
+        worker._model_runner = SimpleNamespace(weight_updater=ModelRunnerWeights())
+        versions = Versions()
+        manager = SchedulerWeightUpdaterManager(tp_worker=worker, draft_worker=None, memory_saver_adapter=None,
+                                                flush_cache=lambda **kwargs: True, is_fully_idle=lambda **kwargs: True,
+                                                scheduler=versions)
+        scheduler = NotReached()
+        scheduler.__dict__.update(weight_updater=manager, flush_wrapper=NotReached())
+        Scheduler.init_request_dispatcher(scheduler)
+        replies = [scheduler.__dict__["_request_dispatcher"](request_class(path)(**body)) for path, body in sequence]
+        answers.append({"answers": [{"success": r.success, "message": r.message} for r in replies],
+                        "versions": versions.versions, "session_open": manager._session is not None})
+print(json.dumps(answers))
+"""
+
+
+def replay_in_sglangs_scheduler(worker: SGLangWorker, sequences: list[list[tuple[str, dict]]]) -> list[dict]:
+    """What SGLang's own scheduler answers to each sequence of weight-update calls."""
+    code, output = worker.run(SCHEDULER_REPLAY, str(free_port()), stdin=json.dumps(sequences))
+    assert code == 0, output
+    return json.loads(output.strip().splitlines()[-1])

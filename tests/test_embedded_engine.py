@@ -22,6 +22,7 @@ import torch
 from dppo_megatron.processes import free_port
 from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams, generate_request, parse_generate_response
 from tests.generate_bodies import BODIES, STRICTER, UNSERVED
+from tests.recording_proxy import RecordingProxy
 from tests.tiny_models import make_moe
 
 ROUTING = RoutingShape(num_layers=2, experts_per_token=2, num_experts=4)
@@ -200,20 +201,33 @@ def synced(server, models, tmp_path_factory):
 
     root, hf = tmp_path_factory.mktemp("sync"), str(models[0])
     worker = str(Path(__file__).parent / "workers" / "weight_sync_cases.py")
-    with running_server(models[0]) as second:
-        both = f"{server},{second}"
+    # The senders of the gloo and two-senders cases talk to the servers through recording
+    # proxies: the calls each server received, in order, for the replay through SGLang's own
+    # scheduler below (the cases' own checks and resets go to the servers directly).
+    with (running_server(models[0]) as second, RecordingProxy(server) as stale, RecordingProxy(server) as first_of_two,
+          RecordingProxy(second) as second_of_two):
+        both, both_recorded = f"{server},{second}", f"{first_of_two.url},{second_of_two.url}"
         runs = [
             ["weight_sync_export", root / "disk", "", hf, "2", "2", hf, root / "disk" / "sync", "7"],
-            ["weight_sync_distributed", root / "gloo", server, hf, "2", "2", hf, server, free_port(), "9"],
+            ["weight_sync_distributed", root / "gloo", server, hf, "2", "2", hf, stale.url, free_port(), "9"],
             ["weight_sync_distributed", root / "owners-tp1-ep2", server, hf, "1", "2", hf, server, free_port(), "11",
              "owners"],
             ["weight_sync_distributed", root / "owners-tp2-ep2", server, hf, "2", "2", hf, server, free_port(), "11",
              "owners"],
-            ["weight_sync_two_senders", root / "two-senders", both, hf, hf, both, "4"],
+            ["weight_sync_two_senders", root / "two-senders", both, hf, hf, both_recorded, "4"],
             ["weight_sync_server_dies", root / "server-dies", "", hf, hf, free_port(), free_port()],
         ]
         run_torchrun_each(worker, 2, runs, timeout=420)
+    (root / "recorded.json").write_text(json.dumps({
+        "stale session": {"url": stale.url, "calls": stale.calls},
+        "first of two servers": {"url": first_of_two.url, "calls": first_of_two.calls},
+        "second of two servers": {"url": second_of_two.url, "calls": second_of_two.calls}}))
     return root
+
+
+def recorded(synced, case: str) -> dict:
+    """The calls one server received in a case of `synced`, in order, with its answers."""
+    return json.loads((synced / "recorded.json").read_text())[case]
 
 
 def served(case_dir, index=0):
@@ -256,7 +270,8 @@ def test_distributed_weight_sync_over_gloo_serves_the_learners_new_weights(serve
 
     case = synced / "gloo"
     log = json.loads((case / "log.json").read_text())
-    assert any(line.startswith("a weight-update session was left open on " + server) for line in log), log
+    proxy = recorded(synced, "stale session")["url"]  # the sender's way to `server`
+    assert any(line.startswith("a weight-update session was left open on " + proxy) for line in log), log
     sent = json.loads((case / "sent-rank0.json").read_text())["bytes"]
     assert sent > 64 * 1024  # several buckets
     after, before = served(case), generate(server, max_new_tokens=6, sampling_seed=5)
@@ -320,6 +335,90 @@ def test_experts_are_sent_by_the_ep_rank_that_owns_them(models, synced, tp, ep):
     assert after.weight_version == "11"
     expected, _ = teacher_forced(case / "reference", PROMPT, after.response_ids, 1.0)
     assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def sglang(tmp_path_factory):
+    """SGLang's own code (tests/sglang_contract.py), for the weight-update state machine."""
+    from tests.sglang_contract import SGLangWorker
+
+    worker = SGLangWorker(tmp_path_factory.mktemp("sglang") / "worker.log")
+    yield worker
+    worker.close()
+
+
+def outcome(answer: dict) -> tuple[bool, str | None]:
+    """Whether a call succeeded, and SGLang's message where it did not (success messages are
+    free text in both)."""
+    return bool(answer["success"]), None if answer["success"] else answer["message"]
+
+
+def test_the_publishers_calls_are_answered_by_sglangs_own_scheduler_as_by_the_engine(synced, sglang):
+    """The calls each server received from the run's WeightPublisher (two senders, two servers,
+    four versions, then close), and from a sender that finds a session a crashed trainer left
+    open, replayed through SGLang 0.5.23's scheduler: the same answer to every call, every
+    version recorded, no session left open."""
+    from dppo_megatron.rollout.protocol import SESSION_ALREADY_OPEN
+    from tests.sglang_contract import replay_in_sglangs_scheduler
+
+    cases = {name: recorded(synced, name)["calls"] for name in
+             ("first of two servers", "second of two servers", "stale session")}
+    replays = replay_in_sglangs_scheduler(sglang, [[(c["path"], c["body"]) for c in calls] for calls in cases.values()])
+    for (name, calls), replay in zip(cases.items(), replays):
+        assert [outcome(answer) for answer in replay["answers"]] == [outcome(c["answer"]) for c in calls], name
+        assert not replay["session_open"], name
+    for name in ("first of two servers", "second of two servers"):
+        paths = [c["path"] for c in cases[name]]
+        assert paths.count("/begin_weight_update") == paths.count("/end_weight_update") == 4, paths
+        assert paths.count("/update_weights_from_distributed") >= 2 * 4  # two senders, every version
+        assert all(c["answer"]["success"] for c in cases[name]), name
+    assert replays[0]["versions"] == replays[1]["versions"] == ["1", "2", "3", "4"]
+    # The left-open session: the sender's begin is refused, it ends that session, begins its own.
+    stale = [outcome(answer) for answer in replays[2]["answers"]]
+    assert stale.count((False, SESSION_ALREADY_OPEN)) == 1 and stale.count((False, None)) == 0
+    assert replays[2]["versions"] == ["9"]
+
+
+def test_without_the_session_the_first_update_is_refused_by_sglang_and_by_the_engine_alike(server, synced, sglang):
+    from dppo_megatron.rollout.protocol import OUTSIDE_SESSION
+    from tests.sglang_contract import replay_in_sglangs_scheduler
+
+    calls = [c for c in recorded(synced, "first of two servers")["calls"]
+             if c["path"] not in ("/begin_weight_update", "/end_weight_update")]
+    (replay,) = replay_in_sglangs_scheduler(sglang, [[(c["path"], c["body"]) for c in calls]])
+    first = next(i for i, c in enumerate(calls) if c["path"] == "/update_weights_from_distributed")
+    refused = (False, OUTSIDE_SESSION.format("update_weights_from_distributed"))
+    assert [outcome(answer) for answer in replay["answers"][: first + 1]] == [(True, None)] * first + [refused]
+    # The engine refuses it before it would wait on any broadcast, with SGLang's words.
+    status, answer = post(server, "/update_weights_from_distributed", calls[first]["body"])
+    assert status == 400 and outcome(answer) == refused
+
+
+SESSION = {"begin": ("/begin_weight_update", {"selector": "all"}), "end": ("/end_weight_update", {}),
+           "update": ("/update_weights_from_distributed", {"names": ["x"], "dtypes": ["float32"], "shapes": [[1]],
+                                                           "group_name": "dppo-weights", "weight_version": "1"})}
+SESSION_ORDERS = [["update"], ["begin", "begin", "end", "end"], ["end"], ["begin", "end", "update"], ["end", "begin", "end"]]
+
+
+def test_the_engines_weight_update_session_is_sglangs_state_machine(server, sglang):
+    from tests.sglang_contract import replay_in_sglangs_scheduler
+
+    replays = replay_in_sglangs_scheduler(sglang, [[SESSION[call] for call in order] for order in SESSION_ORDERS])
+    for order, replay in zip(SESSION_ORDERS, replays):
+        engine = [outcome(post(server, *SESSION[call])[1]) for call in order]
+        assert engine == [outcome(answer) for answer in replay["answers"]], order
+
+
+def test_a_disk_publish_needs_no_session_in_sglang(server, models, synced, sglang):
+    from dppo_megatron.rollout.weight_sync import DiskWeightSync
+    from tests.sglang_contract import replay_in_sglangs_scheduler
+
+    with RecordingProxy(server) as proxy:
+        DiskWeightSync(synced / "disk" / "sync").publish([proxy.url], 7)
+    post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "0"})
+    assert [c["path"] for c in proxy.calls] == ["/update_weights_from_disk"]
+    (replay,) = replay_in_sglangs_scheduler(sglang, [[(c["path"], c["body"]) for c in proxy.calls]])
+    assert [outcome(a) for a in replay["answers"]] == [(True, None)] and replay["versions"] == ["7"]
 
 
 def test_batched_generation_matches_one_request_at_a_time(models):
