@@ -23,7 +23,7 @@ from dppo_megatron.processes import free_port
 from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams, generate_request, parse_generate_response
 from tests.generate_bodies import BODIES, STRICTER, UNSERVED
 from tests.recording_proxy import RecordingProxy
-from tests.tiny_models import make_moe
+from tests.tiny_models import make_moe, teacher_forced
 
 ROUTING = RoutingShape(num_layers=2, experts_per_token=2, num_experts=4)
 PROMPT = [5, 17, 42, 99]
@@ -83,23 +83,6 @@ def running_server(model_dir):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def teacher_forced(model_dir, prompt, response, temperature):
-    """log softmax(logits / T) of each response token, and each MoE layer's router choices,
-    from one plain transformers forward over prompt + response[:-1]."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    routes = {}
-    for index, layer in enumerate(model.model.layers):
-        router = getattr(layer.mlp, "gate", None)
-        if router is not None and hasattr(router, "top_k"):
-            router.register_forward_hook(lambda m, i, out, index=index: routes.__setitem__(index, out[2].numpy()))
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + response[:-1]])).logits[0].float()
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)[len(prompt) - 1 :]
-    return logprobs.gather(1, torch.tensor(response)[:, None]).squeeze(1), routes
 
 
 def generate(url, rid="r", prompt=PROMPT, **params):

@@ -154,6 +154,8 @@ INVALID = {
     "distributed sync into data-parallel replicas": (["rollout.engine=sglang", "rollout.weight_sync=distributed",
                                                       "rollout.server_dp=2"],
                                                      "rollout.server_dp: SGLang takes no distributed weight"),
+    "dense layers in a MoE model on SGLang": (["rollout.engine=sglang", "model.random_init.mlp_only_layers=[1]"],
+                                              "model: layers [1] of this Qwen3-MoE model have a dense MLP"),
     "sglang interpreter for the embedded engine": (["rollout.sglang_python=/opt/sglang/bin/python"],
                                                    "rollout.sglang_python: only SGLang servers use it"),
     "reward function form": (["reward.kind=python", "reward.function=myrewards.score"],

@@ -475,3 +475,28 @@ def test_the_embedded_engine_refuses_exactly_the_generate_bodies_sglangs_own_cod
     assert not disagreements, disagreements
     assert all(engine[name] is not None for name in [*UNSERVED, *STRICTER])
     assert {name: verdicts[name] for name in [*UNSERVED, *STRICTER] if verdicts[name] is not None} == {}
+
+
+# Which layers SGLang's Qwen3-MoE model builds as MoE layers, from the config alone.
+SGLANG_SPARSE_LAYERS = """
+import json
+from transformers import Qwen3MoeConfig
+from sglang.srt.models.qwen3_moe import Qwen3MoeDecoderLayer
+config = Qwen3MoeConfig(num_hidden_layers=4, mlp_only_layers=[1], decoder_sparse_step=2)
+print(json.dumps([Qwen3MoeDecoderLayer.stage_facts(config, layer)[1].sparse for layer in range(4)]))
+"""
+
+
+def test_sglang_builds_every_qwen3_moe_layer_as_moe_so_a_model_with_dense_layers_is_refused_for_it(sglang):
+    """SGLang's qwen3_moe.py ignores mlp_only_layers and decoder_sparse_step (transformers
+    honours both): it would serve such a model without its dense MLPs. The recipe check refuses
+    the pair; when a release honours them, this test fails, and the check can go."""
+    from dppo_megatron.config import RecipeError, load_recipe
+    from tests.train_runs import QUICKSTART
+
+    code, output = sglang.run(SGLANG_SPARSE_LAYERS)
+    assert code == 0, output
+    assert json.loads(output.strip().splitlines()[-1]) == [True, True, True, True]
+    with pytest.raises(RecipeError, match=r"layers \[1\] of this Qwen3-MoE model have a dense MLP"):
+        load_recipe(QUICKSTART, ["rollout.engine=sglang", "model.random_init.mlp_only_layers=[1]"])
+    load_recipe(QUICKSTART, ["model.random_init.mlp_only_layers=[1]"])  # the embedded engine serves them

@@ -52,5 +52,22 @@ def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits
 
 
+def teacher_forced(model_dir, prompt, response, temperature):
+    """log softmax(logits / T) of each response token, and each MoE layer's router choices,
+    from one plain transformers forward over prompt + response[:-1]."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    routes = {}
+    for index, layer in enumerate(model.model.layers):
+        router = getattr(layer.mlp, "gate", None)
+        if router is not None and hasattr(router, "top_k"):
+            router.register_forward_hook(lambda m, i, out, index=index: routes.__setitem__(index, out[2].numpy()))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response[:-1]])).logits[0].float()
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)[len(prompt) - 1 :]
+    return logprobs.gather(1, torch.tensor(response)[:, None]).squeeze(1), routes
+
+
 def parity_tokens(vocab_size: int = 300, batch: int = 2, seq_len: int = 12) -> torch.Tensor:
     return torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(7))

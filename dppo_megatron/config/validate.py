@@ -149,6 +149,13 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
                                             f"{model.path or 'model.random_init'} is dense")
         need(not rollout.record_routes or arch.is_moe, "rollout.record_routes: routes need a MoE model")
         need(learner.ep == 1 or arch.is_moe, f"learner.ep: {learner.ep} needs a MoE model")
+        dense = [layer for layer in range(arch.num_layers) if not arch.is_moe_layer(layer)] if arch.is_moe else []
+        # SGLang's qwen3_moe.py declares every layer sparse (stage_facts): a dense layer's MLP
+        # would not be loaded, and the server would answer with an empty MoE block there.
+        need(rollout.engine != "sglang" or not dense,
+             f"model: layers {dense} of this Qwen3-MoE model have a dense MLP (mlp_only_layers / decoder_sparse_step),"
+             " and SGLang serves every Qwen3-MoE layer as a MoE layer, without them; use rollout.engine embedded, or "
+             "a model whose every layer is MoE")
         need(data.max_prompt_len + rollout.max_new_tokens <= arch.max_position_embeddings,
              f"rollout.max_new_tokens: data.max_prompt_len {data.max_prompt_len} + rollout.max_new_tokens "
              f"{rollout.max_new_tokens} exceed the model's {arch.max_position_embeddings} positions (a server "

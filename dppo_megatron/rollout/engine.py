@@ -89,7 +89,7 @@ class EmbeddedEngine:
         for index, layer in enumerate(self.model.model.layers):
             router = getattr(layer.mlp, "gate", None)
             if router is None or not hasattr(router, "top_k"):
-                continue  # a dense layer: its rows stay zero, as in SGLang
+                continue  # a dense layer: its rows stay zero (SGLang builds none: config/validate.py)
 
             def keep(module, inputs, output, index=index):
                 self._routes.setdefault(index, []).append(output[2].detach().to(torch.int32))
