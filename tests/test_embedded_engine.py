@@ -320,6 +320,30 @@ def test_experts_are_sent_by_the_ep_rank_that_owns_them(models, synced, tp, ep):
     assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
 
 
+def test_an_update_refused_outside_a_session_fails_at_once_in_the_servers_words(server, models):
+    """Not after the group's timeout, waiting on a broadcast the server never joins: the sender
+    stops as soon as a server answers no, and the publisher does not send it again."""
+    from safetensors.torch import load_file
+
+    from dppo_megatron.rollout.protocol import OUTSIDE_SESSION
+    from dppo_megatron.rollout.weight_sync import DistributedWeightSync, WeightUpdateRefused
+
+    tensors = sorted(load_file(models[1] / "model.safetensors").items())
+    tensors.append(("model.extra.weight", torch.zeros(4096, 4096)))  # 64 MiB: more than gloo sends unreceived
+    sync = DistributedWeightSync([server], master_address="127.0.0.1", master_port=free_port(),
+                                 group_name="dppo-weights-refused", bucket_bytes=256 << 20, timeout=300)
+    sync.connect()
+    started = time.monotonic()
+    try:
+        with pytest.raises(WeightUpdateRefused, match=re.escape(
+                f"{server}: " + OUTSIDE_SESSION.format("update_weights_from_distributed"))):
+            sync.publish(tensors, 1, session=False)
+        assert time.monotonic() - started < 30  # the group's timeout: 300 s
+    finally:
+        sync.close()
+    assert generate(server, max_new_tokens=4).weight_version == "0"  # and it serves on, untouched
+
+
 @pytest.fixture(scope="module")
 def sglang(tmp_path_factory):
     """SGLang's own code (tests/sglang_contract.py), for the weight-update state machine."""

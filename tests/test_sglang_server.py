@@ -154,6 +154,7 @@ def test_a_distributed_update_inside_the_session_serves_the_senders_weights(serv
 
 RUN_STEPS = 4
 RUN = [f"trainer.steps={RUN_STEPS}", "trainer.eval_every=0", "trainer.save_every=0", "trainer.prompts_per_step=16",
+       "trainer.mini_batches=1",  # the mismatch is then the engine against the learner before any update
        "rollout.weight_sync=distributed"]
 
 
@@ -164,7 +165,7 @@ def test_a_quickstart_shaped_run_trains_on_the_real_server_with_the_embedded_eng
     the same run on the embedded engine beside it. The learner-vs-engine mismatch (train/
     mismatch_tv) stays at float32 noise with SGLang, as with the embedded engine: the weights
     it serves are the learner's, step after step."""
-    extra = "[" + ",".join(CPU_SERVER_ARGS) + "]"
+    extra = json.dumps(CPU_SERVER_ARGS)  # YAML flow: every argument a string
     runs = {"sglang": RUN + ["rollout.engine=sglang", f"rollout.sglang_python={sglang_python}",
                              f"rollout.extra_args={extra}"],
             "embedded": RUN}

@@ -280,7 +280,7 @@ def post_json(url: str, body: dict, timeout: float) -> dict:
         message = answer.get("message") if isinstance(answer, dict) else None
         return {"success": False, "message": message or error_message(error.code, text)}
     except (urllib.error.URLError, OSError) as error:
-        return {"success": False, "message": f"unreachable ({error})"}
+        return {"success": False, "message": f"unreachable ({error})", "unreachable": True}
 
 
 def server_release(url: str, timeout: float = 30.0) -> str | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dppo_megatron.rollout.protocol import SESSION_ALREADY_OPEN
+from dppo_megatron.rollout.protocol import OUTSIDE_SESSION, SESSION_ALREADY_OPEN
 from dppo_megatron.rollout.servers import post_json
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,11 @@ ANSWER_GRACE_SECONDS = 5.0  # for the servers' answers after a broadcast failed 
 
 class WeightSyncError(RuntimeError):
     """A server failed to load a published version."""
+
+
+class WeightUpdateRefused(WeightSyncError):
+    """A server answered that it will not take an update (SGLang's words in the message), as
+    opposed to a server that broke off: sending the same again changes nothing."""
 
 
 class DiskWeightSync:
@@ -105,25 +110,45 @@ def flatten_bucket(bucket: list[tuple[str, torch.Tensor]]) -> tuple[list[tuple[s
     return ordered, torch.cat([tensor.contiguous().reshape(-1).view(torch.uint8) for _, tensor in ordered])
 
 
-def broadcast_from_first(group, tensor: torch.Tensor) -> None:
+def broadcast_from_first(group, tensor: torch.Tensor, refused: threading.Event | None = None) -> None:
+    """Broadcast `tensor` from the sender. `refused`: set once a server answered that it will not
+    receive (SGLang refuses an update outside a session, or for a group it does not hold,
+    before it joins the broadcast): the sender then stops waiting at once, where it would
+    otherwise wait for the group's timeout."""
     options = dist.BroadcastOptions()
     options.rootRank = 0
-    group.broadcast([tensor], options).wait()
+    work = group.broadcast([tensor], options)
+    if refused is not None:
+        while not work.is_completed():
+            if refused.wait(0.002):
+                raise WeightSyncError("a server refused the update; the broadcast was abandoned")
+    work.wait()
 
 
 def _post_to_all(servers: list[str], path: str, bodies: list[dict], timeout: float, *, work=None,
-                 context: str | None = None) -> None:
+                 refused: threading.Event | None = None, context: str | None = None) -> None:
     """POST `bodies[i]` to `servers[i]`, all at once in threads, while `work` (say, the
-    broadcasts the servers wait for) runs here; raise naming every server that failed."""
-    _raise_failures(servers, _answers(servers, path, bodies, timeout, work=work), context or path + " failed")
+    broadcasts the servers wait for) runs here; raise naming every server that failed
+    (WeightUpdateRefused where each of them answered SGLang's refusal of an update outside a
+    session, which comes before any receiving, however small the buckets)."""
+    answers = _answers(servers, path, bodies, timeout, work=work, refused=refused)
+    refusal = OUTSIDE_SESSION.format(path.strip("/"))
+    failed = [answer for answer in answers if not answer.get("success", False)]
+    said_no = bool(failed) and all(answer.get("message") == refusal for answer in failed)
+    _raise_failures(servers, answers, path + " refused" if said_no else context or path + " failed",
+                    WeightUpdateRefused if said_no else WeightSyncError)
 
 
-def _answers(servers: list[str], path: str, bodies: list[dict], timeout: float, *, work=None) -> list[dict]:
-    """Each server's answer to its POST, made at once in threads while `work` runs here."""
+def _answers(servers: list[str], path: str, bodies: list[dict], timeout: float, *, work=None,
+             refused: threading.Event | None = None) -> list[dict]:
+    """Each server's answer to its POST, made at once in threads while `work` runs here.
+    `refused` is set as soon as one server answers with a failure."""
     answers: list[dict] = [{}] * len(servers)
 
     def call(index: int) -> None:
         answers[index] = post_json(servers[index].rstrip("/") + path, bodies[index], timeout)
+        if refused is not None and not answers[index].get("success", False):
+            refused.set()
 
     threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(len(servers))]
     for thread in threads:
@@ -136,17 +161,25 @@ def _answers(servers: list[str], path: str, bodies: list[dict], timeout: float, 
         # timeout: their answers are not waited for (their threads end when the servers do).
         for thread in threads:
             thread.join(timeout=ANSWER_GRACE_SECONDS)
+        if refused is not None and refused.is_set():  # the servers' own words say more
+            failed = [(server, answer) for server, answer in zip(servers, answers)
+                      if answer and not answer.get("success", False)]  # ({}: no answer yet)
+            said_no = all(not answer.get("unreachable") for _, answer in failed)  # answered, not gone
+            _raise_failures([server for server, _ in failed], [answer for _, answer in failed],
+                            path + (" refused" if said_no else " failed"),
+                            WeightUpdateRefused if said_no else WeightSyncError)
         raise
     for thread in threads:
         thread.join()
     return answers
 
 
-def _raise_failures(servers: list[str], answers: list[dict], context: str) -> None:
+def _raise_failures(servers: list[str], answers: list[dict], context: str,
+                    error: type[WeightSyncError] = WeightSyncError) -> None:
     failures = [f"{server}: {answer.get('message', answer)}" for server, answer in zip(servers, answers)
                 if not answer.get("success", False)]
     if failures:
-        raise WeightSyncError(f"{context}: " + "; ".join(failures))
+        raise error(f"{context}: " + "; ".join(failures))
 
 
 def begin_weight_update(servers: list[str], timeout: float = 600.0) -> None:
@@ -263,16 +296,14 @@ class DistributedWeightSync:
         if self.flattened:
             bucket, flat = flatten_bucket(bucket)
         body = self.update_body(bucket, version)
+        refused = threading.Event()
 
         def broadcast() -> None:
-            if flat is not None:
-                broadcast_from_first(self.group, flat)
-                return
-            for _, tensor in bucket:
-                broadcast_from_first(self.group, tensor)
+            for tensor in [flat] if flat is not None else [tensor for _, tensor in bucket]:
+                broadcast_from_first(self.group, tensor, refused)
 
         _post_to_all(self.servers, "/update_weights_from_distributed", [body] * len(self.servers), self.timeout,
-                     work=broadcast)
+                     work=broadcast, refused=refused)
         return sum(t.numel() * t.element_size() for _, t in bucket)
 
     def close(self, servers: list[str] | None = None) -> None:

@@ -34,6 +34,7 @@ from dppo_megatron.rollout.weight_sync import (
     DiskWeightSync,
     DistributedWeightSync,
     WeightSyncError,
+    WeightUpdateRefused,
     begin_weight_update,
     end_weight_update,
 )
@@ -110,23 +111,26 @@ class WeightPublisher:
                 with self._lock:
                     self._rejoined.update(rejoining)
                 return
+            if all(refused for _, refused in errors):  # every server that failed said no: it would again
+                raise WeightSyncError(f"weight version {version} was refused: {errors[0][0]}")
             if dist.get_rank() == 0:
                 log.warning("sending weight version %d failed (%s); forming the groups again and sending it again",
-                            version, errors[0])
+                            version, errors[0][0])
             regroup = True
-        raise WeightSyncError(f"weight version {version} could not be sent in {attempts} attempts: {errors[0]}")
+        raise WeightSyncError(f"weight version {version} could not be sent in {attempts} attempts: {errors[0][0]}")
 
-    def _send_in_session(self, version: int) -> list[str]:
+    def _send_in_session(self, version: int) -> list[tuple[str, bool]]:
         """One attempt at sending `version` (a collective): rank 0 opens the session on the
         members, every sender sends, rank 0 closes it, also after a failure, on every member that
         answers within a few seconds (the others wait on the broken broadcast and are restarted
-        when the groups are formed again). Returns what went wrong, the same on every rank."""
+        when the groups are formed again). Returns what went wrong, and whether a server refused
+        it (rather than broke off), the same on every rank."""
         opened = [None]
         if dist.get_rank() == 0:
             try:
                 begin_weight_update(self.members, self.distributed.timeout)
             except WeightSyncError as error:
-                opened[0] = str(error)
+                opened[0] = (str(error), False)
         dist.broadcast_object_list(opened, src=0)
         mine = (opened[0] if dist.get_rank() == 0 else None) if opened[0] else self._send(version)
         failed = [None] * dist.get_world_size()
@@ -136,12 +140,14 @@ class WeightPublisher:
         if dist.get_rank() == 0:
             not_closed = end_weight_update(self.members, ANSWER_GRACE_SECONDS if errors else self.distributed.timeout)
             if not_closed and not errors:
-                closed[0] = f"closing the weight-update session of version {version}: " + "; ".join(not_closed)
+                closed[0] = (f"closing the weight-update session of version {version}: " + "; ".join(not_closed),
+                             False)
         dist.broadcast_object_list(closed, src=0)
         return errors or [error for error in closed if error]
 
-    def _send(self, version: int) -> str | None:
-        """This rank's part of a broadcast; returns what went wrong in its own sending."""
+    def _send(self, version: int) -> tuple[str, bool] | None:
+        """This rank's part of a broadcast; returns what went wrong in its own sending, and
+        whether a server refused it."""
         tensors = iter_hf_tensors(self.learner.module, self.arch, experts_from_owners=True)
         error = None
 
@@ -150,7 +156,7 @@ class WeightPublisher:
             try:
                 self.distributed.publish(named_tensors, version, session=False)  # rank 0 holds it
             except RuntimeError as failure:  # a server gone: gloo/NCCL errors, or its HTTP answer
-                error = f"rank {dist.get_rank()}: {failure}"
+                error = (f"rank {dist.get_rank()}: {failure}", isinstance(failure, WeightUpdateRefused))
 
         if len(self.senders) == 1:  # streamed, bucket by bucket, as the iterator makes them
             if self.distributed is not None:
