@@ -181,3 +181,24 @@ def test_a_quickstart_shaped_run_trains_on_the_real_server_with_the_embedded_eng
     assert max(mismatch["sglang"]) < 1e-4 and max(mismatch["embedded"]) < 1e-4, mismatch
     versions = [m.get("rollout/weight_version") for m in metrics["sglang"]]
     assert all(m["reward/mean"] >= 0 for m in metrics["sglang"]), versions
+
+
+def test_the_preflight_of_the_quickstart_on_the_real_server_passes(sglang_python, tmp_path):
+    """`dppo-megatron preflight` with the recipe's servers on SGLang 0.5.23: its release, its
+    answers against the learner's, the broadcast inside its session, R3 routes."""
+    import subprocess
+    import sys
+
+    from tests.test_preflight import QUICKSTART, REPO, verdict_lines
+
+    result = subprocess.run(
+        [sys.executable, "-m", "dppo_megatron", "preflight", str(QUICKSTART), "--run-dir", str(tmp_path / "preflight"),
+         "rollout.engine=sglang", f"rollout.sglang_python={sglang_python}", "rollout.weight_sync=distributed",
+         f"rollout.extra_args={json.dumps(CPU_SERVER_ARGS)}", f"rollout.base_port={free_port()}"],
+        capture_output=True, text=True, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = verdict_lines(result.stdout)
+    assert lines[0].startswith("ok    1 sglang server(s) of the supported release, rollouts"), lines
+    assert any(line.startswith("ok    weight sync by broadcast, inside SGLang's weight-update session")
+               for line in lines), lines
+    assert lines[-1] == "preflight passed: the job can start"

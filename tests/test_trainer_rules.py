@@ -63,6 +63,8 @@ def test_checkpoints_come_every_save_every_steps_on_a_stop_and_at_the_end_export
     never = [due_after(d, 12, save_every=0, export_every=0, stop=False) for d in range(1, 12)]
     assert not any(save or export for save, export in never)
     assert due_after(12, 12, save_every=0, export_every=0, stop=False) == (True, False)
+    assert due_after(12, 12, save_every=0, export_every=0, stop=False, save_at_end=False) == (False, False)
+    assert due_after(7, 12, save_every=0, export_every=0, stop=True, save_at_end=False) == (True, False)
 
 
 def test_only_the_newest_keep_checkpoints_survive_and_a_partial_one_is_left_alone(tmp_path):

@@ -10,10 +10,10 @@ import warnings
 import torch
 
 from dppo_megatron import __version__
-from dppo_megatron.commands import convert, evaluate, job, plot, serve, submit, train, validate
+from dppo_megatron.commands import convert, evaluate, job, plot, preflight, serve, submit, train, validate
 
 # In the order `--help` lists them: the user's commands, then those jobs run for themselves.
-COMMANDS = (train, validate, evaluate, submit, plot, convert, serve, job)
+COMMANDS = (train, validate, preflight, evaluate, submit, plot, convert, serve, job)
 
 DESCRIPTION = """\
 Fine-tune Qwen3 dense and MoE models with DPPO (Divergence Proximal Policy Optimization) on

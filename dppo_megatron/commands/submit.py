@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from dppo_megatron.commands.args import EXIT_INVALID, add_recipe_arguments, recipe_and_overrides, refuse
+from dppo_megatron.commands.preflight import add_preflight_arguments, preflight_recipe_overrides, verdict_command
 from dppo_megatron.config.loading import RecipeError
 from dppo_megatron.config.placement import job_nodes
 from dppo_megatron.config.validate import check, load_recipe
@@ -36,8 +37,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--time", help="time limit, e.g. 4:00:00 or 2-00:00:00 (slurm.time)")
     p.add_argument("--account", help="account to charge (slurm.account)")
     p.add_argument("--run-dir", help="run directory (default runs/<name>-<timestamp>); an existing run resumes")
+    p.add_argument("--preflight", action="store_true",
+                   help="submit the recipe's preflight instead (two short steps with its real layout, servers and "
+                        "weight sync, then a verdict table in the job log; exit code 0 when it passed)")
+    add_preflight_arguments(p)
     p.set_defaults(handler=_submit)
 
+
+
+PREFLIGHT_TIME = "00:30:00"  # a preflight job's limit unless --time says otherwise
 
 
 def _submit(args) -> int:
@@ -48,6 +56,10 @@ def _submit(args) -> int:
     overrides += [f"slurm.{key}={json.dumps(value)}" for key, value in
                   (("partition", args.partition), ("time", args.time), ("account", args.account)) if value is not None]
     try:
+        if args.preflight:  # minutes, not days; never requeued
+            overrides = preflight_recipe_overrides(recipe_path, overrides, args) + ["slurm.requeue=false"]
+            if args.time is None:
+                overrides.append(f"slurm.time={json.dumps(PREFLIGHT_TIME)}")
         recipe = load_recipe(recipe_path, overrides)
         problems = job_problems(recipe, args.nodes)
         # The files the job reads must be there (on a filesystem the nodes share); a dry run
@@ -62,9 +74,10 @@ def _submit(args) -> int:
             problems.append(f"no SLURM cluster to submit to: {unchecked}")
         if problems:
             raise SubmitError(problems)
-        run_dir = Path(args.run_dir or recipe.trainer.run_dir or new_run_dir(recipe)).resolve()
+        default_dir = new_run_dir(recipe, "preflight") if args.preflight else recipe.trainer.run_dir or new_run_dir(recipe)
+        run_dir = Path(args.run_dir or default_dir).resolve()
         recipe = with_run_dir(recipe, run_dir)
-        script = render(recipe, run_dir, workdir=Path.cwd())
+        script = render(recipe, run_dir, workdir=Path.cwd(), verdict=verdict_command(args) if args.preflight else None)
     except (RecipeError, ArchError, SubmitError) as error:
         return refuse(error)
     if args.dry_run:

@@ -180,6 +180,7 @@ class TrainerConfig:
                              "trains step k, so step k trains on samples of the weights of step k - N (0: "
                              "synchronous; see docs/training.md)", 0)
     save_every: int = doc("checkpoint every N steps (0: only on exit)", 10)
+    save_at_end: bool = doc("checkpoint after the last step (false: a run that keeps nothing, as a preflight)", True)
     keep_checkpoints: int = doc("complete checkpoints kept", 2)
     eval_every: int = doc("evaluate every N steps (0: never)", 0)
     eval_n: int = doc("responses per held-out prompt: mean reward and avg@k", 4)

@@ -29,13 +29,14 @@ def latest_in_run(run_dir: Path) -> Path | None:
 
 class CheckpointManager:
     def __init__(self, run_dir: Path, learner: Learner, arch: Qwen3Arch, *, initial_model: Path, total_steps: int,
-                 save_every: int, keep: int, export_every: int):
+                 save_every: int, keep: int, export_every: int, save_at_end: bool = True):
         """`initial_model`: the Hugging Face checkpoint a new run starts from (its config.json
         and side files go into every checkpoint and export)."""
         self.root, self.export_root = run_dir / CHECKPOINTS_DIR, run_dir / EXPORT_DIR
         self.learner, self.arch, self.initial_model = learner, arch, initial_model
         self.hf_config = json.loads((initial_model / "config.json").read_text())
         self.total_steps, self.save_every, self.keep, self.export_every = total_steps, save_every, keep, export_every
+        self.save_at_end = save_at_end
         self.saved_at = 0  # the step of the newest checkpoint
         self.resumed_from: Path | None = None
 
@@ -56,7 +57,7 @@ class CheckpointManager:
         rank 0's own files for the checkpoint. Returns the time taken."""
         metrics = {}
         save, export = due_after(done, self.total_steps, save_every=self.save_every,
-                                 export_every=self.export_every, stop=stop)
+                                 export_every=self.export_every, stop=stop, save_at_end=self.save_at_end)
         if save:
             started = time.monotonic()
             self._save(done, write_extra)
@@ -76,11 +77,13 @@ class CheckpointManager:
         self.saved_at = step
 
 
-def due_after(done: int, total_steps: int, *, save_every: int, export_every: int, stop: bool) -> tuple[bool, bool]:
+def due_after(done: int, total_steps: int, *, save_every: int, export_every: int, stop: bool,
+              save_at_end: bool = True) -> tuple[bool, bool]:
     """After `done` steps: (save a checkpoint?, write an HF export?). A checkpoint every
-    `save_every` steps, on a stop and at the end; an export every `export_every` and at the end."""
+    `save_every` steps, on a stop and at the end (unless not `save_at_end`); an export every
+    `export_every` and at the end."""
     final = done == total_steps
-    save = stop or final or bool(save_every and done % save_every == 0)
+    save = stop or (final and save_at_end) or bool(save_every and done % save_every == 0)
     export = bool(export_every) and (final or done % export_every == 0)
     return save, export
 

@@ -75,7 +75,8 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
     learner = Learner(arch, layout, *learner_configs(recipe))
     checkpoints = CheckpointManager(run_dir, learner, arch, initial_model=model_dir(recipe, run_dir),
                                     total_steps=trainer.steps, save_every=trainer.save_every,
-                                    keep=trainer.keep_checkpoints, export_every=trainer.export_every)
+                                    keep=trainer.keep_checkpoints, export_every=trainer.export_every,
+                                    save_at_end=trainer.save_at_end)
     start = progress["step"] = checkpoints.resume()
     scatter = SampleScatter(control, dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
                             mini_batches=trainer.mini_batches, micro_batch_size=recipe.learner.micro_batch_size,
@@ -177,7 +178,8 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
         if rank == 0:
             write_status(run_dir, "finished", trainer.steps, trainer.steps)
             say(metrics_log.summary())
-        say(f"done: {trainer.steps} steps; checkpoints in {checkpoints.root}")
+        say(f"done: {trainer.steps} steps; " + (f"checkpoints in {checkpoints.root}" if checkpoints.saved_at
+                                                 else "no checkpoint kept (trainer.save_at_end false)"))
         return 0
     finally:
         if producer is not None:

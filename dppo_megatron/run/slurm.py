@@ -143,7 +143,9 @@ def sbatch_directives(recipe: Recipe, run_dir: Path) -> list[str]:
     return [f"#SBATCH {option}" for option in options]
 
 
-def render(recipe: Recipe, run_dir: Path, *, workdir: Path, template: Path | None = None) -> str:
+def render(recipe: Recipe, run_dir: Path, *, workdir: Path, template: Path | None = None,
+           verdict: str | None = None) -> str:
+    """The job script. `verdict`: a preflight job's last command (its exit code is the job's)."""
     slurm = recipe.slurm
     template = Path(template or slurm.template or DEFAULT_TEMPLATE)
     if not template.is_file():
@@ -161,6 +163,7 @@ def render(recipe: Recipe, run_dir: Path, *, workdir: Path, template: Path | Non
         "ranks_per_node": str(recipe.learner.ranks_per_node),
         "step_gpus": f"--gpus-per-node={slurm.gpus_per_node}" if slurm.gpus_per_node else "",
         "requeue": "true" if slurm.requeue else "false",
+        "verdict": verdict or "# not a preflight",
     }
     text = template.read_text()
     unknown = sorted(set(PLACEHOLDER.findall(text)) - set(values))
