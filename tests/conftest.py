@@ -34,10 +34,13 @@ if not torch.cuda.is_available():
 # test_slurm's tests that read it go last in their module, when it is made. (Whole modules
 # rather than `xdist_group` marks: xdist 3.8 renames a grouped test through `_nodeid`, which
 # pytest 9.2 no longer reads, so the marks are ignored.)
-LONGEST_FIRST = ("test_train", "test_slurm", "test_embedded_engine", "test_convert_cli", "test_sglang_contract",
-                 "test_learner_checkpoint", "test_learner_parity", "test_learner_loss_parity", "test_node_agent",
-                 "test_rollout_client", "test_learner_train", "test_token_stats", "test_cpu_bridge",
+LONGEST_FIRST = ("test_train", "test_slurm", "test_sglang_server", "test_embedded_engine", "test_convert_cli",
+                 "test_sglang_contract", "test_learner_checkpoint", "test_learner_parity", "test_learner_loss_parity",
+                 "test_node_agent", "test_rollout_client", "test_preflight", "test_learner_train", "test_token_stats", "test_cpu_bridge",
                  "test_engine_learner_parity", "test_recipes", "test_reward_pool")
+
+
+SGLANG_MODULES = ("test_sglang_contract", "test_sglang_server", "test_embedded_engine")  # SGLang's own code
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -50,9 +53,9 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 def pytest_collection_finish(session) -> None:
-    # SGLang's environment for the contract tests takes minutes to make on a fresh machine:
-    # start it now, so that it is made while the tests before them run.
-    if any(item.module.__name__.endswith("test_sglang_contract") for item in session.items):
+    # SGLang's environment for the contract tests and the real server takes minutes to make on
+    # a fresh machine: start it now, so that it is made while the tests before them run.
+    if any(item.module.__name__.rsplit(".", 1)[-1] in SGLANG_MODULES for item in session.items):
         start_building()
 
 

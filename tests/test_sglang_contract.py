@@ -500,3 +500,41 @@ def test_sglang_builds_every_qwen3_moe_layer_as_moe_so_a_model_with_dense_layers
     with pytest.raises(RecipeError, match=r"layers \[1\] of this Qwen3-MoE model have a dense MLP"):
         load_recipe(QUICKSTART, ["rollout.engine=sglang", "model.random_init.mlp_only_layers=[1]"])
     load_recipe(QUICKSTART, ["model.random_init.mlp_only_layers=[1]"])  # the embedded engine serves them
+
+
+SGLANG_ROUTES = """
+import json
+from sglang.srt.entrypoints import http_server
+routes = {}
+for route in http_server.app.routes:
+    if hasattr(route, "methods") and route.methods:
+        level = getattr(route.endpoint, "_auth_level", None)
+        entry = routes.setdefault(route.path, {"methods": [], "auth": level.value if level is not None else "normal"})
+        entry["methods"] += sorted(route.methods)
+print(json.dumps(routes))
+"""
+
+
+def test_the_endpoint_table_in_the_docs_is_sglangs_and_names_every_endpoint_the_project_calls(sglang):
+    import re
+    from pathlib import Path
+
+    code, output = sglang.run(SGLANG_ROUTES)
+    assert code == 0, output
+    routes = json.loads(output.strip().splitlines()[-1])
+    repo = Path(__file__).resolve().parents[1]
+    table = {}
+    for line in (repo / "docs" / "rollout.md").read_text().splitlines():
+        row = re.match(r"\| `(GET|POST) (/\w+)` \|[^|]+\|[^|]+\| `(\w+)` \|", line)
+        if row:
+            table[row.group(2)] = (row.group(1), row.group(3))
+    assert len(table) >= 9, table
+    for path, (method, auth) in table.items():
+        assert path in routes, f"SGLang has no {path}"
+        assert method in routes[path]["methods"] and auth == routes[path]["auth"], (path, routes[path])
+    # Every SGLang endpoint named in the project's code (the embedded engine's own server aside).
+    named = set()
+    for source in (repo / "dppo_megatron").rglob("*.py"):
+        if source.name not in ("server.py", "engine.py", "engine_request.py"):
+            named |= set(re.findall(r'"(/\w+)"', source.read_text()))
+    assert sorted(named & set(routes)) == sorted(table), "docs/rollout.md's endpoint table"

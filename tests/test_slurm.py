@@ -308,3 +308,20 @@ def test_one_node_jobs_side_by_side_one_warned_before_its_time_limit_one_failing
     status = read_status(failing_dir)
     assert status["state"] == "failed" and str(broken) in status["message"], status
     assert status["message"] in log
+
+
+def test_a_preflight_job_on_three_nodes_ends_with_its_verdict(cluster, tmp_path):
+    """`submit --preflight` of the three-node recipe: learner ranks on node0 and node1, the server
+    on node2 under its agent, the weights broadcast across nodes; the job log ends with the table."""
+    run_dir = tmp_path / "preflight"
+    job_id = submit_job(cluster, run_dir, "--preflight", recipe=THREE_NODE)
+    assert cluster.wait_until_gone(job_id, timeout=400), job_log(run_dir)[-3000:]
+    log = job_log(run_dir)
+    assert "learner on node0,node1" in log and "rollout servers on node2" in log
+    table = log[log.index("preflight of "):].splitlines()
+    assert any(line.startswith("ok    weight sync by broadcast, inside SGLang's weight-update session")
+               for line in table), table
+    assert "preflight passed: the job can start" in table, table
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    assert (recipe.trainer.steps, recipe.slurm.requeue, recipe.slurm.time) == (2, False, "00:30:00")
+    assert latest_checkpoint(run_dir / "checkpoints") is None  # nothing kept
