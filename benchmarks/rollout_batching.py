@@ -15,13 +15,16 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from dppo_megatron.config import load_recipe
+from dppo_megatron.config.schema import RolloutConfig
 from dppo_megatron.processes import free_port
-from dppo_megatron.rollout.client import ClientConfig, Request, RolloutClient
+from dppo_megatron.rollout.client import Request, RolloutClient
 from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams
 from dppo_megatron.rollout.servers import ServerManager, ServerSpec
+from dppo_megatron.run.configs import client_config
 from dppo_megatron.run.run_dir import make_random_model
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "quickstart.yaml"
@@ -47,7 +50,7 @@ def main() -> None:
             url = manager.urls[0]
             prompt = [3, 6, 7, 8, 4]  # "reverse 1 2 3 :"
             for per_call in args.batches:
-                client = RolloutClient([url], ClientConfig(requests_per_call=per_call))
+                client = RolloutClient([url], replace(client_config(RolloutConfig()), requests_per_call=per_call))
                 times = []
                 for repeat in range(args.repeats + 1):  # the first pass warms up
                     requests = [Request(f"r{repeat}-{i}", prompt, SamplingParams(max_new_tokens=args.max_new_tokens,

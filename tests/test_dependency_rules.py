@@ -158,3 +158,31 @@ def test_the_checks_catch_an_upward_import_a_cycle_and_a_forbidden_one(tmp_path)
                                  "dppo_megatron.config.check"]
     assert any(forbidden(m, FORBIDDEN["algo"]) for m in imported_modules(package / "algo" / "loss.py"))
     assert LAYERS[top_package("dppo_megatron.run.loop")] > LAYERS[top_package("dppo_megatron.config.check")]
+
+
+def test_no_function_in_the_package_is_over_100_lines():
+    import ast
+
+    long = []
+    for source in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
+                long.append(f"{source.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} "
+                            f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "split these:\n" + "\n".join(long)
+
+
+def test_the_rollout_clients_recipe_settings_have_their_one_default_in_the_schema():
+    """No second default to drift from the recipe's (it was 256 in flight and 1 per call against
+    the schema's 64 and 16)."""
+    from dataclasses import MISSING, fields
+
+    from dppo_megatron.config.schema import RolloutConfig
+    from dppo_megatron.rollout.client import ClientConfig
+    from dppo_megatron.run.configs import client_config
+
+    recipe_fields = {f.name for f in fields(RolloutConfig)}
+    shared = [f for f in fields(ClientConfig) if f.name in recipe_fields]
+    assert len(shared) == 4 and all(f.default is MISSING for f in shared), shared
+    built, defaults = client_config(RolloutConfig()), RolloutConfig()
+    assert all(getattr(built, f.name) == getattr(defaults, f.name) for f in shared)

@@ -14,10 +14,11 @@ import urllib.request
 import pytest
 
 from dppo_megatron.processes import free_port
-from dppo_megatron.rollout.client import ClientConfig, Request, RolloutClient
+from dppo_megatron.rollout.client import Request, RolloutClient
 from dppo_megatron.rollout.job_layout import JobLayout
 from dppo_megatron.rollout.protocol import SamplingParams
 from dppo_megatron.rollout.servers import RemoteServers, ServerSpec, ServerStartError
+from tests.test_rollout_client import client_settings
 from tests.tiny_models import make_moe
 
 
@@ -58,8 +59,8 @@ def test_the_agent_restarts_a_killed_server_mid_batch_and_stops_when_the_trainer
 
     victim = layout.urls[0]
     victim_pid = next(s["pid"] for s in health["servers"] if s["url"] == victim)
-    client = RolloutClient(servers.urls, ClientConfig(backoff_seconds=0.05, failures_before_dead=2, max_attempts=8,
-                                                      wait_for_servers_seconds=120), restart=servers.restart)
+    client = RolloutClient(servers.urls, client_settings(backoff_seconds=0.05, failures_before_dead=2, max_attempts=8,
+                                                         wait_for_servers_seconds=120), restart=servers.restart)
     requests = [Request(f"q{i}", [5 + i, 17, 42], SamplingParams(max_new_tokens=125, sampling_seed=i))
                 for i in range(16)]
     timer = threading.Timer(0.5, lambda: os.killpg(victim_pid, signal.SIGKILL))

@@ -8,18 +8,28 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from dppo_megatron.config.schema import RolloutConfig
 from dppo_megatron.processes import free_port
 from dppo_megatron.rollout.client import ClientConfig, Request, RolloutClient, RolloutError, ServerRejoinsLater
 from dppo_megatron.rollout.protocol import RoutingShape, SamplingParams
+from dppo_megatron.run.configs import client_config
 from dppo_megatron.rollout.servers import ServerManager, ServerReleaseError, ServerSpec, check_release, server_command
 from dppo_megatron.rollout.sglang_release import SGLANG_RELEASE
 from tests.tiny_models import make_moe
 
-FAST = ClientConfig(backoff_seconds=0.05, max_backoff_seconds=0.2, failures_before_dead=2, max_attempts=8,
+
+def client_settings(**changes) -> ClientConfig:
+    """The client as a recipe with rollout's defaults builds it, one request per call (so that
+    a few requests spread over the servers), with `changes`."""
+    return replace(client_config(RolloutConfig()), **{"requests_per_call": 1, **changes})
+
+
+FAST = client_settings(backoff_seconds=0.05, max_backoff_seconds=0.2, failures_before_dead=2, max_attempts=8,
                     wait_for_servers_seconds=120)
 ROUTING = RoutingShape(num_layers=2, experts_per_token=2, num_experts=4)
 
@@ -67,8 +77,8 @@ def test_hundreds_of_concurrent_calls_are_all_served_and_batching_gives_the_same
     """The embedded server's listen backlog takes a client's full concurrency (the default of
     5 reset connections); and batching calls changes nothing in the samples (per-row seeds)."""
     many = requests(290, max_new_tokens=2, routing=None)  # prompt ids stay inside the vocabulary (300)
-    single = RolloutClient(manager.urls[:1], ClientConfig(failures_before_dead=1, max_attempts=1)).generate_sync(many)
-    batched = RolloutClient(manager.urls[:1], ClientConfig(requests_per_call=64)).generate_sync(many)
+    single = RolloutClient(manager.urls[:1], client_settings(failures_before_dead=1, max_attempts=1)).generate_sync(many)
+    batched = RolloutClient(manager.urls[:1], client_settings(requests_per_call=64)).generate_sync(many)
     assert [s.rid for s in single] == [r.rid for r in many] == [s.rid for s in batched]
     assert [s.response_ids for s in single] == [s.response_ids for s in batched]
 

@@ -262,7 +262,7 @@ def test_every_request_body_the_trainer_sends_is_read_by_sglangs_own_code_as_mea
         for r3 in ((True, False) if arch.is_moe else (False,)):
             recipe = load_recipe(path, [f"rollout.r3={str(r3).lower()}"])
             params = sampling_params(recipe, eos_token_id=arch.vocab_size - 1)
-            topk, routing, topk_b64 = topk_of(recipe), routing_shape(recipe, arch), client_config(recipe).topk_b64
+            topk, routing, topk_b64 = topk_of(recipe), routing_shape(recipe, arch), client_config(recipe.rollout).topk_b64
             chunk = [Request(f"step3-p{i}-r1", [5 + i, 9, 2][: 2 + i], replace(params, sampling_seed=1000 + i),
                              topk, routing) for i in range(2)]
             for label, requests, flat, attempt in (("one", chunk[:1], topk_b64, 1), ("batch", chunk, topk_b64, 1),

@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from dppo_megatron.processes import free_port
-from dppo_megatron.rollout.client import ClientConfig, Request, RolloutClient
+from dppo_megatron.rollout.client import Request, RolloutClient
 from dppo_megatron.rollout.protocol import OUTSIDE_SESSION, RoutingShape, SamplingParams
 from dppo_megatron.rollout.servers import ServerManager, ServerSpec, check_release
 from dppo_megatron.rollout.sglang_release import SGLANG_RELEASE
 from dppo_megatron.run.metrics import read_metrics
 from tests.sglang_server import CPU_SERVER_ARGS, server_python
+from tests.test_rollout_client import client_settings
 from tests.tiny_models import hf_logits, make_moe, teacher_forced
 
 ROUTING = RoutingShape(num_layers=2, experts_per_token=2, num_experts=4)
@@ -64,7 +65,7 @@ def server(sglang_python, models, tmp_path_factory):
 
 
 def samples(url: str, seed: int = 5, max_new_tokens: int = 8) -> list:
-    client = RolloutClient([url], ClientConfig(requests_per_call=len(PROMPTS)))
+    client = RolloutClient([url], client_settings(requests_per_call=len(PROMPTS)))
     requests = [Request(rid=f"r{i}", prompt_ids=prompt, params=SamplingParams(max_new_tokens=max_new_tokens,
                         sampling_seed=seed, ignore_eos=True), topk=TOPK, routing=ROUTING)
                 for i, prompt in enumerate(PROMPTS)]

@@ -80,8 +80,19 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
         if not condition:
             problems.append(message)
 
-    model, learner, rollout, trainer = recipe.model, recipe.learner, recipe.rollout, recipe.trainer
-    loss, data, reward, optim = recipe.loss, recipe.data, recipe.reward, recipe.optim
+    _numbers_and_loss(recipe, need)
+    _model(recipe, need, problems, check_files)
+    _batches(recipe, need)
+    _servers(recipe, need, check_files)
+    _slurm_job(recipe, need)
+    _data_and_rewards(recipe, need, problems, check_files)
+    return problems
+
+
+def _numbers_and_loss(recipe: Recipe, need) -> None:
+    """Sizes, ranges and the loss's own settings."""
+    learner, rollout, trainer, loss = recipe.learner, recipe.rollout, recipe.trainer, recipe.loss
+    data, reward, optim = recipe.data, recipe.reward, recipe.optim
     for path, value in [("learner.nodes", learner.nodes), ("learner.ranks_per_node", learner.ranks_per_node),
                         ("learner.tp", learner.tp), ("learner.pp", learner.pp), ("learner.ep", learner.ep),
                         ("learner.etp", parallel_layout(recipe).etp),
@@ -129,7 +140,10 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
         need(rollout.topk_logprobs >= 1, f"loss.mode {loss.mode} compares top-K distributions: "
                                          "rollout.topk_logprobs must be >= 1")
 
-    # The model.
+
+def _model(recipe: Recipe, need, problems: list[str], check_files: bool) -> None:
+    """The model, and its architecture against the recipe (read only if nothing before failed)."""
+    model, learner, rollout, loss, data = recipe.model, recipe.learner, recipe.rollout, recipe.loss, recipe.data
     need((model.path is None) != (model.random_init is None),
          "model: give exactly one of model.path (a checkpoint) and model.random_init (a tiny random model)")
     if model.random_init is not None:
@@ -164,7 +178,10 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
              f"rollout.topk_logprobs: {rollout.topk_logprobs} is more than the vocabulary ({arch.vocab_size} tokens)")
         problems += [f"learner: {p}" for p in parallel_layout(recipe).problems(learner_world_size(recipe), arch)]
 
-    # Batches.
+
+def _batches(recipe: Recipe, need) -> None:
+    """The batch against the learner's data-parallel ranks."""
+    learner, rollout, trainer = recipe.learner, recipe.rollout, recipe.trainer
     world = learner_world_size(recipe)
     dp = world // (learner.tp * learner.pp) if world % (learner.tp * learner.pp) == 0 else 0
     responses = trainer.prompts_per_step * rollout.n
@@ -176,7 +193,10 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
              f"trainer.mini_batches: a mini-batch of {responses // trainer.mini_batches} responses cannot feed "
              f"{dp} data-parallel ranks")
 
-    # Rollout servers and their GPUs.
+
+def _servers(recipe: Recipe, need, check_files: bool) -> None:
+    """The rollout servers, their GPUs and what SGLang takes."""
+    rollout = recipe.rollout
     if rollout.engine == "sglang" and rollout.gpus_per_node >= 1:
         nodes, gpus_per_node, _ = server_room(recipe)
         per_server = rollout.server_tp * rollout.server_dp
@@ -204,7 +224,9 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
         need(not check_files or os.access(rollout.sglang_python, os.X_OK),
              f"rollout.sglang_python: {rollout.sglang_python} is not an executable interpreter here")
 
-    # The SLURM job.
+
+def _slurm_job(recipe: Recipe, need) -> None:
+    """The SLURM job's own settings."""
     slurm = recipe.slurm
     need(slurm.gpus_per_node >= 0, f"slurm.gpus_per_node: must be >= 0, got {slurm.gpus_per_node}")
     need(slurm.signal_seconds >= 0, f"slurm.signal_seconds: must be >= 0, got {slurm.signal_seconds}")
@@ -219,7 +241,10 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
     for name in slurm.env:
         need(ENV_NAME.fullmatch(name) is not None, f"slurm.env.{name}: not a valid environment variable name")
 
-    # Data and rewards.
+
+def _data_and_rewards(recipe: Recipe, need, problems: list[str], check_files: bool) -> None:
+    """The prompts (every row read now, not after the ranks start) and the reward."""
+    model, rollout, trainer, data, reward = recipe.model, recipe.rollout, recipe.trainer, recipe.data, recipe.reward
     if data.generate is not None:
         need(data.train is None and data.eval is None, "data.generate: makes its own train/eval files; "
                                                        "leave data.train and data.eval unset")
@@ -264,6 +289,5 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
         need(0 < reward.overlong_buffer < rollout.max_new_tokens,
              f"reward.overlong_buffer: the penalty needs 0 < buffer < rollout.max_new_tokens ({rollout.max_new_tokens}), "
              f"got {reward.overlong_buffer}")
-    return problems
 
 

@@ -40,15 +40,18 @@ class RolloutError(RuntimeError):
 
 @dataclass(frozen=True)
 class ClientConfig:
-    request_timeout: float = 1800.0  # seconds for one /generate answer (long responses take long)
-    max_in_flight_per_server: int = 256
+    """The recipe's settings (rollout.*; built by run/configs.py: client_config, their one
+    default is in config/schema.py), then the client's own retry policy."""
+
+    request_timeout: float  # seconds for one /generate answer (long responses take long)
+    max_in_flight_per_server: int
+    requests_per_call: int  # requests batched into one /generate call
+    topk_b64: bool  # top-K as SGLang's flat base64 arrays, not JSON triples
     max_attempts: int = 6
     backoff_seconds: float = 0.5  # doubled after each failed attempt of a request
     max_backoff_seconds: float = 15.0
     failures_before_dead: int = 3
     wait_for_servers_seconds: float = 600.0  # with every server dead, how long to wait for restarts
-    requests_per_call: int = 1  # requests batched into one /generate call
-    topk_b64: bool = True  # top-K as SGLang's flat base64 arrays, not JSON triples
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class _Server:
 
 
 class RolloutClient:
-    def __init__(self, servers: list[str], config: ClientConfig = ClientConfig(), *,
+    def __init__(self, servers: list[str], config: ClientConfig, *,
                  restart: Callable[[str], None] | None = None):
         if not servers:
             raise ValueError("no rollout servers given")

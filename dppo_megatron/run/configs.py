@@ -9,7 +9,7 @@ import torch
 
 from dppo_megatron.algo import needs_topk
 from dppo_megatron.config.placement import wants_routes
-from dppo_megatron.config.schema import Recipe
+from dppo_megatron.config.schema import Recipe, RolloutConfig
 from dppo_megatron.learner.learner import LossConfig, OptimizerConfig
 from dppo_megatron.learner.model import ModelOptions
 from dppo_megatron.model.arch import Qwen3Arch
@@ -74,8 +74,7 @@ def micro_batch_layout(recipe: Recipe, arch: Qwen3Arch) -> dict:
     return dict(pad_multiple=recipe.learner.tp, topk=topk_of(recipe), routing=routing)
 
 
-def client_config(recipe: Recipe) -> ClientConfig:
-    rollout = recipe.rollout
+def client_config(rollout: RolloutConfig) -> ClientConfig:
     return ClientConfig(request_timeout=rollout.request_timeout,
                         max_in_flight_per_server=rollout.max_in_flight_per_server,
                         requests_per_call=rollout.requests_per_call, topk_b64=rollout.topk_b64)

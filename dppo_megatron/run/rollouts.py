@@ -96,7 +96,7 @@ class Rollouts:
         self.routing = routing_shape(recipe, arch)
         self.params = sampling_params(recipe, self.tokenizer.eos_token_id)
         self.eval_params = eval_sampling_params(recipe, self.params)
-        self.client = RolloutClient(urls, client_config(recipe), restart=restart)
+        self.client = RolloutClient(urls, client_config(recipe.rollout), restart=restart)
 
     def _requests(self, prompts: list[Prompt], n: int, tag: str, seed: int, sampling: SamplingParams
                   ) -> list[Request]:
