@@ -1,11 +1,16 @@
 """Learner checkpoints: resume at the same and at another layout, and never load a partial one."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from dppo_megatron.learner.checkpoint import LATEST_FILE, STATE_FILE, latest_checkpoint
+from dppo_megatron.convert.checkpoints import resolve_checkpoint
+from dppo_megatron.learner.checkpoint import LATEST_FILE, STATE_FILE, latest_checkpoint, torn_files
+from dppo_megatron.model.hf_io import CheckpointError
+from dppo_megatron.model.manifest import MANIFEST_FILE, write_manifest
+from dppo_megatron.run.checkpoints import superseded
 from tests.distributed import run_torchrun_each
 from tests.tiny_models import make_moe
 
@@ -90,6 +95,58 @@ def test_partial_and_half_written_checkpoints_are_never_loaded(tmp_path):
     (tmp_path / LATEST_FILE).write_text("step_00000012")
     assert latest_checkpoint(tmp_path) == complete
     assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def write_with_manifest(root: Path, step: int) -> Path:
+    path = root / f"step_{step:08d}"
+    (path / "model").mkdir(parents=True)
+    (path / STATE_FILE).write_text('{"manifest": true}')
+    (path / ".metadata").write_bytes(b"megatron's index")
+    (path / "model" / "__0_0.distcp").write_bytes(bytes(range(256)) * 40)
+    write_manifest(path)
+    return path
+
+
+def test_a_checkpoint_cut_changed_or_missing_a_file_reads_as_torn_and_is_refused_by_convert(tmp_path):
+    """Against its manifest: sizes for every file, sha256 for this caller's share of them; a
+    missing manifest is torn for a checkpoint that says it wrote one, and whole for one written
+    before manifests (no "manifest" in its state)."""
+    shard = "model/__0_0.distcp"
+    whole = write_with_manifest(tmp_path / "a", 1)
+    assert torn_files(whole) == [] and resolve_checkpoint(whole) == whole
+
+    cut = write_with_manifest(tmp_path / "b", 1)
+    (cut / shard).write_bytes((cut / shard).read_bytes()[:5000])
+    assert torn_files(cut) == [f"{shard} is 5000 bytes, 10240 were written"]
+
+    flipped = write_with_manifest(tmp_path / "c", 1)
+    data = bytearray((flipped / shard).read_bytes())
+    data[7000] ^= 1  # same size: only the hash sees it
+    (flipped / shard).write_bytes(bytes(data))
+    changed = [f"{shard} has changed since it was written (sha256)"]
+    assert torn_files(flipped) == changed
+    files = sorted(json.loads((flipped / MANIFEST_FILE).read_text())["files"])
+    position = files.index(shard)
+    assert torn_files(flipped, share=(position % 2, 2)) == changed  # the rank that hashes it
+    assert torn_files(flipped, share=(1 - position % 2, 2)) == []  # the other checks sizes only
+    with pytest.raises(CheckpointError, match=r"step_00000001 is torn \(model/__0_0.distcp has changed"):
+        resolve_checkpoint(tmp_path / "c")
+
+    gone = write_with_manifest(tmp_path / "d", 1)
+    (gone / shard).unlink()
+    assert torn_files(gone) == [f"{shard} is missing"]
+    (gone / MANIFEST_FILE).unlink()
+    assert torn_files(gone) == [f"{MANIFEST_FILE} is missing"]
+    assert torn_files(write_complete(tmp_path / "e", 1)) == []  # from before manifests
+
+
+def test_retention_never_touches_a_checkpoint_set_aside_or_being_written(tmp_path):
+    for step in (1, 2, 3):
+        write_complete(tmp_path, step)
+    (tmp_path / "step_00000004.torn").mkdir()
+    (tmp_path / "step_00000005.partial").mkdir()
+    newest = write_complete(tmp_path, 6)
+    assert [p.name for p in superseded(tmp_path, newest, keep=2)] == ["step_00000001", "step_00000002"]
 
 
 SHIELD_PROBE = """

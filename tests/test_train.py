@@ -149,6 +149,43 @@ def test_a_run_that_fails_at_a_checkpoint_says_so_in_one_line_and_in_its_status(
     assert not (run_dir / "status.json.tmp").exists()
 
 
+def test_a_torn_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(tmp_path):
+    """Checkpoints at steps 1, 2 and 3, then the largest file of step 3 cut to half its size (a
+    node lost while writing, a full disk, a truncated copy): the resume finds it against the
+    checkpoint's manifest, sets it aside naming the file, and goes on from step 2, not from a
+    crash at step 0."""
+    run_dir = tmp_path / "torn"
+    first = start_train(run_dir, "trainer.steps=3", "trainer.save_every=1", "trainer.keep_checkpoints=3",
+                        "trainer.eval_every=0")
+    assert finish(first, run_dir, timeout=300) == 0, log_tail(run_dir)
+    step3 = run_dir / "checkpoints" / "step_00000003"
+    largest = max((f for f in step3.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    size = largest.stat().st_size
+    largest.write_bytes(largest.read_bytes()[: size // 2])
+
+    resumed = start_train(run_dir, "--resume", "trainer.steps=4", recipe=None)
+    assert finish(resumed, run_dir, timeout=300) == 0, log_tail(run_dir)
+    log = (run_dir.parent / f"{run_dir.name}.log").read_text()
+    name = largest.relative_to(step3)
+    assert (f"checkpoint step_00000003 is torn ({name} is {size // 2} bytes, {size} were written): set aside as "
+            "step_00000003.torn; resuming from step_00000002") in log, log[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000002'} at step 2" in log
+    assert (run_dir / "checkpoints" / "step_00000003.torn").is_dir()
+    assert [m["step"] for m in read_metrics(run_dir)] == [0, 1, 2, 3]  # step 2 done again, none twice
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000004"
+
+    # Every checkpoint left without its manifest: a clear error naming each, not a run from step 0.
+    for manifest in (run_dir / "checkpoints").glob("step_0000000?/manifest.json"):
+        manifest.unlink()
+    failed = start_train(run_dir, "--resume", "trainer.steps=5", recipe=None)
+    assert finish(failed, run_dir, timeout=300) == 1
+    log = (run_dir.parent / f"{run_dir.name}.log").read_text()
+    assert (f"no whole checkpoint is left in {run_dir / 'checkpoints'}: step_00000004 is torn (manifest.json is "
+            "missing); step_00000003 is torn (manifest.json is missing); step_00000002 is torn") in log, log[-3000:]
+    assert f"no whole checkpoint is left; the torn ones are kept in {run_dir / 'checkpoints'} as *.torn" in log
+    assert [m["step"] for m in read_metrics(run_dir)] == [0, 1, 2, 3]
+
+
 def test_a_run_killed_without_a_word_reads_as_killed_not_running(tmp_path):
     from dppo_megatron.run.run_dir import write_status
 

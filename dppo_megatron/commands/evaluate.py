@@ -9,6 +9,7 @@ from pathlib import Path
 from dppo_megatron.commands.args import add_recipe_arguments, refuse
 from dppo_megatron.config.loading import RecipeError
 from dppo_megatron.config.validate import load_recipe, recipe_arch
+from dppo_megatron.model import manifest
 from dppo_megatron.model.arch import ArchError
 from dppo_megatron.rollout.servers import ServerManager
 from dppo_megatron.run.placement import server_specs
@@ -34,7 +35,8 @@ def _evaluate(args) -> int:
         recipe = load_recipe(args.recipe, list(args.overrides) + as_model, check_files=True)
         if dataset_paths(recipe, Path("."))[1] is None:
             raise RecipeError(["data.eval: evaluation needs held-out prompts"], args.recipe)
-    except (RecipeError, ArchError) as error:
+        manifest.check(args.model, "--model")  # an export the run wrote carries one; a torn one is refused
+    except (RecipeError, ArchError, ValueError) as error:
         return refuse(error)
     run_dir = Path(args.run_dir or new_run_dir(recipe, "eval"))
     prepare_run_dir(recipe, run_dir)

@@ -15,7 +15,7 @@ from dppo_megatron.config.validate import load_recipe
 from dppo_megatron.model.arch import ArchError
 from dppo_megatron.processes import run_ranks
 from dppo_megatron.rollout.servers import port_is_free
-from dppo_megatron.run.checkpoints import latest_in_run
+from dppo_megatron.run.checkpoints import CHECKPOINTS_DIR, latest_in_run
 from dppo_megatron.run.placement import server_specs
 from dppo_megatron.run.run_dir import STOP_FILE, new_run_dir, prepare_run_dir, read_status, with_run_dir
 
@@ -81,6 +81,8 @@ def failure_line(run_dir: Path, code: int) -> str:
     line = f"error: the run failed (exit {code})" + (f" at step {status['step']}: {why}" if why else "")
     if checkpoint is not None:
         return f"{line}\nresume from {checkpoint} with: dppo-megatron train --run-dir {run_dir} --resume"
+    if torn := sorted((run_dir / CHECKPOINTS_DIR).glob("step_*.torn")):
+        return f"{line}\nno whole checkpoint is left; the torn ones are kept in {torn[0].parent} as *.torn"
     return f"{line}\nno checkpoint was saved; the run directory is {run_dir}"
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dppo_megatron.learner.checkpoint import HF_CONFIG_FILE
+from dppo_megatron.learner.checkpoint import HF_CONFIG_FILE, STATE_FILE
+from dppo_megatron.model import manifest
 from dppo_megatron.model.arch import Qwen3Arch
 from dppo_megatron.model.hf_io import CheckpointError
 from dppo_megatron.model.layout import ParallelLayout
@@ -52,16 +53,25 @@ def _start(layout: ParallelLayout, arch: Qwen3Arch, dtype: torch.dtype):
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a root of training checkpoints (its latest complete one)."""
+    """A checkpoint directory, or a root of training checkpoints (its latest complete one),
+    checked against its manifest: a torn one is refused, naming its bad files."""
     from dppo_megatron.learner.checkpoint import latest_checkpoint
 
     path = Path(path)
-    if (path / ".metadata").is_file():
-        return path
-    found = latest_checkpoint(path)
+    found = path if (path / ".metadata").is_file() else latest_checkpoint(path)
     if found is None:
         raise CheckpointError(f"{path}: neither a Megatron checkpoint nor a directory of them")
+    if problems := _torn(found):
+        raise CheckpointError(f"{found} is torn ({manifest.summary(problems)}); use an earlier checkpoint")
     return found
+
+
+def _torn(checkpoint: Path) -> list[str]:
+    from dppo_megatron.learner.checkpoint import torn_files
+
+    if (checkpoint / STATE_FILE).is_file():  # a training checkpoint: it always has a manifest
+        return torn_files(checkpoint)
+    return manifest.problems(checkpoint) if manifest.has_manifest(checkpoint) else []
 
 
 def hf_to_mcore(hf_dir: str, out: str, layout: ParallelLayout) -> Path:
@@ -83,6 +93,7 @@ def hf_to_mcore(hf_dir: str, out: str, layout: ParallelLayout) -> Path:
     dist_checkpointing.save({"model": model.sharded_state_dict()}, str(partial))
     if dist.get_rank() == 0:
         (partial / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        manifest.write_manifest(partial)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
     dist.barrier()
@@ -135,7 +146,7 @@ def mcore_to_hf_via_model(ckpt: str, out: str, hf_config: str | None, layout: Pa
 
     model, arch, config = _load_model(ckpt, hf_config, layout)
     save_hf(model, arch, out, config=config, dtype=hf_dtype(config), side_files_from=hf_config,
-            progress=_progress("write"))
+            progress=_progress("write"), manifest=True)
     say(f"wrote Hugging Face checkpoint {out}")
     return Path(out)
 

@@ -149,7 +149,7 @@ def export_checkpoint(path: str | Path, out: str | Path, arch: Qwen3Arch, *, con
                       side_files_from: str | Path | None = None, max_shard_bytes: int = 2 * 1024**3,
                       progress: Callable[[int, int], None] | None = None) -> Path:
     """Write the checkpoint at `path` as a Hugging Face checkpoint into `out` (atomically)."""
-    writer = HFCheckpointWriter(out, max_shard_bytes=max_shard_bytes, spool=True)
+    writer = HFCheckpointWriter(out, max_shard_bytes=max_shard_bytes, spool=True, manifest=True)
     total = len(hf_tensor_names(arch))
     for done, (name, tensor) in enumerate(iter_checkpoint_hf_tensors(path, arch), start=1):
         writer.add(name, tensor.to(dtype))

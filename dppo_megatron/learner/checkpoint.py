@@ -6,7 +6,9 @@ Layout of a checkpoint root:
         learner_state.json    step, schedule, layout, the trainer's state
         rng/rank_00000.pt     per-rank RNG (restored only at the same layout)
         hf_config.json        the model's HF config.json (for export)
+        manifest.json         every file's size and sha256, written last: a torn checkpoint is found
     step_00000016.partial/    being written; never loaded
+    step_00000008.torn/       found torn at a resume (a file missing or cut short): set aside
     latest                    "step_00000012", replaced atomically after the rename
 """
 
@@ -22,6 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from dppo_megatron.model import manifest
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +97,7 @@ def save_checkpoint(root: str | Path, learner, trainer_state: dict | None = None
             "scheduler": learner.scheduler.state_dict(),
             "layout": _layout_record(learner),
             "trainer": trainer_state or {},
+            "manifest": True,  # so that a missing manifest reads as torn, not as a checkpoint from before them
         }
         (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
         if hf_config is not None:
@@ -100,6 +105,7 @@ def save_checkpoint(root: str | Path, learner, trainer_state: dict | None = None
         if write_extra is not None:
             write_extra(partial)
     dist.barrier()
+    _write_manifest_collectively(partial)
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)
@@ -112,8 +118,8 @@ def save_checkpoint(root: str | Path, learner, trainer_state: dict | None = None
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root`, or None. Partial directories never count;
-    if `latest` names a missing checkpoint, the newest complete one is used."""
+    """The newest complete checkpoint under `root`, or None. Partial and torn directories never
+    count; if `latest` names a missing checkpoint, the newest complete one is used."""
     root = Path(root)
     if not root.is_dir():
         return None
@@ -122,8 +128,45 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         candidate = root / latest.read_text().strip()
         if (candidate / STATE_FILE).is_file():
             return candidate
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file())
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix == "" and (p / STATE_FILE).is_file())
     return complete[-1] if complete else None
+
+
+def _write_manifest_collectively(directory: Path) -> None:
+    """Every rank hashes a slice of the checkpoint's files; rank 0 writes the manifest."""
+    names = [manifest.file_names(directory) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    mine = manifest.entries(directory, names[0][dist.get_rank()::dist.get_world_size()])
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if dist.get_rank() == 0:
+        manifest.write_manifest(directory, {name: e for part in gathered for name, e in part.items()})
+
+
+def torn_files(path: str | Path, *, share: tuple[int, int] = (0, 1)) -> list[str]:
+    """What is wrong with the checkpoint at `path` against its manifest (`share` = (index,
+    count): the slice of the files whose sha256 this caller checks; sizes are checked for all),
+    [] when whole. A checkpoint from before manifests counts as whole."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return [f"{STATE_FILE} is missing"]
+    except ValueError:
+        return [f"{STATE_FILE} is not JSON"]
+    if not state.get("manifest") and not manifest.has_manifest(path):
+        return []
+    return manifest.problems(path, share=share)
+
+
+def set_aside(path: Path, problems: list[str]) -> str:
+    """Rename a torn checkpoint `<name>.torn` (kept for a look, never loaded again); the line
+    that says so."""
+    aside = path.with_name(path.name + ".torn")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    (path.parent / LATEST_FILE).unlink(missing_ok=True)  # it may name the torn one
+    return f"checkpoint {path.name} is torn ({manifest.summary(problems)}): set aside as {aside.name}"
 
 
 def load_checkpoint(path: str | Path, learner) -> dict:
@@ -142,7 +185,7 @@ def load_checkpoint(path: str | Path, learner) -> dict:
     learner.step = state["step"]
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if state["layout"] == _layout_record(learner) and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(torch.load(rng_file, weights_only=True))  # tensors only: nothing a file can run
     elif dist.get_rank() == 0:
         log.warning("checkpoint %s was saved at layout %s; RNG states not restored at %s",
                     path, state["layout"], _layout_record(learner))

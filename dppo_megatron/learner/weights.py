@@ -175,11 +175,12 @@ def iter_hf_tensors(model, arch: Qwen3Arch, *, experts_from_owners: bool = False
 
 
 def save_hf(model, arch: Qwen3Arch, out, *, config: dict, dtype: torch.dtype, side_files_from=None,
-            progress: Callable[[int, int], None] | None = None):
+            progress: Callable[[int, int], None] | None = None, manifest: bool = False):
     """Write the model as a Hugging Face checkpoint (sharded safetensors, index, config.json)
-    into `out`, atomically, from rank 0. A collective: every rank calls it. Returns the
-    directory on rank 0, None elsewhere."""
-    writer = HFCheckpointWriter(out) if dist.get_rank() == 0 else None
+    into `out`, atomically, from rank 0 (with a manifest of its files if `manifest`: an export
+    that is kept). A collective: every rank calls it. Returns the directory on rank 0, None
+    elsewhere."""
+    writer = HFCheckpointWriter(out, manifest=manifest) if dist.get_rank() == 0 else None
     total = len(hf_tensor_names(arch))
     for done, (name, tensor) in enumerate(iter_hf_tensors(model, arch), start=1):
         writer.add(name, tensor.to(dtype))

@@ -11,6 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dppo_megatron.model.manifest import write_manifest
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Files that travel with the weights when a checkpoint is exported.
@@ -125,9 +127,11 @@ class HFCheckpointWriter:
     one tensor rather than one shard, for exports of large models; the shard's bytes are
     written twice)."""
 
-    def __init__(self, directory: str | Path, *, max_shard_bytes: int = 2 * 1024**3, spool: bool = False):
+    def __init__(self, directory: str | Path, *, max_shard_bytes: int = 2 * 1024**3, spool: bool = False,
+                 manifest: bool = False):
         self.directory = Path(directory)
         self.partial = self.directory.with_name(self.directory.name + ".partial")
+        self.manifest = manifest  # sizes and sha256 of every file, for a checkpoint that is kept
         if self.partial.exists():
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True)
@@ -183,6 +187,8 @@ class HFCheckpointWriter:
                 source = Path(side_files_from) / name
                 if source.is_file():
                     shutil.copy2(source, self.partial / name)
+        if self.manifest:
+            write_manifest(self.partial)
         if self.directory.exists():
             shutil.rmtree(self.directory)
         os.replace(self.partial, self.directory)

@@ -5,6 +5,7 @@ steps and at the end. A run starts from its newest checkpoint, else from the ini
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -12,11 +13,16 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from dppo_megatron.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, step_dir_name
+from dppo_megatron.learner.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_aside,
+                                               step_dir_name, torn_files)
 from dppo_megatron.learner.learner import Learner
 from dppo_megatron.learner.weights import load_hf_weights, save_hf
 from dppo_megatron.model.arch import Qwen3Arch
+from dppo_megatron.model.hf_io import CheckpointError
+from dppo_megatron.model.manifest import summary
 from dppo_megatron.processes import say
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "export"
@@ -42,7 +48,7 @@ class CheckpointManager:
 
     def resume(self) -> int:
         """Load the newest checkpoint (or the initial weights); returns the step to start at."""
-        latest = latest_checkpoint(self.root)
+        latest = self._newest_whole()
         if latest is None:
             load_hf_weights(self.learner.module, self.arch, self.initial_model)
             return 0
@@ -50,6 +56,33 @@ class CheckpointManager:
         self.resumed_from = latest
         say(f"resumed from {latest} at step {self.saved_at}")
         return self.saved_at
+
+    def _newest_whole(self) -> Path | None:
+        """The newest checkpoint that matches its manifest, every rank checking a slice of the
+        files; newer ones found torn (a lost node, a full disk, a cut file) are set aside with a
+        warning, and the run resumes from the one before."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        set_aside_here = []
+        while True:
+            newest = [str(latest_checkpoint(self.root) or "") if rank == 0 else None]
+            dist.broadcast_object_list(newest, src=0)
+            if not newest[0] and set_aside_here:
+                raise CheckpointError(f"no whole checkpoint is left in {self.root}: {'; '.join(set_aside_here)}; "
+                                      "start the run afresh in a new run directory")
+            if not newest[0]:
+                return None
+            found = torn_files(newest[0], share=(rank, world))
+            gathered = [None] * world
+            dist.all_gather_object(gathered, found)
+            problems = sorted({line for part in gathered for line in part})
+            if not problems:
+                return Path(newest[0])
+            set_aside_here.append(f"{Path(newest[0]).name} is torn ({summary(problems)})")
+            if rank == 0:
+                note = set_aside(Path(newest[0]), problems)
+                if before := latest_checkpoint(self.root):
+                    log.warning("%s; resuming from %s", note, before.name)
+            dist.barrier()
 
     def after_step(self, done: int, *, stop: bool, write_extra: Callable[[Path], None] | None = None
                    ) -> dict[str, float]:
@@ -64,7 +97,8 @@ class CheckpointManager:
             metrics["time/checkpoint"] = time.monotonic() - started
         if export:
             save_hf(self.learner.module, self.arch, self.export_root / step_dir_name(done), config=self.hf_config,
-                    dtype=self.learner.module.config.params_dtype, side_files_from=self.initial_model)
+                    dtype=self.learner.module.config.params_dtype, side_files_from=self.initial_model,
+                    manifest=True)
         return metrics
 
     def _save(self, step: int, write_extra: Callable[[Path], None] | None) -> None:
@@ -90,6 +124,7 @@ def due_after(done: int, total_steps: int, *, save_every: int, export_every: int
 
 def superseded(root: Path, newest: Path, keep: int) -> list[Path]:
     """The complete checkpoints under `root` to delete once `newest` is written: all but the
-    `keep` newest (a `.partial` one being written is not counted, nor touched)."""
-    older = sorted(p for p in root.glob("step_*") if p.is_dir() and p != newest and not p.name.endswith(".partial"))
+    `keep` newest (a `.partial` one being written and a `.torn` one set aside are not counted,
+    nor touched)."""
+    older = sorted(p for p in root.glob("step_*") if p.is_dir() and p != newest and "." not in p.name)
     return older[: max(0, len(older) - (keep - 1))]
