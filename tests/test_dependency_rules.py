@@ -16,6 +16,7 @@ ROOT = "dppo_megatron"
 LAYERS = {
     "__init__": -1,  # the root package: its version only
     "processes": -1,  # ports and child processes: for anything that starts processes (the reward pool too)
+    "keys": -1,  # the servers' API keys: made by the run, read by servers, agents and clients
     "algo": 0, "model": 0, "data": 0, "rewards": 0,
     "config": 1, "learner": 1, "rollout": 1,
     "convert": 2,

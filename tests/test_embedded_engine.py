@@ -29,9 +29,9 @@ ROUTING = RoutingShape(num_layers=2, experts_per_token=2, num_experts=4)
 PROMPT = [5, 17, 42, 99]
 
 
-def post(url: str, path: str, body) -> tuple[int, dict]:
+def post(url: str, path: str, body, headers: dict | None = None) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -39,9 +39,9 @@ def post(url: str, path: str, body) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-def get(url: str, path: str) -> tuple[int, str]:
+def get(url: str, path: str, headers: dict | None = None) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url + path, timeout=60) as response:
+        with urllib.request.urlopen(urllib.request.Request(url + path, headers=headers or {}), timeout=60) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
@@ -60,11 +60,12 @@ def server(models):
 
 
 @contextlib.contextmanager
-def running_server(model_dir):
+def running_server(model_dir, *extra: str):
     port = free_port()
     exe = shutil.which("dppo-megatron")
     command = ([exe] if exe else [sys.executable, "-m", "dppo_megatron"]) + [
-        "serve-embedded", "--model-path", str(model_dir), "--port", str(port), "--enable-return-routed-experts"]
+        "serve-embedded", "--model-path", str(model_dir), "--port", str(port), "--enable-return-routed-experts",
+        *extra]
     log = Path(model_dir).parent / f"server-{port}.log"  # a file: a pipe nobody reads would block the server
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -641,3 +642,80 @@ def test_a_missing_model_directory_is_named_in_one_line_not_a_hub_traceback(engi
                             timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'nowhere'}: not a Hugging Face model directory (no config.json there)"
+
+
+# Every endpoint the embedded engine serves, with a body that leaves it as it was where the call
+# goes through (a missing field, a bad selector, no session to end).
+SERVED = [("GET", "/health", None), ("GET", "/health_generate", None), ("GET", "/model_info", None),
+          ("GET", "/server_info", None), ("GET", "/flush_cache", None), ("POST", "/generate", {}),
+          ("POST", "/update_weights_from_disk", {}), ("POST", "/init_weights_update_group", {}),
+          ("POST", "/update_weights_from_distributed", {}), ("POST", "/destroy_weights_update_group", {}),
+          ("POST", "/begin_weight_update", {"selector": "none of them"}), ("POST", "/end_weight_update", {}),
+          ("POST", "/abort_request", {"rid": "nobody"})]
+
+SGLANG_AUTH = """
+import json, sys
+from sglang.srt.entrypoints import http_server
+from sglang.srt.utils.auth import AuthLevel, decide_request_auth
+levels = {}
+for route in http_server.app.routes:
+    for method in getattr(route, "methods", None) or ():
+        levels[(method, route.path)] = getattr(route.endpoint, "_auth_level", AuthLevel.NORMAL)
+for method, path, header, api_key, admin_api_key in json.loads(sys.stdin.read()):
+    decision = decide_request_auth(method=method, path=path, authorization_header=header, api_key=api_key,
+                                   admin_api_key=admin_api_key, auth_level=levels[(method, path)])
+    print(json.dumps([method, path, header, decision.allowed, decision.error_status_code]))
+"""
+
+
+def test_every_endpoint_lets_through_exactly_the_requests_sglangs_own_auth_lets_through(models, sglang, tmp_path):
+    """`serve-embedded --api-key-file` with a generation key alone and with both keys, and
+    without keys: for every endpoint it serves and every header (none, another scheme, a wrong
+    key, no token, the generation key, the admin key, the scheme in lower case), 401 exactly
+    where SGLang 0.5.23's decide_request_auth, at SGLang's auth level for that route, refuses."""
+    import yaml
+
+    from dppo_megatron.keys import headers
+
+    generation, admin = "generation-key-0123", "admin-key-4567"
+    cases = {"none": None, "api": {"api-key": generation}, "both": {"api-key": generation, "admin-api-key": admin}}
+    header_cases = [None, f"Basic {generation}", "Bearer wrong", "Bearer", f"Bearer {generation}", f"Bearer {admin}",
+                    f"bearer {admin}", f"bearer {generation}"]
+    asked, answered = [], []
+    for case, keys in cases.items():
+        extra = []
+        if keys is not None:
+            key_file = tmp_path / f"{case}.yaml"
+            key_file.write_text(yaml.safe_dump(keys))
+            key_file.chmod(0o600)
+            extra = ["--api-key-file", str(key_file)]
+        with running_server(models[0], *extra) as url:
+            for method, path, body in SERVED:
+                for header in header_cases:
+                    sent = {"Authorization": header} if header else {}
+                    status, answer = (get(url, path, sent) if method == "GET" else post(url, path, body, sent))
+                    asked.append([method, path, header, (keys or {}).get("api-key"), (keys or {}).get("admin-api-key")])
+                    answered.append([method, path, header, status != 401, 401 if status == 401 else None])
+                    if status == 401:
+                        assert (json.loads(answer) if isinstance(answer, str) else answer) == {"error": "Unauthorized"}
+            if case == "both":  # a refused update changes nothing; the admin key alone makes it
+                update = {"model_path": str(models[1]), "weight_version": "1"}
+                assert post(url, "/update_weights_from_disk", update, headers(generation))[0] == 401
+                assert json.loads(get(url, "/model_info", headers(generation))[1])["weight_version"] == "0"
+                assert post(url, "/update_weights_from_disk", update, headers(admin))[0] == 200
+                assert json.loads(get(url, "/model_info", headers(generation))[1])["weight_version"] == "1"
+    code, output = sglang.run(SGLANG_AUTH, stdin=json.dumps(asked))
+    assert code == 0, output[-3000:]
+    decided = [json.loads(line) for line in output.splitlines() if line.startswith("[")]
+    assert [row[:4] for row in answered] == [row[:4] for row in decided]
+    refused = sum(not row[3] for row in decided)
+    assert refused > 100 and all(row[4] == 401 for row in decided if not row[3])  # no 403 among them
+
+
+def test_the_embedded_engine_will_not_listen_beyond_loopback_without_a_key(models):
+    result = subprocess.run([sys.executable, "-m", "dppo_megatron", "serve-embedded", "--model-path", str(models[0]),
+                             "--host", "0.0.0.0", "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == ("error: the embedded engine would listen on 0.0.0.0 without a key: anyone who "
+                                     "reaches this node could drive it; give it a key file (--api-key-file) or bind "
+                                     "127.0.0.1")

@@ -293,7 +293,7 @@ def test_sglang_command_line_from_the_30b_recipe_with_r3_on(tmp_path):
         sys.executable, "-m", "sglang.launch_server", "--model-path", "Qwen/Qwen3-30B-A3B-Base",
         "--host", "0.0.0.0", "--port", "30001", "--tp-size", "4", "--dp-size", "1", "--ep-size", "1",
         "--mem-fraction-static", "0.8", "--skip-tokenizer-init", "--weight-version", "0",
-        "--enable-return-routed-experts",
+        "--enable-return-routed-experts", "--config", str((tmp_path / "keys.yaml").resolve()),  # the keys, by file
     ]
     options, _, loss = learner_configs(recipe)
     assert options.routing_replay is True and loss.temperature == recipe.rollout.temperature

@@ -131,32 +131,34 @@ def test_the_weight_sender_forms_a_group_with_sglangs_own_receiver_and_a_bucket_
     assert_bit_identical(sync_through_sglang(tmp_path, tensors, SGLANG_RECEIVER, PROJECT_SENDER), tensors)
 
 
+# Read as `sglang.launch_server` reads its command line (prepare_server_args: --config merged in).
 SGLANG_PARSES = """
-import argparse, json, sys
-from sglang.srt.server_args import ServerArgs
+import json, sys
+from sglang.srt.server_args import prepare_server_args
 for name, argv in json.loads(sys.stdin.read()):
-    parser = argparse.ArgumentParser()
-    ServerArgs.add_cli_args(parser)
     try:
-        args = ServerArgs.from_cli_args(parser.parse_args(argv))
+        args = prepare_server_args(argv)
     except SystemExit:
         sys.exit(f"{name}: SGLang refused {argv}")
     print(json.dumps([name, args.weight_version, args.enable_return_routed_experts, args.enable_deterministic_inference,
-                      args.tp_size, args.port, args.dtype, args.quantization]))
+                      args.tp_size, args.port, args.dtype, args.quantization, args.api_key, args.admin_api_key]))
 """
 
 
 def test_every_sglang_command_line_of_the_shipped_recipes_parses_with_sglangs_server_args(sglang, tmp_path):
     """For every shipped recipe that runs SGLang, R3 on and off (MoE), with deterministic
     inference and with FP8 weights: the command line the project builds is what SGLang's own
-    ServerArgs reads, with the weight version the trainer counts."""
+    ServerArgs reads, with the weight version the trainer counts and the run's two keys, which
+    SGLang takes from the key file (--config), not from the command line."""
     from pathlib import Path
 
     from dppo_megatron.config.validate import load_recipe, recipe_arch
+    from dppo_megatron.keys import KEYS_FILE, make_keys_file, read_keys
     from dppo_megatron.rollout.servers import server_command
     from dppo_megatron.run.placement import server_specs
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*/*.yaml"))
+    keys = read_keys(make_keys_file(tmp_path / KEYS_FILE))
     lines, expected = [], []
     for path in recipes:
         shipped = load_recipe(path)
@@ -168,10 +170,12 @@ def test_every_sglang_command_line_of_the_shipped_recipes_parses_with_sglangs_se
             for spec in server_specs(recipe, tmp_path):
                 command = server_command(spec)
                 assert command[1:3] == ["-m", "sglang.launch_server"]
+                assert keys.api_key not in " ".join(command) and keys.admin_api_key not in " ".join(command)
                 lines.append([f"{path.parent.name}/{path.name} {' '.join(overrides)}", command[3:]])
                 float8 = spec.dtype == "float8"  # SGLang's FP8 weights: --quantization fp8, the dtype left auto
                 expected.append([lines[-1][0], "0", spec.routed_experts, spec.deterministic, spec.tp, spec.port,
-                                 "auto" if float8 or spec.dtype is None else spec.dtype, "fp8" if float8 else None])
+                                 "auto" if float8 or spec.dtype is None else spec.dtype, "fp8" if float8 else None,
+                                 keys.api_key, keys.admin_api_key])
     # 19 MoE recipes with R3 on and off, 6 dense; 25 deterministic, 25 with FP8 weights
     assert len({name for name, _ in lines}) == 19 * 4 + 6 * 3
     code, output = sglang.run(SGLANG_PARSES, stdin=json.dumps(lines))

@@ -13,11 +13,13 @@ import urllib.request
 
 import pytest
 import torch
+import yaml
 
+from dppo_megatron.keys import ApiKeys, headers
 from dppo_megatron.processes import free_port
 from dppo_megatron.rollout.client import Request, RolloutClient
 from dppo_megatron.rollout.protocol import OUTSIDE_SESSION, RoutingShape, SamplingParams
-from dppo_megatron.rollout.servers import ServerManager, ServerSpec, check_release
+from dppo_megatron.rollout.servers import ServerManager, ServerSpec, check_release, is_healthy, server_release
 from dppo_megatron.rollout.sglang_release import SGLANG_RELEASE
 from dppo_megatron.run.metrics import read_metrics
 from tests.sglang_server import CPU_SERVER_ARGS, server_python
@@ -29,9 +31,10 @@ PROMPTS = [[5, 17, 42, 99], [7, 7, 250, 3, 18, 64, 2]]
 TOPK = 5
 
 
-def post(url: str, path: str, body: dict) -> tuple[int, dict]:
+def post(url: str, path: str, body: dict, key: str | None = None) -> tuple[int, dict]:
+    """As the run posts: with the admin key unless another is given (the server asks for keys)."""
     request = urllib.request.Request(url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **headers(key or KEYS.admin_api_key)})
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
             return response.status, json.loads(response.read())
@@ -56,16 +59,23 @@ def models(tmp_path_factory):
     return make_moe(root / "v0", seed=0, mlp_only_layers=()), make_moe(root / "v1", seed=1, mlp_only_layers=())
 
 
+KEYS = ApiKeys(api_key="generation-key-0123", admin_api_key="admin-key-4567")
+
+
 @pytest.fixture(scope="module")
 def server(sglang_python, models, tmp_path_factory):
+    """A real SGLang server asking for the two keys (from a key file, as a run starts it)."""
+    key_file = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    key_file.write_text(yaml.safe_dump({"api-key": KEYS.api_key, "admin-api-key": KEYS.admin_api_key}))
+    key_file.chmod(0o600)
     spec = ServerSpec(model_path=str(models[0]), port=free_port(), dtype="float32", routed_experts=True,
-                      python=sglang_python, extra_args=tuple(CPU_SERVER_ARGS))
+                      python=sglang_python, extra_args=tuple(CPU_SERVER_ARGS), keys_file=str(key_file))
     with ServerManager([spec], tmp_path_factory.mktemp("sglang-logs"), health_timeout=300) as manager:
         yield manager.urls[0]
 
 
 def samples(url: str, seed: int = 5, max_new_tokens: int = 8) -> list:
-    client = RolloutClient([url], client_settings(requests_per_call=len(PROMPTS)))
+    client = RolloutClient([url], client_settings(requests_per_call=len(PROMPTS)), api_key=KEYS.api_key)
     requests = [Request(rid=f"r{i}", prompt_ids=prompt, params=SamplingParams(max_new_tokens=max_new_tokens,
                         sampling_seed=seed, ignore_eos=True), topk=TOPK, routing=ROUTING)
                 for i, prompt in enumerate(PROMPTS)]
@@ -81,8 +91,9 @@ def assert_serves(url: str, model_dir, version: str) -> None:
 
 
 def test_the_server_reports_the_supported_release(server):
-    check_release([server])  # what the trainer and preflight check at start
-    with urllib.request.urlopen(server + "/server_info", timeout=30) as response:
+    check_release([server], KEYS)  # what the trainer and preflight check at start
+    request = urllib.request.Request(server + "/server_info", headers=headers(KEYS.api_key))
+    with urllib.request.urlopen(request, timeout=30) as response:
         assert json.loads(response.read())["version"] == SGLANG_RELEASE
 
 
@@ -116,7 +127,7 @@ def test_routes_are_the_experts_transformers_routes_the_same_tokens_to(server, m
 def test_a_disk_update_serves_the_new_checkpoint_and_back(server, models, tmp_path):
     from dppo_megatron.rollout.weight_sync import DiskWeightSync
 
-    sync = DiskWeightSync(tmp_path / "weights")
+    sync = DiskWeightSync(tmp_path / "weights", key=KEYS.admin_api_key)
     shutil.copytree(models[1], sync.version_dir(3))
     sync.publish([server], 3)
     assert_serves(server, models[1], "3")
@@ -140,7 +151,7 @@ def test_a_distributed_update_inside_the_session_serves_the_senders_weights(serv
     assert post(server, "/begin_weight_update", {"selector": "all"})[1]["success"]  # the crashed trainer's
     tensors = load_file(models[1] / "model.safetensors")
     sync = DistributedWeightSync([server], master_address="127.0.0.1", master_port=free_port(),
-                                 group_name="dppo-weights-r0", bucket_bytes=16 * 1024)
+                                 group_name="dppo-weights-r0", bucket_bytes=16 * 1024, key=KEYS.admin_api_key)
     sync.connect()
     try:
         with caplog.at_level("WARNING"):
@@ -151,6 +162,25 @@ def test_a_distributed_update_inside_the_session_serves_the_senders_weights(serv
     assert_serves(server, models[1], "4")
     assert post(server, "/end_weight_update", {})[1]["message"].startswith("no weight-update session is open")
     post(server, "/update_weights_from_disk", {"model_path": str(models[0]), "weight_version": "0"})
+    assert_serves(server, models[0], "0")
+
+
+def test_without_the_right_key_sglang_answers_401_changes_nothing_and_serves_on(server, models):
+    """No key, the wrong one, or the generation key on a weight update: 401, in SGLang's words,
+    the weights untouched; health stays open, and the server serves on with the right key."""
+    from dppo_megatron.rollout.servers import post_json
+
+    update = {"model_path": str(models[1]), "weight_version": "9"}
+    for key in (None, "wrong", KEYS.api_key):
+        answer = post_json(server + "/update_weights_from_disk", update, 300, key=key)
+        assert answer == {"success": False, "message": "HTTP 401: Unauthorized"}, answer
+    for key in (None, "wrong", KEYS.admin_api_key):  # the admin key does not open /generate
+        answer = post_json(server + "/generate", {"input_ids": [5, 17], "sampling_params": {"max_new_tokens": 1}},
+                           300, key=key)
+        assert answer == {"success": False, "message": "HTTP 401: Unauthorized"}, answer
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        server_release(server)
+    assert is_healthy(server)
     assert_serves(server, models[0], "0")
 
 

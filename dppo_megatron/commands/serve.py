@@ -19,6 +19,9 @@ def add_parser(subparsers) -> None:
                    help="float8: the blocks' linear weights quantised to e4m3 per output channel, as FP8 rollouts "
                         "serve them; float32 arithmetic")
     p.add_argument("--seed", type=int, default=0, help="seed of requests without sampling_seed")
+    p.add_argument("--api-key-file", help="YAML file (mode 0600) with `api-key` and optionally `admin-api-key`, "
+                                          "asked of every request as SGLang does; needed on any interface but "
+                                          "loopback")
     p.set_defaults(handler=_serve_embedded)
 
     p = subparsers.add_parser("serve-node", help="run the rollout servers a cluster job placed on this node",
@@ -32,6 +35,7 @@ def _serve_embedded(args) -> int:
     import torch
 
     from dppo_megatron.commands.args import refuse
+    from dppo_megatron.keys import KeyFileError, keys_of
     from dppo_megatron.rollout.engine import RequestError
     from dppo_megatron.rollout.server import serve
 
@@ -40,8 +44,9 @@ def _serve_embedded(args) -> int:
         float8 = args.dtype == "float8"
         return serve(args.model_path, host=args.host, port=args.port,
                      dtype=torch.float32 if float8 else getattr(torch, args.dtype),
-                     routed_experts=args.enable_return_routed_experts, seed=args.seed, float8_weights=float8)
-    except (RequestError, OSError) as error:  # no such model, a port in use: one line, no traceback
+                     routed_experts=args.enable_return_routed_experts, seed=args.seed, float8_weights=float8,
+                     keys=keys_of(args.api_key_file))
+    except (RequestError, OSError, KeyFileError) as error:  # no such model, a port in use: one line, no traceback
         return refuse(error)
 
 

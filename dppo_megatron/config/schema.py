@@ -118,7 +118,10 @@ class RolloutConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float8"] = doc(
         "engine dtype (auto: the checkpoint's; float8: the blocks' linear weights in float8 e4m3 with per-channel "
         "scales, as FP8 rollouts: SGLang --quantization fp8, the embedded engine the same numbers on the CPU)", "auto")
-    host: str = doc("interface servers bind to", "127.0.0.1")
+    host: str = doc("interface servers bind to (any but loopback needs the run's keys, which every run has)",
+                    "127.0.0.1")
+    api_key_file: str | None = doc("YAML file (mode 0600) with `api-key` and optionally `admin-api-key`: the keys "
+                                   "the run's servers ask for (null: the run makes its own, RUN/keys.yaml)")
     base_port: int = doc("port of the first server; the others count up", 30000)
     weight_sync: Literal["disk", "distributed"] = doc("how new weights reach the servers", "disk")
     requests_per_call: int = doc("requests batched into one /generate call", 16)
@@ -158,6 +161,8 @@ class RewardConfig:
     function: str | None = doc("python: `module:function` called as f(response_text, answer) -> float (the "
                                "module is imported from the run's working directory or PYTHONPATH)")
     url: str | None = doc("http: reward server that answers a POST of {response, answer} with {reward}")
+    api_key_file: str | None = doc("http: YAML file (mode 0600) with `api-key: <secret>`, sent to the reward server "
+                                   "as a Bearer token (null: no key)")
     retries: int = doc("http: attempts after a connection error, timeout or 5xx", 3)
     timeout: float = doc("seconds allowed to score one response; past it (plus 1 s) the response scores 0 and "
                          "its worker is replaced", 5.0)

@@ -15,6 +15,7 @@ from dppo_megatron.config.placement import learner_world_size, server_room
 from dppo_megatron.config.schema import Recipe
 from dppo_megatron.data.prompts import DatasetError, read_rows
 from dppo_megatron.data.toy import TOY_TOKENIZER, toy_vocab_size
+from dppo_megatron.keys import KeyFileError, read_keys
 from dppo_megatron.model.arch import ArchError, Qwen3Arch, small_hf_config
 from dppo_megatron.model.known import known_config
 from dppo_megatron.model.layout import ParallelLayout
@@ -84,6 +85,7 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
     _model(recipe, need, problems, check_files)
     _batches(recipe, need)
     _servers(recipe, need, check_files)
+    _keys(recipe, need, check_files)
     _slurm_job(recipe, need)
     _data_and_rewards(recipe, need, problems, check_files)
     return problems
@@ -223,6 +225,25 @@ def _servers(recipe: Recipe, need, check_files: bool) -> None:
                                          f"{rollout.engine})")
         need(not check_files or os.access(rollout.sglang_python, os.X_OK),
              f"rollout.sglang_python: {rollout.sglang_python} is not an executable interpreter here")
+
+
+def _keys(recipe: Recipe, need, check_files: bool) -> None:
+    """The servers' keys go by file (keys.py), never on their command line."""
+    rollout = recipe.rollout
+    for flag in ("--api-key", "--admin-api-key", "--config"):
+        need(not any(arg == flag or arg.startswith(flag + "=") for arg in rollout.extra_args),
+             f"rollout.extra_args: {flag} is the run's to set (its keys go to the servers by file, not on a command "
+             "line every user of the node can read); name your own key file in rollout.api_key_file")
+    if rollout.api_key_file is not None:
+        need(rollout.api_key_file.endswith((".yaml", ".yml")),
+             f"rollout.api_key_file: {rollout.api_key_file} must be a .yaml file (SGLang reads it as its --config)")
+    key_files = {"rollout.api_key_file": rollout.api_key_file, "reward.api_key_file": recipe.reward.api_key_file}
+    for field, path in key_files.items():
+        if check_files and path is not None:
+            try:
+                read_keys(path)
+            except KeyFileError as error:
+                need(False, f"{field}: {error}")
 
 
 def _slurm_job(recipe: Recipe, need) -> None:

@@ -24,6 +24,7 @@ class RewardSpec:
     function: str | None = None
     url: str | None = None
     retries: int = 3  # http: attempts after a connection error, timeout or 5xx
+    api_key_file: str | None = None  # http: its key (keys.py), read where the reward runs
 
 
 def reward_function(spec: RewardSpec | str, *, timeout: float = 5.0) -> RewardFn:
@@ -43,7 +44,10 @@ def reward_function(spec: RewardSpec | str, *, timeout: float = 5.0) -> RewardFn
     if spec.kind == "http":
         from dppo_megatron.rewards.remote import RewardServer
 
-        return RewardServer(spec.url, timeout=spec.timeout, retries=spec.retries)
+        from dppo_megatron.keys import keys_of
+
+        return RewardServer(spec.url, timeout=spec.timeout, retries=spec.retries,
+                            api_key=keys_of(spec.api_key_file).api_key)
     raise ValueError(f"unknown reward kind {spec.kind!r}; choose {', '.join(BUILTIN)}, python or http")
 
 

@@ -10,20 +10,24 @@ import time
 import urllib.error
 import urllib.request
 
+from dppo_megatron.keys import headers
+
 
 class RewardServerError(RuntimeError):
     pass
 
 
 class RewardServer:
-    def __init__(self, url: str, *, timeout: float = 5.0, retries: int = 3, backoff: float = 0.2):
+    def __init__(self, url: str, *, timeout: float = 5.0, retries: int = 3, backoff: float = 0.2,
+                 api_key: str | None = None):
         self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
+        self.headers = {"Content-Type": "application/json", **headers(api_key)}
 
     def __call__(self, response: str, answer: str) -> float:
         body = json.dumps({"response": response, "answer": answer}).encode()
         delay, last = self.backoff, ""
         for _attempt in range(1 + self.retries):
-            request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(self.url, data=body, headers=self.headers)
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as reply:
                     return _reward_of(reply.read(), self.url)

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dppo_megatron.keys import headers
 from dppo_megatron.rollout.protocol import (
     ProtocolError, RequestAborted, RoutingShape, Sample, SamplingParams, error_message, generate_request,
     parse_generate_response,
@@ -89,12 +90,14 @@ class _Server:
 
 class RolloutClient:
     def __init__(self, servers: list[str], config: ClientConfig, *,
-                 restart: Callable[[str], None] | None = None):
+                 restart: Callable[[str], None] | None = None, api_key: str | None = None):
+        """`api_key`: the servers' generation key (keys.py), sent as a Bearer token."""
         if not servers:
             raise ValueError("no rollout servers given")
         self.urls = [url.rstrip("/") for url in servers]
         self.config = config
         self.restart = restart
+        self.headers = headers(api_key)
         self._servers: list[_Server] | None = None
 
     def dead_servers(self) -> list[str]:
@@ -122,7 +125,7 @@ class RolloutClient:
                 server.reviving = asyncio.create_task(self._revive(server))
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout)
         connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector, headers=self.headers) as session:
             tasks, offset = [], 0
             for chunk in self._chunks(requests):
                 tasks.append(asyncio.create_task(self._serve_and_report(session, chunk, offset, on_sample)))

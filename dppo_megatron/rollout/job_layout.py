@@ -8,9 +8,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dppo_megatron.keys import LOOPBACK
 from dppo_megatron.rollout.servers import ServerSpec
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass

@@ -6,7 +6,8 @@ another node perhaps, cannot start processes here, so its `RemoteServers.restart
 the agent: `POST /restart {"port": P}` answers 200 once the server is healthy again (500 with
 the server's log tail when it is not). `GET /health` lists the node's servers. `POST /shutdown`
 (the trainer, when it is done) or SIGTERM stops the servers and the agent; SIGUSR1 (SLURM's warning, which may reach every process of a job)
-is the trainer's business and is ignored here.
+is the trainer's business and is ignored here. Both POSTs ask for the servers' control key
+(keys.py) as a Bearer token, 401 otherwise; /health is open.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from dppo_megatron.keys import KeyFileError, bearer_matches, refuse_open_interface
 from dppo_megatron.rollout.job_layout import LOOPBACK, JobLayout
+from dppo_megatron.rollout.protocol import UNAUTHORIZED
 from dppo_megatron.rollout.servers import ServerManager, ServerStartError
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,8 @@ def this_node() -> str:
 
 
 def make_agent(manager: ServerManager, node: str, host: str, port: int) -> ThreadingHTTPServer:
+    control_key = manager.keys.for_control()
+    refuse_open_interface(host, manager.keys, f"the node agent of {node}")
     restart_lock = threading.Lock()  # one restart at a time: two for the same server would race
 
     class Handler(BaseHTTPRequestHandler):
@@ -57,6 +62,9 @@ def make_agent(manager: ServerManager, node: str, host: str, port: int) -> Threa
             return self._send(HTTPStatus.OK, {"node": node, "servers": servers})
 
         def do_POST(self):
+            if control_key and not bearer_matches(self.headers.get("Authorization"), control_key):
+                self.close_connection = True  # its body is not read
+                return self._send(HTTPStatus.UNAUTHORIZED, UNAUTHORIZED)
             if self.path.split("?", 1)[0] == "/shutdown":  # the trainer is done with the servers
                 self._send(HTTPStatus.OK, {"success": True, "node": node, "stopping": manager.urls})
                 threading.Thread(target=self.server.shutdown, daemon=True).start()
@@ -95,7 +103,11 @@ def serve_node(layout_path: Path, node: str | None = None) -> int:
         return 2
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    manager = ServerManager(specs, layout.log_dir)
+    try:
+        manager = ServerManager(specs, layout.log_dir)
+    except KeyFileError as error:
+        print(f"error: {node}: {error}", flush=True)
+        return 1
     # The control port is as reachable as the servers themselves.
     host = "127.0.0.1" if all(spec.host in LOOPBACK for spec in specs) else "0.0.0.0"
     try:
@@ -106,7 +118,7 @@ def serve_node(layout_path: Path, node: str | None = None) -> int:
               flush=True)
         agent.serve_forever()
         print(f"{node}: the trainer is done; stopping the servers", flush=True)
-    except (OSError, ServerStartError) as error:  # the control port taken, a server that would not start
+    except (OSError, ServerStartError, KeyFileError) as error:  # the port taken, a server that would not start
         print(f"error: {node}: {error}", flush=True)
         return 1
     except SystemExit:

@@ -17,6 +17,9 @@ import numpy as np
 from dppo_megatron.rollout.sglang_release import SGLANG_RELEASE  # noqa: F401 - the release this protocol follows
 
 
+UNAUTHORIZED = {"error": "Unauthorized"}  # SGLang's 401 body (utils/auth.py)
+
+
 # SGLang 0.5.23's weight-update session (managers/scheduler_components/weight_updater.py): a
 # distributed or tensor update runs between /begin_weight_update and /end_weight_update, one
 # session at a time. Its refusals, word for word (the embedded engine answers the same).

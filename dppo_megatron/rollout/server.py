@@ -1,7 +1,9 @@
 """The embedded engine behind SGLang's HTTP endpoints (`dppo-megatron serve-embedded`).
 
-Binds 127.0.0.1 by default. Malformed requests get 400 with the reason, in SGLang's error
-shape ({"error": {"message": ...}}).
+Binds 127.0.0.1 by default; on any other interface it needs keys (keys.py), which it checks as
+SGLang's `--api-key` / `--admin-api-key` do: 401 without the right Bearer token, on every
+endpoint but the health checks, before anything else happens. Malformed requests get 400 with
+the reason, in SGLang's error shape ({"error": {"message": ...}}).
 """
 
 from __future__ import annotations
@@ -18,10 +20,35 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+from dppo_megatron.keys import NO_KEYS, ApiKeys, bearer_matches, refuse_open_interface
 from dppo_megatron.rollout.engine import EmbeddedEngine, RequestError
+from dppo_megatron.rollout.protocol import UNAUTHORIZED
 from dppo_megatron.rollout.sglang_release import SGLANG_RELEASE
 
 log = logging.getLogger(__name__)
+
+
+# SGLang 0.5.23's auth (utils/auth.py, entrypoints/http_server.py's @auth_level marks): the
+# endpoints marked ADMIN_OPTIONAL among those the project calls or the embedded engine serves;
+# every other endpoint is "normal". Paths under these prefixes are open whatever the keys.
+ADMIN_OPTIONAL_PATHS = frozenset({
+    "/flush_cache", "/abort_request", "/update_weights_from_disk", "/init_weights_update_group",
+    "/update_weights_from_distributed", "/destroy_weights_update_group", "/begin_weight_update",
+    "/end_weight_update", "/update_weights_from_tensor", "/release_memory_occupation", "/resume_memory_occupation",
+})
+OPEN_PREFIXES = ("/health", "/ready", "/metrics")
+
+
+def request_authorized(method: str, path: str, authorization: str | None, api_key: str | None,
+                       admin_api_key: str | None) -> bool:
+    """Whether SGLang lets this request through: health, readiness and metrics always; an
+    ADMIN_OPTIONAL endpoint with the admin key where one is set (the generation key does not
+    open it then), else with the generation key, else open; any other endpoint with the
+    generation key where one is set, else open."""
+    if method == "OPTIONS" or path.startswith(OPEN_PREFIXES):
+        return True
+    wanted = (admin_api_key or api_key) if path in ADMIN_OPTIONAL_PATHS else api_key
+    return not wanted or bearer_matches(authorization, wanted)
 
 
 # A /generate body of 4096 prompts of 2k tokens is about 60 MB of JSON; nothing the trainer
@@ -51,8 +78,9 @@ class _Server(ThreadingHTTPServer):
 
 
 def make_server(engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 30000, *,
-                stall_seconds: float = STALL_SECONDS) -> ThreadingHTTPServer:
-    handler = type("EngineHandler", (_Handler,), {"engine": engine, "stall_seconds": stall_seconds})
+                stall_seconds: float = STALL_SECONDS, keys: ApiKeys = NO_KEYS) -> ThreadingHTTPServer:
+    refuse_open_interface(host, keys, "the embedded engine")
+    handler = type("EngineHandler", (_Handler,), {"engine": engine, "stall_seconds": stall_seconds, "keys": keys})
     server = _Server((host, port), handler)
     server.daemon_threads = True
     return server
@@ -61,6 +89,7 @@ def make_server(engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 300
 class _Handler(BaseHTTPRequestHandler):
     engine: EmbeddedEngine
     stall_seconds: float
+    keys: ApiKeys
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format, *args):  # route access logs through logging, quietly
@@ -146,6 +175,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, get: bool) -> None:
         path = self.path.split("?", 1)[0]
         engine = self.engine
+        if not request_authorized(self.command, path, self.headers.get("Authorization"), self.keys.api_key,
+                                  self.keys.admin_api_key):
+            self.close_connection = True  # its body is not read: the connection cannot be reused
+            return self._send(HTTPStatus.UNAUTHORIZED, UNAUTHORIZED)
         if path == "/health":
             stalled = engine.stalled_for()
             if stalled > self.stall_seconds:
@@ -232,12 +265,14 @@ class _Handler(BaseHTTPRequestHandler):
 # --- command line -------------------------------------------------------------------------
 
 def serve(model_path: str, *, host: str, port: int, dtype: torch.dtype, routed_experts: bool, seed: int,
-          float8_weights: bool = False) -> int:
+          float8_weights: bool = False, keys: ApiKeys = NO_KEYS) -> int:
     """Load the model and serve it until interrupted."""
+    refuse_open_interface(host, keys, "the embedded engine")  # before the model is loaded
     engine = EmbeddedEngine(model_path, dtype=dtype, enable_routed_experts=routed_experts, seed=seed,
                             float8_weights=float8_weights)
-    server = make_server(engine, host, port)
-    print(f"embedded engine serving {model_path} on http://{host}:{server.server_port}", flush=True)
+    server = make_server(engine, host, port, keys=keys)
+    print(f"embedded engine serving {model_path} on http://{host}:{server.server_port}"
+          f"{' (keys asked)' if keys else ''}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from dppo_megatron.keys import NO_KEYS, ApiKeys, KeyFileError, headers, keys_of, refuse_open_interface
 from dppo_megatron.processes import die_with_parent
 from dppo_megatron.rollout.protocol import error_message
 from dppo_megatron.rollout.sglang_release import SGLANG_RELEASE
@@ -52,6 +53,7 @@ class ServerSpec:
     gpus: tuple[int, ...] = ()  # CUDA_VISIBLE_DEVICES for this server
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     python: str | None = None  # SGLang's interpreter where it is not the trainer's
+    keys_file: str | None = None  # the run's API keys (keys.py): SGLang reads it as its --config
 
     @property
     def url(self) -> str:
@@ -82,6 +84,8 @@ def server_command(spec: ServerSpec) -> list[str]:
         raise ValueError(f"unknown rollout engine {spec.engine!r}; choose sglang or embedded")
     if spec.routed_experts:
         command.append("--enable-return-routed-experts")
+    if spec.keys_file:  # the keys by file: a command line is for every user of the node to read
+        command += ["--config" if spec.engine == "sglang" else "--api-key-file", spec.keys_file]
     return command + list(spec.extra_args)
 
 
@@ -90,6 +94,10 @@ class Servers(Protocol):
 
     @property
     def urls(self) -> list[str]: ...
+
+    @property
+    def keys(self) -> ApiKeys:
+        """The keys the servers ask for (NO_KEYS: none)."""
 
     def start(self) -> list[str]:
         """Return once every server answers /health."""
@@ -109,7 +117,10 @@ class ServerManager:
     def __init__(self, specs: list[ServerSpec], log_dir: str | Path, *, health_timeout: float = 900.0):
         if len({spec.port for spec in specs}) != len(specs):
             raise ValueError("rollout servers need distinct ports")
+        if len({spec.keys_file for spec in specs}) > 1:
+            raise ValueError("rollout servers of one run share one key file")
         self.specs = {spec.url: spec for spec in specs}
+        self.keys = keys_of(specs[0].keys_file) if specs else NO_KEYS
         self.log_dir = Path(log_dir)
         self.health_timeout = health_timeout
         self.processes: dict[str, subprocess.Popen] = {}
@@ -142,6 +153,10 @@ class ServerManager:
 
     def _start_process(self, url: str) -> None:
         spec = self.specs[url]
+        try:
+            refuse_open_interface(spec.host, self.keys, f"the {spec.engine} server on port {spec.port}")
+        except KeyFileError as error:
+            raise ServerStartError(str(error)) from None
         if not port_is_free(spec.host, spec.port):
             # A health check would find whatever answers there: never train against a stranger.
             raise ServerStartError(f"port {spec.port} on {spec.host} is already in use (another server or run?); "
@@ -208,8 +223,11 @@ class RemoteServers:
     URL to its agent's URL; a restart is asked of the agent, which answers once the server is
     healthy again."""
 
-    def __init__(self, agents: dict[str, str], *, health_timeout: float = 1800.0, agent_grace: float = 120.0):
+    def __init__(self, agents: dict[str, str], *, keys: ApiKeys = NO_KEYS, health_timeout: float = 1800.0,
+                 agent_grace: float = 120.0):
+        """`keys`: the servers' keys; the agents take the control key."""
         self.agents = dict(agents)
+        self.keys = keys
         self.health_timeout = health_timeout
         self.agent_grace = agent_grace  # an agent may take this long to answer at all (srun, imports)
 
@@ -251,7 +269,8 @@ class RemoteServers:
     def restart(self, url: str) -> None:
         agent = self.agents[url]
         log.warning("asking %s to restart %s", agent, url)
-        answer = post_json(agent + "/restart", {"port": int(url.rsplit(":", 1)[1])}, self.health_timeout)
+        answer = post_json(agent + "/restart", {"port": int(url.rsplit(":", 1)[1])}, self.health_timeout,
+                           key=self.keys.for_control())
         if not answer.get("success"):
             raise ServerStartError(f"{agent} could not restart {url}: {answer.get('message')}")
 
@@ -259,15 +278,17 @@ class RemoteServers:
         """Tell every agent that the trainer is done: it stops its servers and exits, and so
         does the job's server step. An agent that does not answer is left to the job script."""
         for agent in sorted(set(self.agents.values())):
-            answer = post_json(agent + "/shutdown", {}, 30)
+            answer = post_json(agent + "/shutdown", {}, 30, key=self.keys.for_control())
             if not answer.get("success"):
                 log.warning("could not stop the servers' agent %s: %s", agent, answer.get("message"))
 
 
-def post_json(url: str, body: dict, timeout: float) -> dict:
-    """POST `body` as JSON; the JSON answer, or {"success": False, "message": why} when the call
-    fails (an error status, with the server's own message, or no answer at all)."""
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def post_json(url: str, body: dict, timeout: float, *, key: str | None = None) -> dict:
+    """POST `body` as JSON (with `key` as its Bearer token); the JSON answer, or {"success":
+    False, "message": why} when the call fails (an error status, with the server's own message,
+    or no answer at all)."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", **headers(key)})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read() or b"{}")
@@ -283,19 +304,20 @@ def post_json(url: str, body: dict, timeout: float) -> dict:
         return {"success": False, "message": f"unreachable ({error})", "unreachable": True}
 
 
-def server_release(url: str, timeout: float = 30.0) -> str | None:
+def server_release(url: str, timeout: float = 30.0, *, key: str | None = None) -> str | None:
     """The SGLang release a server reports in /server_info ("version"), None if it names none."""
-    with urllib.request.urlopen(url + "/server_info", timeout=timeout) as response:
+    request = urllib.request.Request(url + "/server_info", headers=headers(key))
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         version = json.loads(response.read()).get("version")
     return str(version) if version is not None else None
 
 
-def check_release(urls: list[str]) -> None:
+def check_release(urls: list[str], keys: ApiKeys = NO_KEYS) -> None:
     """Refuse servers of another SGLang release: its weight-update session, request bodies and
     answers are the ones the project was checked against (tests/test_sglang_contract.py)."""
     for url in urls:
         try:
-            found = server_release(url)
+            found = server_release(url, key=keys.api_key)
         except (OSError, ValueError) as error:
             raise ServerReleaseError(f"{url}/server_info did not answer ({error}); cannot tell its SGLang release"
                                      ) from error

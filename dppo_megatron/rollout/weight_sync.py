@@ -41,12 +41,14 @@ class WeightUpdateRefused(WeightSyncError):
 
 
 class DiskWeightSync:
-    def __init__(self, root: str | Path, *, keep: int = 2, timeout: float = 600.0):
+    def __init__(self, root: str | Path, *, keep: int = 2, timeout: float = 600.0, key: str | None = None):
+        """`key`: the servers' control key (keys.py)."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.root = Path(root)
         self.keep = keep
         self.timeout = timeout
+        self.key = key
 
     def version_dir(self, version: int) -> Path:
         return self.root / f"v{version:06d}"
@@ -58,7 +60,7 @@ class DiskWeightSync:
         if not (path / "config.json").is_file():
             raise WeightSyncError(f"version {version} has not been written: no {path / 'config.json'}")
         _post_to_all(servers, "/update_weights_from_disk", [self.update_body(version)] * len(servers), self.timeout,
-                     context=f"weight version {version} from {path}")
+                     context=f"weight version {version} from {path}", key=self.key)
         self._clean(version)
 
     def update_body(self, version: int) -> dict:
@@ -126,12 +128,12 @@ def broadcast_from_first(group, tensor: torch.Tensor, refused: threading.Event |
 
 
 def _post_to_all(servers: list[str], path: str, bodies: list[dict], timeout: float, *, work=None,
-                 refused: threading.Event | None = None, context: str | None = None) -> None:
+                 refused: threading.Event | None = None, context: str | None = None, key: str | None = None) -> None:
     """POST `bodies[i]` to `servers[i]`, all at once in threads, while `work` (say, the
     broadcasts the servers wait for) runs here; raise naming every server that failed
     (WeightUpdateRefused where each of them answered SGLang's refusal of an update outside a
     session, which comes before any receiving, however small the buckets)."""
-    answers = _answers(servers, path, bodies, timeout, work=work, refused=refused)
+    answers = _answers(servers, path, bodies, timeout, work=work, refused=refused, key=key)
     refusal = OUTSIDE_SESSION.format(path.strip("/"))
     failed = [answer for answer in answers if not answer.get("success", False)]
     said_no = bool(failed) and all(answer.get("message") == refusal for answer in failed)
@@ -140,13 +142,13 @@ def _post_to_all(servers: list[str], path: str, bodies: list[dict], timeout: flo
 
 
 def _answers(servers: list[str], path: str, bodies: list[dict], timeout: float, *, work=None,
-             refused: threading.Event | None = None) -> list[dict]:
+             refused: threading.Event | None = None, key: str | None = None) -> list[dict]:
     """Each server's answer to its POST, made at once in threads while `work` runs here.
     `refused` is set as soon as one server answers with a failure."""
     answers: list[dict] = [{}] * len(servers)
 
     def call(index: int) -> None:
-        answers[index] = post_json(servers[index].rstrip("/") + path, bodies[index], timeout)
+        answers[index] = post_json(servers[index].rstrip("/") + path, bodies[index], timeout, key=key)
         if refused is not None and not answers[index].get("success", False):
             refused.set()
 
@@ -182,30 +184,30 @@ def _raise_failures(servers: list[str], answers: list[dict], context: str,
         raise error(f"{context}: " + "; ".join(failures))
 
 
-def begin_weight_update(servers: list[str], timeout: float = 600.0) -> None:
+def begin_weight_update(servers: list[str], timeout: float = 600.0, *, key: str | None = None) -> None:
     """Open SGLang's weight-update session on every server (`/begin_weight_update`, all of the
     server's model runners): distributed and tensor updates are refused outside one. A session
     left open on a reused server (a trainer that stopped mid-update) is ended first, and the
     weights it half loaded are overwritten by the version sent in this one."""
     body = {"selector": "all"}
-    answers = _answers(servers, "/begin_weight_update", [body] * len(servers), timeout)
+    answers = _answers(servers, "/begin_weight_update", [body] * len(servers), timeout, key=key)
     stale = [server for server, answer in zip(servers, answers)
              if not answer.get("success") and answer.get("message") == SESSION_ALREADY_OPEN]
     if stale:
         log.warning("a weight-update session was left open on %s (by a trainer that stopped during an update): "
                     "ending it before this one", ", ".join(stale))
-        end_weight_update(stale, timeout)
+        end_weight_update(stale, timeout, key=key)
         _post_to_all(stale, "/begin_weight_update", [body] * len(stale), timeout,
-                     context="opening the weight-update session")
+                     context="opening the weight-update session", key=key)
     fresh = [(server, answer) for server, answer in zip(servers, answers) if server not in stale]
     _raise_failures([s for s, _ in fresh], [a for _, a in fresh], "opening the weight-update session")
 
 
-def end_weight_update(servers: list[str], timeout: float = 600.0) -> list[str]:
+def end_weight_update(servers: list[str], timeout: float = 600.0, *, key: str | None = None) -> list[str]:
     """Close the session on every server (`/end_weight_update`: SGLang finalises the loaded
     weights). Returns the servers that did not close it, with why (unreachable, busy past
     `timeout`: still waiting on a broken broadcast, or holding no session)."""
-    answers = _answers(servers, "/end_weight_update", [{}] * len(servers), timeout)
+    answers = _answers(servers, "/end_weight_update", [{}] * len(servers), timeout, key=key)
     return [f"{server}: {answer.get('message', answer)}" for server, answer in zip(servers, answers)
             if not answer.get("success", False)]
 
@@ -216,10 +218,11 @@ class DistributedWeightSync:
 
     def __init__(self, servers: list[str], *, master_address: str, master_port: int,
                  group_name: str = "dppo-weights", backend: str = "gloo", server_tp: list[int] | None = None,
-                 bucket_bytes: int = 512 * 1024**2, timeout: float = 600.0, flattened: bool = True):
+                 bucket_bytes: int = 512 * 1024**2, timeout: float = 600.0, flattened: bool = True,
+                 key: str | None = None):
         """`flattened`: one broadcast per bucket (SGLang's load_format "flattened_bucket"), not one
-        per tensor."""
-        self.servers = servers
+        per tensor. `key`: the servers' control key (keys.py)."""
+        self.servers, self.key = servers, key
         self.master_address, self.master_port = master_address, master_port
         self.group_name, self.backend = group_name, backend
         self.server_tp = server_tp or [1] * len(servers)
@@ -255,7 +258,8 @@ class DistributedWeightSync:
             self.group = weight_update_group(self.master_address, self.master_port, 0, self.world_size,
                                              self.group_name, backend=self.backend, timeout=self.timeout)
 
-        _post_to_all(self.servers, "/init_weights_update_group", self.init_bodies(), self.timeout, work=join)
+        _post_to_all(self.servers, "/init_weights_update_group", self.init_bodies(), self.timeout, work=join,
+                     key=self.key)
 
     def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *,
                 session: bool = True) -> int:
@@ -266,13 +270,13 @@ class DistributedWeightSync:
             raise WeightSyncError("connect() first")
         if not session:
             return self._send_all(named_tensors, version)
-        begin_weight_update(self.servers, self.timeout)
+        begin_weight_update(self.servers, self.timeout, key=self.key)
         try:
             sent = self._send_all(named_tensors, version)
         except BaseException:
-            end_weight_update(self.servers, ANSWER_GRACE_SECONDS)  # the servers not stuck on the broadcast
+            end_weight_update(self.servers, ANSWER_GRACE_SECONDS, key=self.key)  # the servers not stuck on the broadcast
             raise
-        not_closed = end_weight_update(self.servers, self.timeout)
+        not_closed = end_weight_update(self.servers, self.timeout, key=self.key)
         if not_closed:
             raise WeightSyncError(f"closing the weight-update session of version {version}: " + "; ".join(not_closed))
         return sent
@@ -303,7 +307,7 @@ class DistributedWeightSync:
                 broadcast_from_first(self.group, tensor, refused)
 
         _post_to_all(self.servers, "/update_weights_from_distributed", [body] * len(self.servers), self.timeout,
-                     work=broadcast, refused=refused)
+                     work=broadcast, refused=refused, key=self.key)
         return sum(t.numel() * t.element_size() for _, t in bucket)
 
     def close(self, servers: list[str] | None = None) -> None:
@@ -312,7 +316,8 @@ class DistributedWeightSync:
         if self.group is not None:
             told = self.servers if servers is None else servers
             try:
-                _post_to_all(told, "/destroy_weights_update_group", [self.destroy_body()] * len(told), self.timeout)
+                _post_to_all(told, "/destroy_weights_update_group", [self.destroy_body()] * len(told), self.timeout,
+                             key=self.key)
             finally:
                 destroy_weight_update_group(self.group)
                 self.group = None

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from dppo_megatron.config.schema import Recipe
 from dppo_megatron.config.validate import parallel_layout, recipe_arch
+from dppo_megatron.keys import ApiKeys, read_keys
 from dppo_megatron.learner.learner import Learner
 from dppo_megatron.learner.parallel import init_parallel
 from dppo_megatron.model.arch import Qwen3Arch
@@ -28,7 +29,7 @@ from dppo_megatron.run.checkpoints import CheckpointManager
 from dppo_megatron.run.configs import learner_configs, micro_batch_layout
 from dppo_megatron.run.masked_tokens import MaskedTokens
 from dppo_megatron.run.metrics import MetricsLog
-from dppo_megatron.run.placement import server_specs
+from dppo_megatron.run.placement import keys_file, server_specs
 from dppo_megatron.run.producer import PENDING_DIR, RolloutProducer, load_pending
 from dppo_megatron.run.publisher import WeightPublisher
 from dppo_megatron.run.rollout_process import RolloutProcess, run_rollouts
@@ -49,6 +50,7 @@ class Run:
     start_step: int  # 0, or the step of the checkpoint resumed from
     scatter: SampleScatter
     servers: Servers
+    keys: ApiKeys  # the servers' (keys.py), read on every rank: every sender posts to the servers
     remote_servers: bool  # a cluster job's node agents run them
     publisher: WeightPublisher | None = None
     # Rank 0 only.
@@ -68,13 +70,13 @@ class Run:
             say(f"waiting for {count} {engine} server(s) of the job: {', '.join(self.servers.urls)}"
                 if self.remote_servers else f"starting {count} {engine} server(s); logs in {run_dir / 'logs'}")
             self.servers.start()
-            check_release(self.servers.urls)
+            check_release(self.servers.urls, self.servers.keys)
         dist.barrier(group=self.stop_request.group)  # every rank's publisher may talk to the servers
         self.publisher = WeightPublisher(
             self.learner, self.arch, self.servers.urls, method=recipe.rollout.weight_sync,
             weights_dir=run_dir / "weights", hf_config=self.checkpoints.hf_config,
             side_files_from=model_dir(recipe, run_dir), server_tp=recipe.rollout.server_tp,
-            servers=self.servers if self.rank == 0 else None)
+            servers=self.servers if self.rank == 0 else None, control_key=self.keys.for_control())
         if self.rank == 0:
             self._start_rollout_side()
         if self.start_step > 0:  # the servers started from the initial weights
@@ -126,9 +128,10 @@ def build_run(recipe: Recipe, run_dir: Path, job_layout: Path | None) -> Run:
     scatter = SampleScatter(control, dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
                             mini_batches=trainer.mini_batches, micro_batch_size=recipe.learner.micro_batch_size,
                             layout=micro_batch_layout(recipe, arch))
-    servers: Servers = (RemoteServers(JobLayout.load(job_layout).agents) if job_layout is not None
+    keys = read_keys(keys_file(recipe, run_dir))
+    servers: Servers = (RemoteServers(JobLayout.load(job_layout).agents, keys=keys) if job_layout is not None
                         else ServerManager(server_specs(recipe, run_dir), run_dir / "logs"))
     return Run(recipe=recipe, run_dir=run_dir, arch=arch, rank=rank,
                stop_request=StopRequest(run_dir / STOP_FILE if rank == 0 else None, control), learner=learner,
-               checkpoints=checkpoints, start_step=start_step, scatter=scatter, servers=servers,
+               checkpoints=checkpoints, start_step=start_step, scatter=scatter, servers=servers, keys=keys,
                remote_servers=job_layout is not None)

@@ -83,4 +83,4 @@ def client_config(rollout: RolloutConfig) -> ClientConfig:
 def reward_spec(recipe: Recipe) -> RewardSpec:
     reward = recipe.reward
     return RewardSpec(kind=reward.kind, timeout=reward.timeout, function=reward.function, url=reward.url,
-                      retries=reward.retries)
+                      retries=reward.retries, api_key_file=reward.api_key_file)

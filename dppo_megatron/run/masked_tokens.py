@@ -36,7 +36,7 @@ class MaskedTokens:
         path = checkpoint_dir / COUNTS_FILE
         if not path.exists():  # a checkpoint from before the counts were kept: start from zero
             return
-        saved = torch.load(path)
+        saved = torch.load(path, weights_only=True)  # tensors and ints only: nothing a file can run
         if tuple(saved["shape"]) != tuple(self.counts.shape):
             raise ValueError(f"{path}: counts of shape {saved['shape']}, the model's vocabulary is "
                              f"{self.counts.shape[1]}")

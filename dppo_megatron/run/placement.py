@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dppo_megatron.config.placement import job_nodes, server_placements, wants_routes
 from dppo_megatron.config.schema import Recipe
+from dppo_megatron.keys import KEYS_FILE
 from dppo_megatron.rollout.job_layout import LOOPBACK, JobLayout, spec_to_json
 from dppo_megatron.rollout.servers import ServerSpec
 from dppo_megatron.run.run_dir import model_dir
@@ -16,14 +17,20 @@ class PlacementError(ValueError):
     """A job's nodes cannot hold the recipe's processes."""
 
 
+def keys_file(recipe: Recipe, run_dir: Path) -> Path:
+    """The run's API keys (keys.py): `rollout.api_key_file`, else the run directory's own."""
+    return Path(recipe.rollout.api_key_file) if recipe.rollout.api_key_file else run_dir / KEYS_FILE
+
+
 def server_specs(recipe: Recipe, run_dir: Path) -> list[ServerSpec]:
     rollout = recipe.rollout
+    keys = str(keys_file(recipe, run_dir).resolve())
     return [
         ServerSpec(model_path=str(model_dir(recipe, run_dir)), port=p.port, engine=rollout.engine, host=rollout.host,
                    tp=rollout.server_tp, dp=rollout.server_dp, ep=rollout.server_ep, mem_fraction=rollout.mem_fraction,
                    routed_experts=wants_routes(recipe), deterministic=rollout.deterministic,
                    dtype=None if rollout.dtype == "auto" else rollout.dtype, gpus=p.gpus,
-                   extra_args=tuple(rollout.extra_args), python=rollout.sglang_python)
+                   extra_args=tuple(rollout.extra_args), python=rollout.sglang_python, keys_file=keys)
         for p in server_placements(recipe)
     ]
 

@@ -44,15 +44,18 @@ log = logging.getLogger(__name__)
 
 class WeightPublisher:
     def __init__(self, learner: Learner, arch: Qwen3Arch, urls: list[str], *, method: str, weights_dir: Path,
-                 hf_config: dict, side_files_from: Path, server_tp: int, servers: Servers | None = None):
+                 hf_config: dict, side_files_from: Path, server_tp: int, servers: Servers | None = None,
+                 control_key: str | None = None):
         """`method`: disk | distributed. `servers` (rank 0): to restart servers that fail to load
-        a version, and to bring restarted ones up to date."""
+        a version, and to bring restarted ones up to date. `control_key`: the key of the servers'
+        weight-update endpoints (keys.py)."""
         self.learner, self.arch, self.urls, self.hf_config = learner, arch, urls, hf_config
+        self.control_key = control_key
         self.side_files_from = side_files_from
         self.servers = servers
         self.version = 0  # what the servers hold: 0 is the initial model they start from
         self.written: int | None = None  # the last version written to disk
-        self.disk = DiskWeightSync(weights_dir) if method == "disk" else None
+        self.disk = DiskWeightSync(weights_dir, key=control_key) if method == "disk" else None
         self.distributed, self.senders, self.server_tp = None, [], server_tp
         # Distributed: the servers in the weight-update groups, and how often the groups were
         # formed (each formation has group names of its own). Rank 0: the servers restarted since
@@ -128,7 +131,7 @@ class WeightPublisher:
         opened = [None]
         if dist.get_rank() == 0:
             try:
-                begin_weight_update(self.members, self.distributed.timeout)
+                begin_weight_update(self.members, self.distributed.timeout, key=self.control_key)
             except WeightSyncError as error:
                 opened[0] = (str(error), False)
         dist.broadcast_object_list(opened, src=0)
@@ -138,7 +141,8 @@ class WeightPublisher:
         errors = [error for error in failed if error]
         closed = [None]
         if dist.get_rank() == 0:
-            not_closed = end_weight_update(self.members, ANSWER_GRACE_SECONDS if errors else self.distributed.timeout)
+            not_closed = end_weight_update(self.members, ANSWER_GRACE_SECONDS if errors else self.distributed.timeout,
+                                           key=self.control_key)
             if not_closed and not errors:
                 closed[0] = (f"closing the weight-update session of version {version}: " + "; ".join(not_closed),
                              False)
@@ -209,7 +213,8 @@ class WeightPublisher:
             self.distributed = DistributedWeightSync(
                 self.members, master_address=_address_for(self.members), master_port=free_port(),
                 group_name=f"dppo-weights-r{dist.get_rank()}-{self.formation}",
-                backend="nccl" if torch.cuda.is_available() else "gloo", server_tp=[self.server_tp] * len(self.members))
+                backend="nccl" if torch.cuda.is_available() else "gloo", server_tp=[self.server_tp] * len(self.members),
+                key=self.control_key)
             self.distributed.connect()
 
         self._in_turns(connect)

@@ -18,6 +18,7 @@ from dppo_megatron.algo import group_advantages
 from dppo_megatron.config.schema import Recipe
 from dppo_megatron.data.prompts import Prompt, PromptOrder, load_prompts
 from dppo_megatron.learner.batches import TrainSample, pack_sample
+from dppo_megatron.keys import read_keys
 from dppo_megatron.model.arch import Qwen3Arch
 from dppo_megatron.rewards import overlong_penalty
 from dppo_megatron.rewards.pool import RewardPool
@@ -31,6 +32,7 @@ from dppo_megatron.run.configs import (
     sampling_params,
     topk_of,
 )
+from dppo_megatron.run.placement import keys_file
 from dppo_megatron.run.run_dir import dataset_paths, tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,8 @@ class Rollouts:
         self.routing = routing_shape(recipe, arch)
         self.params = sampling_params(recipe, self.tokenizer.eos_token_id)
         self.eval_params = eval_sampling_params(recipe, self.params)
-        self.client = RolloutClient(urls, client_config(recipe.rollout), restart=restart)
+        self.client = RolloutClient(urls, client_config(recipe.rollout), restart=restart,
+                                    api_key=read_keys(keys_file(recipe, run_dir)).api_key)
 
     def _requests(self, prompts: list[Prompt], n: int, tag: str, seed: int, sampling: SamplingParams
                   ) -> list[Request]:

@@ -7,7 +7,8 @@ RUN_DIR/data/              the toy task's train/eval files
 RUN_DIR/checkpoints/       Megatron checkpoints (step_N/, `latest`)
 RUN_DIR/export/            Hugging Face exports (trainer.export_every)
 RUN_DIR/weights/           the versions the servers load (rollout.weight_sync: disk)
-RUN_DIR/logs/              rollout server logs
+RUN_DIR/logs/              rollout server logs (the user's alone: SGLang logs its keys)
+RUN_DIR/keys.yaml          the servers' API keys, mode 0600 (keys.py)
 RUN_DIR/metrics.jsonl      one line of metrics per step (and tensorboard/)
 RUN_DIR/status.json        running | stopped | finished | failed, the step, and why (read as killed
                            when its process is gone)
@@ -28,6 +29,7 @@ import yaml
 
 from dppo_megatron.config.schema import Recipe
 from dppo_megatron.config.validate import random_init_config
+from dppo_megatron.keys import KEYS_FILE, make_keys_file
 
 RECIPE_FILE = "recipe.yaml"
 INIT_MODEL_DIR = "init_model"
@@ -96,6 +98,11 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path) -> None:
     """The resolved recipe, and what a CPU recipe makes for itself: the random model with its
     toy tokenizer, the toy dataset. Made once; a resumed run finds them in place."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if recipe.rollout.api_key_file is None:  # the servers' keys, made once: a resumed run's servers take the same
+        make_keys_file(run_dir / KEYS_FILE)
+    # SGLang writes its arguments, keys included, into its log: the logs are the user's alone.
+    (run_dir / "logs").mkdir(exist_ok=True)
+    os.chmod(run_dir / "logs", 0o700)
     (run_dir / RECIPE_FILE).write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
     if recipe.model.random_init is not None and not (run_dir / INIT_MODEL_DIR / "config.json").is_file():
         make_random_model(recipe, run_dir / INIT_MODEL_DIR)
