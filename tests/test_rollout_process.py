@@ -12,6 +12,7 @@ import pytest
 from dppo_megatron.config.validate import load_recipe, recipe_arch
 from dppo_megatron.data.prompts import DatasetError
 from dppo_megatron.data.toy import build_toy_tokenizer
+from dppo_megatron.keys import KEYS_FILE, make_keys_file
 from dppo_megatron.run.rollout_process import RolloutProcess, RolloutProcessError, run_rollouts
 from dppo_megatron.run.run_dir import INIT_MODEL_DIR
 
@@ -24,6 +25,7 @@ def recipe_with_dataset(tmp_path: Path, rows: str):
     train = tmp_path / "train.jsonl"
     train.write_text('{"prompt": "reverse 1 2 3 :", "answer": "3 2 1"}\n')
     build_toy_tokenizer(tmp_path / INIT_MODEL_DIR)
+    make_keys_file(tmp_path / KEYS_FILE)  # as prepare_run_dir makes them
     recipe = load_recipe(QUICKSTART, ["data.generate=null", f"data.train={train}", "trainer.eval_every=0",
                                        "reward.workers=1"])
     train.write_text(rows)

@@ -75,7 +75,8 @@ def test_dry_run_of_the_30b_recipe_with_r3_renders_the_whole_job(tmp_path):
         command = line.split(f"server {index}: ", 1)[1]
         assert " -m sglang.launch_server --model-path Qwen/Qwen3-30B-A3B-Base --host 0.0.0.0 " in command
         assert f"--port {30000 + index} --tp-size 4 --dp-size 1 --ep-size 1 --mem-fraction-static 0.8" in command
-        assert command.endswith("--skip-tokenizer-init --weight-version 0 --enable-return-routed-experts")
+        assert "--skip-tokenizer-init --weight-version 0 --enable-return-routed-experts --config " in command
+        assert command.endswith("/keys.yaml")  # the run's keys, by file: never on the command line
 
     off = submit(str(QWEN3_30B), "--dry-run", "--partition", "gpu")
     assert off.returncode == 0 and "--enable-return-routed-experts" not in off.stdout
