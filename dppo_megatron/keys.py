@@ -17,7 +17,7 @@ import hmac
 import os
 import secrets
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -33,8 +33,8 @@ class KeyFileError(ValueError):
 
 @dataclass(frozen=True)
 class ApiKeys:
-    api_key: str | None = field(default=None, repr=False)
-    admin_api_key: str | None = field(default=None, repr=False)
+    api_key: str | None = None
+    admin_api_key: str | None = None
 
     def __bool__(self) -> bool:
         return bool(self.api_key or self.admin_api_key)
@@ -44,8 +44,9 @@ class ApiKeys:
         refuses the generation key there), else the generation key."""
         return self.admin_api_key or self.api_key
 
-    def __repr__(self) -> str:
-        return f"ApiKeys(api_key={'set' if self.api_key else None}, admin_api_key={'set' if self.admin_api_key else None})"
+    def __repr__(self) -> str:  # never the keys themselves: a repr ends up in logs
+        shown = {name: "set" if value else None for name, value in vars(self).items()}
+        return f"ApiKeys(api_key={shown['api_key']}, admin_api_key={shown['admin_api_key']})"
 
 
 NO_KEYS = ApiKeys()
@@ -71,7 +72,8 @@ def make_keys_file(path: Path) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump({name: secrets.token_urlsafe(32) for name in KEY_FIELDS})
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, not even briefly
+    # Created 0600: never readable by others, not even for a moment.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as f:
         f.write(text)
     return path
@@ -96,7 +98,7 @@ def read_keys(path: str | Path) -> ApiKeys:
     unknown = sorted(set(found) - set(KEY_FIELDS))
     if unknown:
         raise KeyFileError(f"key file {path}: unknown field(s) {', '.join(map(str, unknown))}; it holds "
-                        f"{' and '.join(KEY_FIELDS)} only")
+                           f"{' and '.join(KEY_FIELDS)} only")
     admin = found.get("admin-api-key")
     return ApiKeys(api_key=found["api-key"], admin_api_key=str(admin) if admin else None)
 
@@ -108,5 +110,5 @@ def keys_of(path: str | Path | None) -> ApiKeys:
 def refuse_open_interface(host: str, keys: ApiKeys, what: str) -> None:
     """A server on an interface other machines reach must ask for a key."""
     if host not in LOOPBACK and not keys:
-        raise KeyFileError(f"{what} would listen on {host} without a key: anyone who reaches this node could drive it; "
-                        f"give it a key file (--api-key-file) or bind 127.0.0.1")
+        raise KeyFileError(f"{what} would listen on {host} without a key: anyone who reaches this node could drive "
+                           "it; give it a key file (--api-key-file) or bind 127.0.0.1")

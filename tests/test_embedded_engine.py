@@ -31,7 +31,8 @@ PROMPT = [5, 17, 42, 99]
 
 def post(url: str, path: str, body, headers: dict | None = None) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(url + path, data=data,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())

@@ -128,7 +128,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         candidate = root / latest.read_text().strip()
         if (candidate / STATE_FILE).is_file():
             return candidate
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix == "" and (p / STATE_FILE).is_file())
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and "." not in p.name and (p / STATE_FILE).is_file())
     return complete[-1] if complete else None
 
 

@@ -42,9 +42,8 @@ def reward_function(spec: RewardSpec | str, *, timeout: float = 5.0) -> RewardFn
     if spec.kind == "python":
         return import_function(spec.function)
     if spec.kind == "http":
-        from dppo_megatron.rewards.remote import RewardServer
-
         from dppo_megatron.keys import keys_of
+        from dppo_megatron.rewards.remote import RewardServer
 
         return RewardServer(spec.url, timeout=spec.timeout, retries=spec.retries,
                             api_key=keys_of(spec.api_key_file).api_key)

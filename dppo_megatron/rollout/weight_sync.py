@@ -274,7 +274,8 @@ class DistributedWeightSync:
         try:
             sent = self._send_all(named_tensors, version)
         except BaseException:
-            end_weight_update(self.servers, ANSWER_GRACE_SECONDS, key=self.key)  # the servers not stuck on the broadcast
+            # The servers not stuck on the broadcast.
+            end_weight_update(self.servers, ANSWER_GRACE_SECONDS, key=self.key)
             raise
         not_closed = end_weight_update(self.servers, self.timeout, key=self.key)
         if not_closed:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from dppo_megatron.config.schema import Recipe
 from dppo_megatron.config.validate import parallel_layout, recipe_arch
-from dppo_megatron.keys import ApiKeys, read_keys
+from dppo_megatron.keys import read_keys
 from dppo_megatron.learner.learner import Learner
 from dppo_megatron.learner.parallel import init_parallel
 from dppo_megatron.model.arch import Qwen3Arch
@@ -49,8 +49,7 @@ class Run:
     checkpoints: CheckpointManager
     start_step: int  # 0, or the step of the checkpoint resumed from
     scatter: SampleScatter
-    servers: Servers
-    keys: ApiKeys  # the servers' (keys.py), read on every rank: every sender posts to the servers
+    servers: Servers  # made on every rank (started by rank 0): every sender posts with its keys
     remote_servers: bool  # a cluster job's node agents run them
     publisher: WeightPublisher | None = None
     # Rank 0 only.
@@ -76,7 +75,7 @@ class Run:
             self.learner, self.arch, self.servers.urls, method=recipe.rollout.weight_sync,
             weights_dir=run_dir / "weights", hf_config=self.checkpoints.hf_config,
             side_files_from=model_dir(recipe, run_dir), server_tp=recipe.rollout.server_tp,
-            servers=self.servers if self.rank == 0 else None, control_key=self.keys.for_control())
+            servers=self.servers if self.rank == 0 else None, control_key=self.servers.keys.for_control())
         if self.rank == 0:
             self._start_rollout_side()
         if self.start_step > 0:  # the servers started from the initial weights
@@ -128,10 +127,9 @@ def build_run(recipe: Recipe, run_dir: Path, job_layout: Path | None) -> Run:
     scatter = SampleScatter(control, dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
                             mini_batches=trainer.mini_batches, micro_batch_size=recipe.learner.micro_batch_size,
                             layout=micro_batch_layout(recipe, arch))
-    keys = read_keys(keys_file(recipe, run_dir))
-    servers: Servers = (RemoteServers(JobLayout.load(job_layout).agents, keys=keys) if job_layout is not None
-                        else ServerManager(server_specs(recipe, run_dir), run_dir / "logs"))
+    servers: Servers = (RemoteServers(JobLayout.load(job_layout).agents, keys=read_keys(keys_file(recipe, run_dir)))
+                        if job_layout is not None else ServerManager(server_specs(recipe, run_dir), run_dir / "logs"))
     return Run(recipe=recipe, run_dir=run_dir, arch=arch, rank=rank,
                stop_request=StopRequest(run_dir / STOP_FILE if rank == 0 else None, control), learner=learner,
-               checkpoints=checkpoints, start_step=start_step, scatter=scatter, servers=servers, keys=keys,
+               checkpoints=checkpoints, start_step=start_step, scatter=scatter, servers=servers,
                remote_servers=job_layout is not None)
