@@ -71,7 +71,9 @@ def make_keys_file(path: Path) -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump({name: secrets.token_urlsafe(32) for name in KEY_FIELDS})
+    # Hex: SGLang turns the file into `--api-key VALUE` for argparse, which takes a value that
+    # starts with "-" for an option (URL-safe base64 does, 1 in 32 keys).
+    text = yaml.safe_dump({name: secrets.token_hex(32) for name in KEY_FIELDS})
     # Created 0600: never readable by others, not even for a moment.
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as f:
@@ -100,6 +102,10 @@ def read_keys(path: str | Path) -> ApiKeys:
         raise KeyFileError(f"key file {path}: unknown field(s) {', '.join(map(str, unknown))}; it holds "
                            f"{' and '.join(KEY_FIELDS)} only")
     admin = found.get("admin-api-key")
+    for name in KEY_FIELDS:
+        if str(found.get(name) or "").startswith("-"):
+            raise KeyFileError(f"key file {path}: {name} starts with '-', which SGLang's command-line parser takes "
+                               "for an option (it reads the file as --config); choose another key")
     return ApiKeys(api_key=found["api-key"], admin_api_key=str(admin) if admin else None)
 
 

@@ -184,6 +184,38 @@ def test_every_sglang_command_line_of_the_shipped_recipes_parses_with_sglangs_se
     assert parsed == expected
 
 
+SGLANG_PARSE_ERROR = """
+import contextlib, io, sys
+from sglang.srt.server_args import prepare_server_args
+words = io.StringIO()
+with contextlib.redirect_stderr(words):
+    try:
+        prepare_server_args(["--model-path", "m", "--config", sys.argv[1]])
+        print("parsed")
+    except SystemExit:
+        print(words.getvalue())
+"""
+
+
+def test_a_key_starting_with_a_dash_is_refused_by_us_as_sglangs_parser_refuses_it(sglang, tmp_path):
+    """SGLang turns its --config file into `--api-key VALUE` for argparse: a value starting with
+    "-" reads as an option and the server does not start. The run's own keys are hex; a user's
+    key file with such a key is refused when it is read, naming the field."""
+    import yaml
+
+    from dppo_megatron.keys import KeyFileError, make_keys_file, read_keys
+
+    dashed = tmp_path / "dashed.yaml"
+    dashed.write_text(yaml.safe_dump({"api-key": "-Xb2k", "admin-api-key": "ok-key"}))
+    dashed.chmod(0o600)
+    code, output = sglang.run(SGLANG_PARSE_ERROR, str(dashed))
+    assert code == 0 and "argument --api-key: expected one argument" in output, output[-2000:]
+    with pytest.raises(KeyFileError, match=r"api-key starts with '-'"):
+        read_keys(dashed)
+    made = read_keys(make_keys_file(tmp_path / "keys.yaml"))
+    assert all(len(key) == 64 and set(key) <= set("0123456789abcdef") for key in (made.api_key, made.admin_api_key))
+
+
 # SGLang reads each body as its HTTP server does (entrypoints/http_server.py): FastAPI validates
 # it against the endpoint's type (pydantic; fields it does not know are dropped without a word,
 # so they are refused here), /generate's bodies also pass SGLang's API contract gate, then
