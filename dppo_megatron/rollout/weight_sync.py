@@ -56,19 +56,29 @@ class DiskWeightSync:
     def publish(self, servers: list[str], version: int) -> None:
         """Make every server load `version_dir(version)`; raises WeightSyncError naming each
         server that failed. Then drop old versions."""
+        failed = self.load(servers, version)
+        if failed:
+            raise WeightSyncError(f"weight version {version} from {self.version_dir(version)}: {said(failed)}")
+        self.drop_older(version)
+
+    def load(self, servers: list[str], version: int) -> dict[str, str]:
+        """Make every server load `version_dir(version)`, all at once; returns the servers that
+        did not, with why."""
         path = self.version_dir(version)
         if not (path / "config.json").is_file():
             raise WeightSyncError(f"version {version} has not been written: no {path / 'config.json'}")
-        _post_to_all(servers, "/update_weights_from_disk", [self.update_body(version)] * len(servers), self.timeout,
-                     context=f"weight version {version} from {path}", key=self.key)
-        self._clean(version)
+        answers = _answers(servers, "/update_weights_from_disk", [self.update_body(version)] * len(servers),
+                           self.timeout, key=self.key)
+        return {server: str(answer.get("message", answer)) for server, answer in zip(servers, answers)
+                if not answer.get("success", False)}
 
     def update_body(self, version: int) -> dict:
         """The /update_weights_from_disk body that loads `version`."""
         return {"model_path": str(self.version_dir(version).resolve()), "weight_version": str(version),
                 "flush_cache": True, "abort_all_requests": False}
 
-    def _clean(self, newest: int) -> None:
+    def drop_older(self, newest: int) -> None:
+        """Remove the versions older than the `keep` newest up to `newest`."""
         versions = sorted(p for p in self.root.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit())
         for path in versions:
             if int(path.name[1:]) <= newest - self.keep:
@@ -203,13 +213,18 @@ def begin_weight_update(servers: list[str], timeout: float = 600.0, *, key: str 
     _raise_failures([s for s, _ in fresh], [a for _, a in fresh], "opening the weight-update session")
 
 
-def end_weight_update(servers: list[str], timeout: float = 600.0, *, key: str | None = None) -> list[str]:
+def end_weight_update(servers: list[str], timeout: float = 600.0, *, key: str | None = None) -> dict[str, str]:
     """Close the session on every server (`/end_weight_update`: SGLang finalises the loaded
     weights). Returns the servers that did not close it, with why (unreachable, busy past
     `timeout`: still waiting on a broken broadcast, or holding no session)."""
     answers = _answers(servers, "/end_weight_update", [{}] * len(servers), timeout, key=key)
-    return [f"{server}: {answer.get('message', answer)}" for server, answer in zip(servers, answers)
-            if not answer.get("success", False)]
+    return {server: str(answer.get("message", answer)) for server, answer in zip(servers, answers)
+            if not answer.get("success", False)}
+
+
+def said(failures: dict[str, str]) -> str:
+    """Each server's failure, in one line."""
+    return "; ".join(f"{server}: {why}" for server, why in failures.items())
 
 
 class DistributedWeightSync:
@@ -279,7 +294,7 @@ class DistributedWeightSync:
             raise
         not_closed = end_weight_update(self.servers, self.timeout, key=self.key)
         if not_closed:
-            raise WeightSyncError(f"closing the weight-update session of version {version}: " + "; ".join(not_closed))
+            raise WeightSyncError(f"closing the weight-update session of version {version}: {said(not_closed)}")
         return sent
 
     def _send_all(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
@@ -311,14 +326,15 @@ class DistributedWeightSync:
                      work=broadcast, refused=refused, key=self.key)
         return sum(t.numel() * t.element_size() for _, t in bucket)
 
-    def close(self, servers: list[str] | None = None) -> None:
+    def close(self, servers: list[str] | None = None, timeout: float | None = None) -> None:
         """Leave the group, telling `servers` (default: all of them) to leave it too: a server
-        that died or was restarted since no longer holds it."""
+        that died or was restarted since no longer holds it. `timeout`: for their answers
+        (default: the sync's own)."""
         if self.group is not None:
             told = self.servers if servers is None else servers
             try:
-                _post_to_all(told, "/destroy_weights_update_group", [self.destroy_body()] * len(told), self.timeout,
-                             key=self.key)
+                _post_to_all(told, "/destroy_weights_update_group", [self.destroy_body()] * len(told),
+                             self.timeout if timeout is None else timeout, key=self.key)
             finally:
                 destroy_weight_update_group(self.group)
                 self.group = None

@@ -3,19 +3,22 @@ its part of a Hugging Face checkpoint, rank 0 tells the servers to load it) or b
 (every rank that owns tensors sends them through its own weight-update group). A collective:
 every learner rank publishes.
 
-A server that dies is restarted when the rollout client asks (rank 0, `restart`). From disk it
-loads the current weights at once. By broadcast it cannot: a group is formed by every learner
-rank that sends, and they are busy training; so before each broadcast rank 0 checks the servers,
-and when one died or was restarted, every sender forms its group again with the servers that
-are alive, the restarted ones included, which then get the new weights with the others and take
-requests from the next batch on."""
+Rank 0 owns the servers (run/server_keeper.py): a publish owns every server for its length, a
+restart at the rollout client's call (`restart`) owns its one server, so the two never overlap.
+A server found dead when the weights go out is restarted first and gets them with the others,
+by either method; a server killed during a broadcast breaks its groups: the senders form them
+again (the restarted and the stuck servers started again) and send the version again. After a
+publish every server holds the new version, or the run stops (ServersLost). A server restarted
+at the client's call loads the current weights at once from disk; by broadcast it cannot (a
+group is formed by every learner rank that sends, and they are busy training), so it waits out
+of the rollouts until the next publish, which forms the groups again with it."""
 
 from __future__ import annotations
 
 import logging
 import socket
-import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -37,34 +40,38 @@ from dppo_megatron.rollout.weight_sync import (
     WeightUpdateRefused,
     begin_weight_update,
     end_weight_update,
+    said,
 )
+from dppo_megatron.run.server_keeper import RESTART_ATTEMPTS, ServerKeeper, ServersLost
 
 log = logging.getLogger(__name__)
+
+CLOSE_GRACE_SECONDS = 30.0  # for the servers to leave the weight-update groups at the end of a run
 
 
 class WeightPublisher:
     def __init__(self, learner: Learner, arch: Qwen3Arch, urls: list[str], *, method: str, weights_dir: Path,
                  hf_config: dict, side_files_from: Path, server_tp: int, servers: Servers | None = None,
                  control_key: str | None = None):
-        """`method`: disk | distributed. `servers` (rank 0): to restart servers that fail to load
-        a version, and to bring restarted ones up to date. `control_key`: the key of the servers'
-        weight-update endpoints (keys.py)."""
+        """`method`: disk | distributed. `servers` (rank 0): to restart servers that are dead or
+        fail to load a version, and to bring restarted ones up to date (None: a dead server fails
+        the publish). `control_key`: the key of the servers' weight-update endpoints (keys.py)."""
         self.learner, self.arch, self.urls, self.hf_config = learner, arch, urls, hf_config
         self.control_key = control_key
         self.side_files_from = side_files_from
-        self.servers = servers
+        self.keeper = ServerKeeper(servers) if servers is not None else None
         self.version = 0  # what the servers hold: 0 is the initial model they start from
         self.written: int | None = None  # the last version written to disk
         self.disk = DiskWeightSync(weights_dir, key=control_key) if method == "disk" else None
         self.distributed, self.senders, self.server_tp = None, [], server_tp
         # Distributed: the servers in the weight-update groups, and how often the groups were
-        # formed (each formation has group names of its own). Rank 0: the servers restarted since
-        # the last broadcast (their groups died with them), and those that rejoined at it.
+        # formed (each formation has group names of its own). Rank 0: each member's restart
+        # count when they were formed (a restart since: its groups died with it), and the servers
+        # restarted at the client's call that wait for the next publish to serve again.
         self.members, self.formation = list(urls), 0
-        self._restarting: set[str] = set()
-        self._restarted: set[str] = set()
-        self._rejoined: set[str] = set()
-        self._lock = threading.Lock()  # for these three sets: the client's restarts run on threads
+        self._formed_at: dict[str, int] = {}
+        self._waiting: set[str] = set()
+        self._unclosed: set[str] = set()  # the members that did not close the last session (stuck on it)
         if method == "distributed":
             sends = sends_weights(arch)
             sending = [None] * dist.get_world_size()
@@ -82,24 +89,49 @@ class WeightPublisher:
 
     def publish(self, version: int) -> None:
         """The servers take `version` (written first if `write` was not called). A collective;
-        the servers must be done generating."""
-        if self.disk is not None:
-            self.write(version)
-            if dist.get_rank() == 0:
-                try:
-                    self.disk.publish(self.urls, version)
-                except WeightSyncError as error:
-                    if self.servers is None:
-                        raise
-                    log.warning("%s; restarting the servers that failed and loading again", error)
-                    for url in self.urls:
-                        if not self.servers.healthy(url):
-                            self.servers.restart(url)
-                    self.disk.publish(self.urls, version)
-        else:
-            self._broadcast(version)
+        the servers must be done generating. Rank 0 owns every server meanwhile. Raises
+        ServersLost (on every rank) where a server could not be brought back to take it."""
+        with self.keeper.owning(self.urls) if self.keeper is not None else nullcontext():
+            if self.disk is not None:
+                self.write(version)
+                self._load_from_disk(version)
+            else:
+                self._broadcast(version)
+            if self.keeper is not None:
+                self.keeper.holds.update(dict.fromkeys(self.urls, version))
+            self.version = version  # inside: a restart waiting for its server reads the new version
         dist.barrier()
-        self.version = version
+
+    def _load_from_disk(self, version: int) -> None:
+        """Rank 0 has the servers load `version`, restarting the dead ones first and those that
+        fail it then; every rank hears how it went."""
+        failure = [None]
+        if dist.get_rank() == 0:
+            try:
+                self._load_on_rank0(version)
+            except WeightSyncError as error:
+                failure[0] = (isinstance(error, ServersLost), str(error))
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0]:
+            lost, message = failure[0]
+            raise (ServersLost if lost else WeightSyncError)(message)
+
+    def _load_on_rank0(self, version: int) -> None:
+        loading = list(self.urls)
+        for attempt in range(1, RESTART_ATTEMPTS + 1):
+            if self.keeper is not None:
+                self.keeper.revive(loading)
+            failed = self.disk.load(loading, version)
+            if not failed:
+                self.disk.drop_older(version)
+                return
+            why = "; ".join(f"{url}: {message}" for url, message in failed.items())
+            if self.keeper is None:
+                raise WeightSyncError(f"weight version {version} from {self.disk.version_dir(version)}: {why}")
+            log.warning("weight version %d did not load (%s); restarting the servers that are down and loading "
+                        "it again", version, why)
+            loading = list(failed)
+        raise ServersLost(f"weight version {version} did not load in {RESTART_ATTEMPTS} attempts: {why}")
 
     def _broadcast(self, version: int, attempts: int = 3) -> None:
         """Every sender sends `version` through its group, inside one weight-update session on
@@ -108,11 +140,9 @@ class WeightPublisher:
         form them again without it and send the whole version again."""
         regroup = False
         for _ in range(attempts):
-            rejoining = self._regroup(force=regroup)
+            self._regroup(force=regroup)
             errors = self._send_in_session(version)
             if not errors:
-                with self._lock:
-                    self._rejoined.update(rejoining)
                 return
             if all(refused for _, refused in errors):  # every server that failed said no: it would again
                 raise WeightSyncError(f"weight version {version} was refused: {errors[0][0]}")
@@ -120,13 +150,13 @@ class WeightPublisher:
                 log.warning("sending weight version %d failed (%s); forming the groups again and sending it again",
                             version, errors[0][0])
             regroup = True
-        raise WeightSyncError(f"weight version {version} could not be sent in {attempts} attempts: {errors[0][0]}")
+        raise ServersLost(f"weight version {version} could not be sent in {attempts} attempts: {errors[0][0]}")
 
     def _send_in_session(self, version: int) -> list[tuple[str, bool]]:
         """One attempt at sending `version` (a collective): rank 0 opens the session on the
         members, every sender sends, rank 0 closes it, also after a failure, on every member that
         answers within a few seconds (the others wait on the broken broadcast and are restarted
-        when the groups are formed again). Returns what went wrong, and whether a server refused
+        when the groups are formed again: `_unclosed`). Returns what went wrong, and whether a server refused
         it (rather than broke off), the same on every rank."""
         opened = [None]
         if dist.get_rank() == 0:
@@ -143,9 +173,9 @@ class WeightPublisher:
         if dist.get_rank() == 0:
             not_closed = end_weight_update(self.members, ANSWER_GRACE_SECONDS if errors else self.distributed.timeout,
                                            key=self.control_key)
+            self._unclosed = set(not_closed)
             if not_closed and not errors:
-                closed[0] = (f"closing the weight-update session of version {version}: " + "; ".join(not_closed),
-                             False)
+                closed[0] = (f"closing the weight-update session of version {version}: {said(not_closed)}", False)
         dist.broadcast_object_list(closed, src=0)
         return errors or [error for error in closed if error]
 
@@ -175,35 +205,31 @@ class WeightPublisher:
 
     def restart(self, url: str) -> None:
         """Rank 0, the rollout client's call for a server that died: start it again, with the
-        current weights. From disk it loads them now. By broadcast it rejoins the groups at the
-        next publish, and until then raises ServerRejoinsLater (the client keeps it out of this
-        batch and asks again with the next, when this returns at once). A restart can take
-        minutes (SGLang loads the model): the check before a broadcast does not wait for it,
-        it leaves the server out until it is back."""
-        with self._lock:
-            if url in self._rejoined:
-                self._rejoined.discard(url)
-                if is_healthy(url):  # restarted, and given the weights at the last publish
-                    return
-            if url in self._restarting or (url in self._restarted and is_healthy(url)):  # asked again
-                raise ServerRejoinsLater("it rejoins at the next weight update")
-            self._restarting.add(url)
-        try:
-            self.servers.restart(url)
-        finally:
-            with self._lock:
-                self._restarting.discard(url)
-        if self.disk is not None:
-            if self.version:
-                self.disk.publish([url], self.version)
-            with self._lock:  # up to date: asked again (its batch ended before this returned), it is back
-                self._rejoined.add(url)
-            return
-        with self._lock:
-            self._restarted.add(url)
-        if self.version:  # 0: it holds the initial weights, as the others do
-            raise ServerRejoinsLater(f"it gets the weights of version {self.version + 1} with the other servers at "
-                                     "the next weight update, and serves from the batch after it")
+        current weights. Waits while a publish owns the servers; a server restarted since the
+        call (by that publish) and healthy is not restarted again. From disk it loads the current
+        weights now. By broadcast it gets them at the next publish, and until then raises
+        ServerRejoinsLater (the client keeps it out of this batch and asks again with the next,
+        when this returns at once)."""
+        keeper = self.keeper
+        asked = keeper.restarts[url]
+        with keeper.owning([url]):
+            back = keeper.restarts[url] > asked or url in self._waiting  # restarted since it failed
+            if not (back and keeper.servers.healthy(url)):
+                self._waiting.discard(url)
+                keeper.restart(url)
+            if keeper.holds[url] == self.version:
+                self._waiting.discard(url)
+                return
+            if self.disk is not None:
+                failed = self.disk.load([url], self.version)
+                if failed:
+                    raise WeightSyncError(f"{url} restarted, but did not load weight version {self.version}: "
+                                          f"{failed[url]}")
+                keeper.holds[url] = self.version
+                return
+            self._waiting.add(url)
+        raise ServerRejoinsLater(f"it gets the weights of version {self.version + 1} with the other servers at "
+                                 "the next weight update, and serves from the batch after it")
 
     def _form_groups(self) -> None:
         """Every sending rank forms its weight-update group with the member servers, in turns
@@ -218,24 +244,28 @@ class WeightPublisher:
             self.distributed.connect()
 
         self._in_turns(connect)
+        if self.keeper is not None:
+            self._formed_at = {url: self.keeper.restarts[url] for url in self.members}
 
-    def _regroup(self, force: bool = False) -> list[str]:
-        """Before a broadcast (a collective): where a member server died or one was restarted
-        (or, with `force`, after a failed broadcast), every sender leaves its group (the servers
-        that still hold it leave too) and forms a new one with the servers that are alive.
-        Returns the servers that rejoined after the client asked for their restart."""
+    def _regroup(self, force: bool = False) -> None:
+        """Before a broadcast (a collective): where a member server died or was restarted (or,
+        with `force`, after a failed broadcast), every sender leaves its group (the servers that
+        still hold it leave too) and forms a new one with the servers, all of them alive now
+        (rank 0 restarts the dead ones first)."""
         change = [None]
         if dist.get_rank() == 0:
             try:
                 change[0] = self._membership_change(force)
+            except ServersLost as error:
+                change[0] = {"error": str(error), "lost": True}
             except Exception as error:  # noqa: BLE001 - every rank must hear of it, not wait for rank 0
                 change[0] = {"error": f"checking the servers before weight version {self.version + 1}: "
                                       f"{type(error).__name__}: {error}"}
         dist.broadcast_object_list(change, src=0)
         if change[0] is None:
-            return []
+            return
         if "error" in change[0]:
-            raise WeightSyncError(change[0]["error"])
+            raise (ServersLost if change[0].get("lost") else WeightSyncError)(change[0]["error"])
 
         def leave() -> None:
             try:
@@ -246,37 +276,40 @@ class WeightPublisher:
         self._in_turns(leave)
         self.members, self.formation = change[0]["members"], self.formation + 1
         self._form_groups()
-        return change[0]["rejoined"]
 
     def _membership_change(self, force: bool) -> dict | None:
-        """Rank 0: the new members, the old members that still hold their groups, and the
-        servers that join; None when nothing changed (and nothing `force`s a new formation)."""
-        with self._lock:  # a server being restarted is not alive yet: it joins once it is back
+        """Rank 0, owning every server: the new members and the old members that still hold
+        their groups; None when nothing changed (and nothing `force`s a new formation). With a
+        keeper the dead servers are restarted first, so every server is a member."""
+        if self.keeper is not None:
+            self.keeper.revive(self.urls)
+            if force:  # after a failed broadcast the servers that did not close its session wait on it
+                stuck = [url for url in self.members if self._holds_groups(url) and url in self._unclosed]
+                if stuck:
+                    log.warning("restarting %s: they wait on the failed broadcast", ", ".join(stuck))
+                    self.keeper.restart_all(stuck)
+            members = list(self.urls)
+        else:
             with ThreadPoolExecutor(max_workers=min(32, len(self.urls))) as pool:
                 alive = dict(zip(self.urls, pool.map(is_healthy, self.urls)))
-            alive.update({url: False for url in self._restarting})
-            restarted, self._restarted = self._restarted, set()
-        members = [url for url in self.urls if alive[url]]
-        if members == self.members and not restarted and not force:
-            return None
-        if not members:
-            return {"error": "no rollout server is alive to take the new weights: " + ", ".join(self.urls)}
-        asked = set(restarted)  # restarted at the client's call: it asks again, and is told to go on
-        if force:  # after a failed broadcast the servers of the broken groups wait on it: start them again
-            stuck = [url for url in self.members if alive[url] and url not in restarted]
-            if stuck and self.servers is None:
+            members = [url for url in self.urls if alive[url]]
+            if not members:
+                return {"error": "no rollout server is alive to take the new weights: " + ", ".join(self.urls)}
+            if force and (stuck := [url for url in self.members if alive[url] and url in self._unclosed]):
                 return {"error": f"{', '.join(stuck)} wait on a failed broadcast, and this publisher cannot "
                                  "restart servers"}
-            log.warning("restarting %s: they wait on the failed broadcast", ", ".join(stuck) or "no server")
-            with ThreadPoolExecutor(max_workers=max(1, min(32, len(stuck)))) as pool:
-                list(pool.map(self.servers.restart, stuck))
-            restarted |= set(stuck)
-        holding = [url for url in self.members if alive[url] and url not in restarted]
+        holding = [url for url in self.members if url in members and self._holds_groups(url)]
+        if members == self.members == holding:
+            return None
         joined = [url for url in members if url not in holding]
         left = [url for url in self.members if url not in members]
         log.warning("weight-update groups formed again: %s left, %s joined", ", ".join(left) or "none",
                     ", ".join(joined) or "none")
-        return {"members": members, "holding": holding, "rejoined": [url for url in joined if url in asked]}
+        return {"members": members, "holding": holding}
+
+    def _holds_groups(self, url: str) -> bool:
+        """Rank 0: whether a member still holds the groups it joined (it was not restarted since)."""
+        return self.keeper is None or self.keeper.restarts[url] == self._formed_at.get(url)
 
     def _in_turns(self, action) -> None:
         """Each sending rank runs `action` in turn (a collective). A server takes one weight-group
@@ -289,8 +322,8 @@ class WeightPublisher:
 
     def close(self) -> None:
         if self.distributed is not None:
-            try:
-                self.distributed.close()
+            try:  # the run is over: a server that does not answer soon is stopped anyway
+                self.distributed.close(timeout=CLOSE_GRACE_SECONDS)
             except WeightSyncError as error:  # a server that died since the last step: the run is done anyway
                 log.warning("leaving the weight-update group: %s", error)
 

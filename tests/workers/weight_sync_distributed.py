@@ -65,7 +65,7 @@ def main(out_dir, tp, ep, hf_dir, server, master_port, version, mode="rank0") ->
     if owners:
         dist.barrier()
         if rank == 0:
-            assert end_weight_update([server]) == []
+            assert end_weight_update([server]) == {}
     if rank == 0:
         Path(out_dir, "log.json").write_text(json.dumps(lines.lines))
     config = json.loads((Path(hf_dir) / "config.json").read_text())
