@@ -130,6 +130,27 @@ def test_a_server_restarted_to_rejoin_later_is_left_out_of_this_batch_and_serves
     assert victim in {s.server for s in client.generate_sync(requests(8))}
 
 
+def test_a_restart_that_outlasts_the_batch_is_awaited_and_not_asked_for_again(manager):
+    """The other server finished the batch while the victim's restart was still under way: the
+    batch waits for the restart's answer (its thread runs on anyway), so the next batch has the
+    server back rather than asking for a second restart."""
+    victim = manager.urls[0]
+    calls = []
+
+    def restart(url: str) -> None:
+        calls.append(url)
+        time.sleep(2.0)  # longer than the batch takes on the other server
+        manager.restart(url)
+
+    client = RolloutClient(manager.urls, FAST, restart=restart)
+    os.killpg(manager.processes[victim].pid, signal.SIGKILL)
+    manager.processes[victim].wait()
+    first = client.generate_sync(requests(4, max_new_tokens=2))
+    assert [s.rid for s in first] == [f"q{i}" for i in range(4)] and client.dead_servers() == []
+    assert victim in {s.server for s in client.generate_sync(requests(8))}
+    assert calls == [victim]
+
+
 class _Misbehaving(BaseHTTPRequestHandler):
     mode = "garbage"
 

@@ -7,7 +7,8 @@ requests are retried with backoff (the whole call, under fresh rids: SGLang refu
 still in flight), on another server when there is one; a server that fails
 `failures_before_dead` times in a row is marked dead and handed to `restart` (the server
 manager), and takes requests again once that returns (or, where it raises ServerRejoinsLater,
-from the next `generate` call, when it is asked again). A 4xx is the request's fault and a
+from the next `generate` call, when it is asked again; ServersAwaitWeights where no other server
+is left to serve meanwhile; NoServerLeft where every restart failed). A 4xx is the request's fault and a
 well-formed answer that breaks the protocol (say, no routes under R3) stops the run: neither
 is retried. Every request yields exactly one sample, in the order given.
 """
@@ -37,6 +38,16 @@ class ServerRejoinsLater(RuntimeError):
 
 class RolloutError(RuntimeError):
     """Rollouts cannot go on: a request was refused, or no server could serve it."""
+
+
+class NoServerLeft(RolloutError):
+    """Every server is dead, and no restart is under way: the batch can be made once the
+    trainer brought them back."""
+
+
+class ServersAwaitWeights(NoServerLeft):
+    """Every server is dead or restarted and waiting for the current weights (ServerRejoinsLater):
+    the batch can be made once the weights are sent to them (by the trainer's every rank)."""
 
 
 @dataclass(frozen=True)
@@ -131,11 +142,16 @@ class RolloutClient:
                 tasks.append(asyncio.create_task(self._serve_and_report(session, chunk, offset, on_sample)))
                 offset += len(chunk)
             try:
-                return [sample for chunk in await asyncio.gather(*tasks) for sample in chunk]
+                samples = [sample for chunk in await asyncio.gather(*tasks) for sample in chunk]
             except BaseException:
                 for task in tasks:
                     task.cancel()
                 raise
+            # A restart still under way when the last sample came in: its answer says whether the
+            # server is back (a restart's thread cannot be cancelled; the loop would wait for it
+            # anyway, and a cancelled task would forget the answer and ask for another restart).
+            await asyncio.gather(*(s.reviving for s in self._servers if s.reviving is not None))
+            return samples
 
     def _chunks(self, requests: list[Request]) -> list[list[Request]]:
         """Consecutive requests with the same top-K and routing wishes, at most
@@ -249,7 +265,8 @@ class RolloutClient:
             restarting = any(s.reviving is not None and not s.reviving.done() for s in self._servers)
             if waited >= self.config.wait_for_servers_seconds or not restarting:
                 waiting = [f"{s.url} was restarted: {s.waits_for}" for s in self._servers if s.waits_for]
-                raise RolloutError("every rollout server is dead: " + ", ".join(s.url for s in self._servers)
-                                   + "".join(f"; {line}" for line in waiting))
+                raise (ServersAwaitWeights if waiting and not restarting else NoServerLeft)(
+                    "every rollout server is dead: " + ", ".join(s.url for s in self._servers)
+                    + "".join(f"; {line}" for line in waiting))
             await asyncio.sleep(0.2)
             waited += 0.2
