@@ -220,8 +220,8 @@ def test_a_three_node_job_with_a_server_killed_then_stopped_and_requeued_matches
     agent, R3 on, the weights sent to them over the network by the distributed sync.
 
     One server is SIGKILLed mid-run: the other takes its requests, node2's agent restarts it
-    when the trainer asks, and it rejoins the weight-update groups at the next broadcast (the
-    senders form them again), then serves again. Later the job is stopped as before a time
+    when the trainer asks (the client, or the publisher finding it dead), and it rejoins the
+    weight-update groups at the next broadcast (the senders form them again), then serves again. Later the job is stopped as before a time
     limit (`scancel --signal=USR1 --batch`): checkpoint, requeue, resume on the same nodes.
     Every step comes once, with the numbers of the quickstart trained on one machine by `train`."""
     run_dir = tmp_path / "three-node"
@@ -259,7 +259,10 @@ def test_a_three_node_job_with_a_server_killed_then_stopped_and_requeued_matches
     agent = layout["agent_port"]
     assert log.count(f"asking http://node2:{agent} to restart {urls[0]}") == 1, log[-3000:]
     assert f"restarting http://127.0.0.1:{port} (restart 1)" in log  # the agent, which sees it on loopback
-    assert log.count(rejoined) == 1 and f"rollout server {urls[0]} restarted\n" in log, log[-3000:]
+    # Restarted at the client's call (it died mid-rollout) or by the publisher (found dead when
+    # the weights went out): once either way.
+    assert log.count(rejoined) == 1 and (f"rollout server {urls[0]} restarted\n" in log
+                                         or f"{urls[0]} did not answer /health: restarting it" in log), log[-3000:]
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(steps))  # none lost, none repeated
     assert comparable(metrics) == comparable(read_metrics(quickstart[0]))[:steps]

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -184,6 +185,69 @@ def test_a_torn_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
             "missing); step_00000003 is torn (manifest.json is missing); step_00000002 is torn") in log, log[-3000:]
     assert f"no whole checkpoint is left; the torn ones are kept in {run_dir / 'checkpoints'} as *.torn" in log
     assert [m["step"] for m in read_metrics(run_dir)] == [0, 1, 2, 3]
+
+
+def test_a_lone_server_killed_under_distributed_sync_is_brought_back_and_when_it_cannot_the_step_is_saved(
+        tmp_path):
+    """The quickstart with `rollout.weight_sync=distributed` and synchronous rollouts, its one
+    server SIGKILLed three times, wherever the step then is (rollout, training or publish): the
+    run restarts it each time and sends it the current weights before it generates again
+    (a batch it could not finish is made again), and its metrics are an uninterrupted run's.
+    Then the server killed with its port taken by a stranger, so that every restart fails: the
+    run stops with one line and a checkpoint of the steps it finished, no traceback; with the
+    port free again the resumed run ends as the uninterrupted one did."""
+    import socket
+
+    settings = ["trainer.steps=10", "rollout.weight_sync=distributed", "trainer.max_staleness=0",
+                "trainer.eval_every=0", "trainer.save_every=0"]
+    plain = tmp_path / "plain"
+    assert finish(start_train(plain, *settings), plain, timeout=300) == 0, log_tail(plain)
+
+    killed = tmp_path / "killed"
+    process = start_train(killed, *settings)
+    server = f"serve-embedded.*{killed}"
+    for after_step, delay in ((2, 0.0), (4, 0.25), (6, 0.1)):  # early in a rollout, mid-step, ...
+        wait_for_steps(killed, after_step, process)
+        time.sleep(delay)
+        assert subprocess.run(["pkill", "-9", "-f", server], timeout=10).returncode == 0, log_tail(killed)
+    assert finish(process, killed, timeout=300) == 0, log_tail(killed)
+    log = (killed.parent / f"{killed.name}.log").read_text()
+    assert log.count("restarting http://127.0.0.1:") == 3 and "Traceback" not in log, log[-4000:]
+    assert comparable(read_metrics(killed)) == comparable(read_metrics(plain))
+
+    lost, port = tmp_path / "lost", free_port()
+    process = start_train(lost, *settings, f"rollout.base_port={port}")
+    wait_for_steps(lost, 3, process)
+    with socket.socket() as stranger:  # it hangs up on whoever calls
+        stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        assert subprocess.run(["pkill", "-9", "-f", f"serve-embedded.*{lost}"], timeout=10).returncode == 0
+        time.sleep(0.2)
+        stranger.bind(("127.0.0.1", port))
+        stranger.listen()
+        threading.Thread(target=hang_up_on_callers, args=(stranger,), daemon=True).start()
+        assert finish(process, lost, timeout=300) == 1
+        stranger.shutdown(socket.SHUT_RDWR)  # its accept() returns: the port is free again
+    log = (lost.parent / f"{lost.name}.log").read_text()
+    done = len(read_metrics(lost))
+    checkpoint = latest_checkpoint(lost / "checkpoints")
+    assert checkpoint is not None and checkpoint.name == f"step_{done:08d}", log[-4000:]
+    assert "Traceback" not in log, log[-4000:]
+    assert (f"could not be restarted (3 attempts; last: port {port} on 127.0.0.1 is already in use") in log
+    last = log.splitlines()[-2:]
+    assert last[0].startswith("error: the run failed (exit 1) at step ") and "ServersLost" in last[0], last
+    assert last[1] == f"resume from {checkpoint} with: dppo-megatron train --run-dir {lost} --resume", last
+    resumed = start_train(lost, "--resume", recipe=None)
+    assert finish(resumed, lost, timeout=300) == 0, log_tail(lost)
+    assert comparable(read_metrics(lost)) == comparable(read_metrics(plain))
+
+
+def hang_up_on_callers(listening) -> None:
+    while True:
+        try:
+            connection, _ = listening.accept()
+        except OSError:  # closed
+            return
+        connection.close()
 
 
 def test_a_run_killed_without_a_word_reads_as_killed_not_running(tmp_path):

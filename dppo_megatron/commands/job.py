@@ -45,12 +45,18 @@ def _run_rank(args) -> int:
     import torch.distributed as dist
 
     from dppo_megatron.run.loop import train
+    from dppo_megatron.run.server_keeper import ServersLost
 
-    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     try:
         return train(args.run_dir, args.job_layout)
+    except ServersLost as error:  # explained, and the step saved: a line, not a traceback per rank
+        if rank == "0":
+            print(f"error: rollout servers lost: {error}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

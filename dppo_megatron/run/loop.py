@@ -22,10 +22,12 @@ from dppo_megatron.algo import needs_old_logprob
 from dppo_megatron.config.schema import Recipe
 from dppo_megatron.config.validate import load_recipe
 from dppo_megatron.processes import say
+from dppo_megatron.rollout.client import NoServerLeft
 from dppo_megatron.run.build import Run, build_run
 from dppo_megatron.run.metrics import mean_over_mini_batches
 from dppo_megatron.run.producer import PENDING_DIR, save_pending
 from dppo_megatron.run.run_dir import RECIPE_FILE, write_status
+from dppo_megatron.run.server_keeper import RESTART_ATTEMPTS, ServersLost
 
 
 def train(run_dir: Path, job_layout: Path | None = None) -> int:
@@ -68,17 +70,15 @@ def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dic
 
 def _step(run: Run, step: int) -> bool:
     """One step, a collective: rollout, learner, weight sync, evaluation and checkpoint,
-    metrics. Returns whether a stop was asked for (a checkpoint was then saved)."""
+    metrics. Returns whether a stop was asked for (a checkpoint was then saved). Servers lost
+    at the weight sync: the step is checkpointed and logged (without its evaluation), then
+    ServersLost is raised."""
     recipe, rank, learner, publisher, producer = run.recipe, run.rank, run.learner, run.publisher, run.producer
-    trainer, staleness = recipe.trainer, recipe.trainer.max_staleness
+    trainer = recipe.trainer
     started = time.monotonic()
     # 1. Rollout, rewards, advantages (rank 0): start step + N's batch with the servers'
     #    weights, take this step's; every rank gets its share.
-    samples, metrics = None, {}
-    if rank == 0:
-        if step + staleness < trainer.steps:
-            producer.start(step + staleness, version=publisher.version)
-        samples, metrics = producer.take(step)
+    samples, metrics = _batch(run, step)
     share = run.scatter.share(samples)
     if rank == 0:  # what the scatter just sent
         metrics["batch/sent_mib"] = run.scatter.last_bytes_sent / 2**20
@@ -95,27 +95,27 @@ def _step(run: Run, step: int) -> bool:
     learner_done = time.monotonic()
 
     # 3. New weights to the servers: written while they may still be generating (the batch
-    #    made ahead), loaded once they are done with the old ones.
+    #    made ahead), loaded once they are done with the old ones. Servers that cannot be
+    #    brought back to take them end the run, once the step is saved (a resume starts there).
     publisher.write(step + 1)
     if rank == 0:
         metrics["time/learner_waited_for_rollouts"] += producer.wait_idle()
-    publisher.publish(step + 1)
+    lost = None
+    try:
+        publisher.publish(step + 1)
+    except ServersLost as error:  # raised on every rank alike
+        lost = error
     sync_done = time.monotonic()
 
     # 4. Evaluation, checkpoint, export.
     metrics.update(mean_over_mini_batches(learner_metrics))
     metrics.update({"time/rollout": rollout_done - started, "time/learner": learner_done - rollout_done,
                     "time/sync": sync_done - learner_done})
-    if rank == 0 and trainer.eval_every and (step + 1) % trainer.eval_every == 0:
+    if rank == 0 and trainer.eval_every and (step + 1) % trainer.eval_every == 0 and not lost:
         metrics.update(run.rollouts.evaluate())
     stop = run.stop_request.agreed()
-    pending = producer.pending() if rank == 0 else {}
-
-    def write_extra(directory: Path, pending=pending) -> None:  # rank 0's part of a checkpoint
-        save_pending(directory / PENDING_DIR, pending)
-        run.masked_tokens.save(directory)
-
-    metrics.update(run.checkpoints.after_step(step + 1, stop=stop, write_extra=write_extra))
+    metrics.update(run.checkpoints.after_step(step + 1, stop=stop or lost is not None,
+                                              write_extra=_checkpoint_extra(run)))
 
     # 5. Metrics.
     if rank == 0:
@@ -123,7 +123,53 @@ def _step(run: Run, step: int) -> bool:
         run.metrics_log.log(step, metrics)
         run.masked_tokens.write(run.run_dir)
         say(run.metrics_log.progress(step, metrics))
+    if lost is not None:
+        raise lost
     return stop
+
+
+def _batch(run: Run, step: int) -> tuple[list | None, dict]:
+    """Rank 0: the step's batch (made ahead, else now), and step + N's started. A collective:
+    where no server was left to make it (restarted ones wait for the weights under distributed
+    sync, or restarts failed), every rank joins a publish of the weights the servers should
+    hold, which restarts the dead ones, and rank 0 makes the batch again. Where that keeps
+    failing, ServersLost, after a checkpoint of the steps done."""
+    recipe, producer, publisher = run.recipe, run.producer, run.publisher
+    ahead = step + recipe.trainer.max_staleness
+    for attempt in range(1, RESTART_ATTEMPTS + 2):
+        batch, waiting = (None, {}), [None]
+        if run.rank == 0:
+            try:
+                producer.start(step, version=publisher.version)  # nothing to do where made ahead
+                if ahead < recipe.trainer.steps:
+                    producer.start(ahead, version=publisher.version)
+                batch = producer.take(step)
+            except NoServerLeft as error:
+                waiting[0] = str(error)
+                say(f"step {step}: {error}; bringing the servers back with weight version {publisher.version} "
+                    f"and making the batch again")
+        dist.broadcast_object_list(waiting, src=0, group=run.stop_request.group)
+        if waiting[0] is None:
+            return batch
+        try:
+            if attempt > RESTART_ATTEMPTS:
+                raise ServersLost(f"the rollouts of step {step} failed {attempt} times: {waiting[0]}")
+            publisher.publish(publisher.version)
+        except ServersLost:
+            if step > run.checkpoints.saved_at:
+                run.checkpoints.after_step(step, stop=True, write_extra=_checkpoint_extra(run))
+            raise
+
+
+def _checkpoint_extra(run: Run):
+    """Rank 0's part of a checkpoint: the batches made ahead, the masked-token counts."""
+    pending = run.producer.pending() if run.rank == 0 else {}
+
+    def write_extra(directory: Path) -> None:
+        save_pending(directory / PENDING_DIR, pending)
+        run.masked_tokens.save(directory)
+
+    return write_extra
 
 
 def _stopped(run: Run) -> int:

@@ -7,6 +7,11 @@ own logprobs of each sample. The schedule is fixed (a step's rollouts always com
 same weights), so a run is deterministic; N = 0 is the synchronous loop. The weights change
 only between generations: `wait_idle` before every publish. The batches already made but not
 yet trained are saved with each checkpoint, so a resumed run neither repeats nor loses one.
+
+A batch that could not be made because no server was left (NoServerLeft: dead, or restarted
+and waiting for the weights under distributed sync) is missing: `take` raises it, and once
+every rank brought the servers back with the weights (run/loop.py) `start` makes it anew, with
+the weights the servers hold then (ahead of the schedule by the steps it was made ahead).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dppo_megatron.learner.batches import TrainSample, pack_share, unpack_share
+from dppo_megatron.rollout.client import NoServerLeft
 from dppo_megatron.run.rollout_process import RolloutProcess
 
 Batch = tuple[list[TrainSample], dict[str, float]]
@@ -32,6 +38,7 @@ class RolloutProducer:
         self.ready: dict[int, Batch] = dict(pending or {})
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
         self._in_flight: tuple[int, Future] | None = None
+        self.missing: dict[int, NoServerLeft] = {}  # batches no server was left to make
         self._finished_at: float | None = None  # when the last background generation ended
         self.servers_waited = 0.0  # seconds the servers sat idle between two generations, since the last take
 
@@ -46,6 +53,7 @@ class RolloutProducer:
         if step in self.ready or (self._in_flight and self._in_flight[0] == step):
             return
         self.wait_idle()
+        self.missing.pop(step, None)
         if self._finished_at is not None:
             self.servers_waited += time.monotonic() - self._finished_at
         future = self._executor.submit(self.rollouts.step, step, version)
@@ -55,10 +63,12 @@ class RolloutProducer:
     def take(self, step: int) -> tuple[list[TrainSample], dict[str, float]]:
         """The batch of `step` (waiting for it if it is being made), with the waits in its metrics."""
         waited = 0.0
-        if step not in self.ready:
-            if not self._in_flight or self._in_flight[0] != step:
-                raise RuntimeError(f"the rollouts of step {step} were never started")
+        if step not in self.ready and self._in_flight and self._in_flight[0] == step:
             waited = self.wait_idle()
+        if step in self.missing:
+            raise self.missing.pop(step)
+        if step not in self.ready:
+            raise RuntimeError(f"the rollouts of step {step} were never started")
         samples, metrics = self.ready.pop(step)
         metrics = dict(metrics, **{"time/learner_waited_for_rollouts": waited,
                                    "time/servers_waited_for_learner": self.servers_waited})
@@ -66,14 +76,17 @@ class RolloutProducer:
         return samples, metrics
 
     def wait_idle(self) -> float:
-        """Wait for the generation in flight (before the weights change); its errors raise here.
-        Returns the seconds waited."""
+        """Wait for the generation in flight (before the weights change); its errors raise here,
+        but for NoServerLeft (the batch is then missing). Returns the seconds
+        waited."""
         if self._in_flight is None:
             return 0.0
         step, future = self._in_flight
         started = time.monotonic()
         try:
             self.ready[step] = future.result()
+        except NoServerLeft as error:
+            self.missing[step] = error
         finally:
             self._in_flight = None
         return time.monotonic() - started

@@ -30,7 +30,7 @@ import numpy as np
 from dppo_megatron.config.schema import Recipe
 from dppo_megatron.learner.batches import TrainSample, unpack_sample
 from dppo_megatron.model.arch import Qwen3Arch
-from dppo_megatron.rollout.client import ServerRejoinsLater
+from dppo_megatron.rollout.client import NoServerLeft, ServerRejoinsLater
 from dppo_megatron.run.rollouts import Rollouts
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,12 @@ class RolloutProcess:
                 return event[1]
             elif event[0] == "error":
                 _, pickled, message, formatted = event
-                log.error("the rollout process failed:\n%s", formatted)
                 try:
                     error = pickle.loads(pickled)
                 except Exception:  # noqa: BLE001 - an error that cannot be rebuilt here goes as its text
                     error = RolloutProcessError(message)
+                if not isinstance(error, NoServerLeft):  # that one the loop handles: its message says it all
+                    log.error("the rollout process failed:\n%s", formatted)
                 raise error
 
     def _serve_restart(self, url: str) -> None:
