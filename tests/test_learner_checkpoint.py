@@ -1,10 +1,12 @@
 """Learner checkpoints: resume at the same and at another layout, and never load a partial one."""
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.metadata import Metadata
 
 from dppo_megatron.convert.checkpoints import resolve_checkpoint
 from dppo_megatron.learner.checkpoint import LATEST_FILE, STATE_FILE, latest_checkpoint, torn_files
@@ -81,6 +83,41 @@ def write_complete(root: Path, step: int) -> Path:
     return path
 
 
+class _RunsCode:
+    """A pickle that, loaded, creates the file it names: what a tampered .metadata could do."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_checkpoint_whose_metadata_pickle_names_foreign_code_is_refused_before_it_runs(runs, tmp_path):
+    """torch.distributed.checkpoint reads `.metadata` with pickle.load. A real checkpoint's
+    passes the check (only torch's metadata types); one replaced by a pickle that would create
+    a file, its manifest rewritten to match, is refused by convert and by the learner's load,
+    naming the global, and the file is never created."""
+    import shutil
+
+    from dppo_megatron.model import dcp_metadata
+
+    latest = latest_checkpoint(runs["root"] / "a" / "before")
+    dcp_metadata.check(latest)  # torch's own: passes
+    tampered = tmp_path / latest.name
+    shutil.copytree(latest, tampered)
+    ran = tmp_path / "ran"
+    (tampered / ".metadata").write_bytes(pickle.dumps(_RunsCode(ran)))
+    write_manifest(tampered)
+    with pytest.raises(CheckpointError, match=r"\.metadata is refused: it names pathlib.*touch"):
+        resolve_checkpoint(tampered)
+    from dppo_megatron.learner.checkpoint import load_checkpoint
+
+    with pytest.raises(CheckpointError, match="is refused"):
+        load_checkpoint(tampered, learner=None)  # refused before any learner state is touched
+    assert not ran.exists()
+
+
 def test_latest_names_the_newest_complete_checkpoint(tmp_path):
     write_complete(tmp_path, 4)
     newest = write_complete(tmp_path, 8)
@@ -101,7 +138,7 @@ def write_with_manifest(root: Path, step: int) -> Path:
     path = root / f"step_{step:08d}"
     (path / "model").mkdir(parents=True)
     (path / STATE_FILE).write_text('{"manifest": true}')
-    (path / ".metadata").write_bytes(b"megatron's index")
+    (path / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={})))  # torch's index, empty
     (path / "model" / "__0_0.distcp").write_bytes(bytes(range(256)) * 40)
     write_manifest(path)
     return path

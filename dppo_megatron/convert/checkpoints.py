@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dppo_megatron.learner.checkpoint import HF_CONFIG_FILE, STATE_FILE
-from dppo_megatron.model import manifest
+from dppo_megatron.model import dcp_metadata, manifest
 from dppo_megatron.model.arch import Qwen3Arch
 from dppo_megatron.model.hf_io import CheckpointError
 from dppo_megatron.model.layout import ParallelLayout
@@ -63,6 +63,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path}: neither a Megatron checkpoint nor a directory of them")
     if problems := _torn(found):
         raise CheckpointError(f"{found} is torn ({manifest.summary(problems)}); use an earlier checkpoint")
+    dcp_metadata.check(found)
     return found
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from dppo_megatron.model import dcp_metadata
 from dppo_megatron.model.arch import Qwen3Arch
 from dppo_megatron.model.hf_io import CheckpointError, HFCheckpointWriter
 from dppo_megatron.model.mapping import MEGATRON_LAYER, TensorMap, hf_tensor_names, tensor_map, to_hf
@@ -52,6 +53,7 @@ class ShardedCheckpointReader:
         from torch.distributed.checkpoint import FileSystemReader
 
         self.path = Path(path)
+        dcp_metadata.check(self.path)  # torch unpickles it
         self.reader = FileSystemReader(str(self.path))
         metadata = self.reader.read_metadata()
         self.reader.set_up_storage_reader(metadata, is_coordinator=True)

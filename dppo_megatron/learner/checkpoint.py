@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dppo_megatron.model import manifest
+from dppo_megatron.model import dcp_metadata, manifest
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,7 @@ def load_checkpoint(path: str | Path, learner) -> dict:
 
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text())
+    dcp_metadata.check(path)  # torch unpickles it
     _materialize_optimizer_state(learner.optimizer)
     model_state = learner.module.sharded_state_dict()
     optimizer_state = learner.optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_FORMAT)
