@@ -241,6 +241,20 @@ def test_a_lone_server_killed_under_distributed_sync_is_brought_back_and_when_it
     assert comparable(read_metrics(lost)) == comparable(read_metrics(plain))
 
 
+def test_a_failed_checkpoint_says_why_in_its_first_ranks_words_not_only_which_ranks_failed():
+    """torch's CheckpointException (a full disk during a save) prints as "CheckpointException
+    ranks:dict_keys([0, 1])"; the status and the failure line carry rank 0's own error."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from dppo_megatron.run.loop import explained
+
+    full = OSError(28, "No space left on device")
+    error = CheckpointException("save", {1: (RuntimeError("other"), None), 0: (full, None)})
+    assert explained(error) == ("the checkpoint could not be written or read (rank 0): OSError: "
+                                "[Errno 28] No space left on device")
+    assert explained(ValueError("bad")) == "ValueError: bad"
+
+
 def hang_up_on_callers(listening) -> None:
     while True:
         try:

@@ -42,10 +42,20 @@ def train(run_dir: Path, job_layout: Path | None = None) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             try:
                 write_status(run_dir, "failed", progress["step"], recipe.trainer.steps,
-                             f"{type(error).__name__}: {error}"[:4000])
+                             explained(error)[:4000])
             except OSError as status_error:  # the disk that failed the run may refuse this too
                 say(f"status.json could not be written either: {status_error}")
         raise
+
+
+def explained(error: BaseException) -> str:
+    """The error in one line. torch's CheckpointException says only which ranks failed (and
+    their tracebacks): the first rank's own error says why (a full disk, say)."""
+    failures = getattr(error, "failures", None)
+    if type(error).__name__ == "CheckpointException" and isinstance(failures, dict) and failures:
+        rank, (cause, _) = min(failures.items())
+        return f"the checkpoint could not be written or read (rank {rank}): {type(cause).__name__}: {cause}"
+    return f"{type(error).__name__}: {error}"
 
 
 def _train(recipe: Recipe, run_dir: Path, job_layout: Path | None, progress: dict) -> int:
