@@ -118,14 +118,14 @@ class WeightPublisher:
 
     def _load_on_rank0(self, version: int) -> None:
         loading = list(self.urls)
-        for attempt in range(1, RESTART_ATTEMPTS + 1):
+        for _ in range(RESTART_ATTEMPTS):
             if self.keeper is not None:
                 self.keeper.revive(loading)
             failed = self.disk.load(loading, version)
             if not failed:
                 self.disk.drop_older(version)
                 return
-            why = "; ".join(f"{url}: {message}" for url, message in failed.items())
+            why = said(failed)
             if self.keeper is None:
                 raise WeightSyncError(f"weight version {version} from {self.disk.version_dir(version)}: {why}")
             log.warning("weight version %d did not load (%s); restarting the servers that are down and loading "
@@ -136,8 +136,9 @@ class WeightPublisher:
     def _broadcast(self, version: int, attempts: int = 3) -> None:
         """Every sender sends `version` through its group, inside one weight-update session on
         every member server (rank 0 opens it before the first sender's turn and closes it after
-        the last). A server that dies meanwhile breaks the groups it is in: the senders then
-        form them again without it and send the whole version again."""
+        the last). A server that dies meanwhile breaks the groups it is in: rank 0 restarts it
+        (and those stuck on the broken broadcast), the senders form the groups again and send the
+        whole version again."""
         regroup = False
         for _ in range(attempts):
             self._regroup(force=regroup)
