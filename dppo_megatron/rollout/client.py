@@ -7,10 +7,10 @@ requests are retried with backoff (the whole call, under fresh rids: SGLang refu
 still in flight), on another server when there is one; a server that fails
 `failures_before_dead` times in a row is marked dead and handed to `restart` (the server
 manager), and takes requests again once that returns (or, where it raises ServerRejoinsLater,
-from the next `generate` call, when it is asked again; ServersAwaitWeights where no other server
-is left to serve meanwhile; NoServerLeft where every restart failed). A 4xx is the request's fault and a
-well-formed answer that breaks the protocol (say, no routes under R3) stops the run: neither
-is retried. Every request yields exactly one sample, in the order given.
+from the next `generate` call, when it is asked again; ServersAwaitWeights where no other
+server is left to serve meanwhile; NoServerLeft where every restart failed). A 4xx is the
+request's fault and a well-formed answer that breaks the protocol (say, no routes under R3)
+stops the run: neither is retried. Every request yields exactly one sample, in the order given.
 """
 
 from __future__ import annotations

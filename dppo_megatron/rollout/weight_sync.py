@@ -67,10 +67,8 @@ class DiskWeightSync:
         path = self.version_dir(version)
         if not (path / "config.json").is_file():
             raise WeightSyncError(f"version {version} has not been written: no {path / 'config.json'}")
-        answers = _answers(servers, "/update_weights_from_disk", [self.update_body(version)] * len(servers),
-                           self.timeout, key=self.key)
-        return {server: str(answer.get("message", answer)) for server, answer in zip(servers, answers)
-                if not answer.get("success", False)}
+        return _failures(servers, _answers(servers, "/update_weights_from_disk",
+                                           [self.update_body(version)] * len(servers), self.timeout, key=self.key))
 
     def update_body(self, version: int) -> dict:
         """The /update_weights_from_disk body that loads `version`."""
@@ -188,10 +186,14 @@ def _answers(servers: list[str], path: str, bodies: list[dict], timeout: float, 
 
 def _raise_failures(servers: list[str], answers: list[dict], context: str,
                     error: type[WeightSyncError] = WeightSyncError) -> None:
-    failures = [f"{server}: {answer.get('message', answer)}" for server, answer in zip(servers, answers)
-                if not answer.get("success", False)]
-    if failures:
-        raise error(f"{context}: " + "; ".join(failures))
+    if failures := _failures(servers, answers):
+        raise error(f"{context}: {said(failures)}")
+
+
+def _failures(servers: list[str], answers: list[dict]) -> dict[str, str]:
+    """The servers whose answer is not a success, with its message."""
+    return {server: str(answer.get("message", answer)) for server, answer in zip(servers, answers)
+            if not answer.get("success", False)}
 
 
 def begin_weight_update(servers: list[str], timeout: float = 600.0, *, key: str | None = None) -> None:
@@ -217,9 +219,7 @@ def end_weight_update(servers: list[str], timeout: float = 600.0, *, key: str | 
     """Close the session on every server (`/end_weight_update`: SGLang finalises the loaded
     weights). Returns the servers that did not close it, with why (unreachable, busy past
     `timeout`: still waiting on a broken broadcast, or holding no session)."""
-    answers = _answers(servers, "/end_weight_update", [{}] * len(servers), timeout, key=key)
-    return {server: str(answer.get("message", answer)) for server, answer in zip(servers, answers)
-            if not answer.get("success", False)}
+    return _failures(servers, _answers(servers, "/end_weight_update", [{}] * len(servers), timeout, key=key))
 
 
 def said(failures: dict[str, str]) -> str:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dppo_megatron.algo import needs_old_logprob
 from dppo_megatron.config.schema import Recipe
@@ -51,9 +52,8 @@ def train(run_dir: Path, job_layout: Path | None = None) -> int:
 def explained(error: BaseException) -> str:
     """The error in one line. torch's CheckpointException says only which ranks failed (and
     their tracebacks): the first rank's own error says why (a full disk, say)."""
-    failures = getattr(error, "failures", None)
-    if type(error).__name__ == "CheckpointException" and isinstance(failures, dict) and failures:
-        rank, (cause, _) = min(failures.items())
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, (cause, _) = min(error.failures.items())
         return f"the checkpoint could not be written or read (rank {rank}): {type(cause).__name__}: {cause}"
     return f"{type(error).__name__}: {error}"
 

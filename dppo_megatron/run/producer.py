@@ -77,8 +77,7 @@ class RolloutProducer:
 
     def wait_idle(self) -> float:
         """Wait for the generation in flight (before the weights change); its errors raise here,
-        but for NoServerLeft (the batch is then missing). Returns the seconds
-        waited."""
+        but for NoServerLeft (the batch is then missing). Returns the seconds waited."""
         if self._in_flight is None:
             return 0.0
         step, future = self._in_flight
