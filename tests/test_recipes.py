@@ -307,3 +307,67 @@ def test_recipe_reference_in_docs_is_generated_from_the_schema():
 
     docs = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
     assert docs.read_text() == reference(), "regenerate: dppo-megatron recipe-reference > docs/recipes.md"
+
+
+# --- colocated servers (rollout.colocate) --------------------------------------------------------
+
+QWEN3_30B = RECIPES / "qwen3-30b-a3b" / "dppo-binary-tv.yaml"
+# The 30B recipe with its 4 servers of TP 4 on the learner's 2 x 8 GPUs.
+COLOCATE = ["rollout.colocate=true", "rollout.nodes=0", "rollout.gpus_per_node=0", "rollout.weight_sync=tensor"]
+
+# One bad colocated recipe per rule: (overrides on the colocated 30B recipe, what the message must say).
+COLOCATED_INVALID = {
+    "no asynchronous rollouts": (["trainer.max_staleness=1"],
+                                 "trainer.max_staleness: 1 with rollout.colocate: asynchronous rollouts generate while "
+                                 "the learner trains, and colocated servers and the learner take turns on the same GPUs"),
+    "servers on the learner nodes": (["rollout.nodes=2"], "rollout.nodes: colocated servers run on the learner nodes; "
+                                                          "set 0, got 2"),
+    "no NCCL broadcast into one's own GPU": (["rollout.weight_sync=distributed"],
+                                             "rollout.weight_sync: distributed with rollout.colocate: NCCL refuses two "
+                                             "ranks of one communicator on one GPU"),
+    "servers tile a node": (["rollout.server_tp=3", "rollout.servers=5"],
+                            "rollout.server_tp x server_dp: servers of 3 GPUs do not tile a learner node's 8 GPUs"),
+    "servers cover the learner's GPUs": (["rollout.servers=3"],
+                                         "rollout.servers: 3, but colocated servers of 4 GPUs (server_tp x server_dp) "
+                                         "cover learner.nodes 2 x learner.ranks_per_node 8 GPUs with 4"),
+    "servers cover every node": (["rollout.server_tp=8", "rollout.servers=1"],
+                                 "rollout.servers: 1, but colocated servers of 8 GPUs"),
+    "no tensor updates into replicas": (["rollout.server_dp=2", "rollout.servers=2"],
+                                        "rollout.server_dp: SGLang takes no tensor weight updates into a server with "
+                                        "data-parallel replicas (server_dp 2)"),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(COLOCATED_INVALID))
+def test_a_colocated_recipe_breaking_a_rule_is_refused_naming_the_field(rule):
+    overrides, message = COLOCATED_INVALID[rule]
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(QWEN3_30B, COLOCATE + overrides)
+    assert message in str(caught.value), str(caught.value)
+
+
+def test_tensor_weight_sync_is_refused_without_colocated_servers():
+    for recipe in (QWEN3_30B, QUICKSTART):
+        with pytest.raises(RecipeError, match="rollout.weight_sync: tensor hands the servers CUDA IPC / shared-memory "
+                                              "handles, .* it needs rollout.colocate true"):
+            load_recipe(recipe, ["rollout.weight_sync=tensor"])
+
+
+def test_colocated_sglang_servers_take_the_learner_gpus_from_gpu_0_and_ignore_rollout_gpus_per_node():
+    from dppo_megatron.config.placement import server_placements
+
+    for gpus_per_node in (0, 8):
+        recipe = load_recipe(QWEN3_30B, COLOCATE + [f"rollout.gpus_per_node={gpus_per_node}"])
+        assert [(p.node, p.gpus, p.port) for p in server_placements(recipe)] == [
+            (0, (0, 1, 2, 3), 30000), (0, (4, 5, 6, 7), 30001), (1, (0, 1, 2, 3), 30002), (1, (4, 5, 6, 7), 30003)]
+    eight = load_recipe(QWEN3_30B, COLOCATE + ["rollout.server_tp=8", "rollout.servers=2"])
+    assert [(p.node, p.gpus) for p in server_placements(eight)] == [(0, tuple(range(8))), (1, tuple(range(8)))]
+    with pytest.raises(RecipeError, match="rollout.gpus_per_node: must be >= 1, got 0"):  # still counted when not colocated
+        load_recipe(QWEN3_30B, ["rollout.gpus_per_node=0"])
+
+
+def test_a_colocated_embedded_engine_stays_a_cpu_process_on_the_first_node():
+    from dppo_megatron.config.placement import server_placements
+
+    recipe = load_recipe(QUICKSTART, ["rollout.colocate=true", "rollout.weight_sync=tensor", "rollout.servers=2"])
+    assert [(p.node, p.gpus) for p in server_placements(recipe)] == [(0, ()), (0, ())]

@@ -5,7 +5,9 @@ one machine) and cluster jobs (`run/placement.py` turns it into a job's layout w
 Servers go on the rollout nodes (`rollout.nodes` > 0) or, with `rollout.nodes: 0`, on the
 learner nodes, on the GPUs the learner leaves free: a learner node runs its
 `learner.ranks_per_node` ranks on GPUs 0..R-1 and its servers on the `rollout.gpus_per_node`
-GPUs after them. A server never straddles two nodes.
+GPUs after them. Colocated servers (`rollout.colocate`) share the learner's own GPUs instead,
+from GPU 0: one server per `server_tp x server_dp` of a node's `learner.ranks_per_node` GPUs.
+A server never straddles two nodes.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def wants_routes(recipe: Recipe) -> bool:
 def server_room(recipe: Recipe) -> tuple[int, int, int]:
     """(nodes the servers may use, GPUs for servers on each, the first of those GPUs)."""
     rollout, learner = recipe.rollout, recipe.learner
+    if rollout.colocate:  # the learner's own GPUs, which the servers take turns with
+        return learner.nodes, learner.ranks_per_node, 0
     if rollout.nodes:
         return rollout.nodes, rollout.gpus_per_node, 0
     return learner.nodes, rollout.gpus_per_node, learner.ranks_per_node

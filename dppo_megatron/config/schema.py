@@ -60,6 +60,9 @@ class LearnerConfig:
     recompute: bool = doc("recompute activations in the backward (full layers)", False)
     micro_batch_size: int = doc("sequences per micro-batch", 1)
     transformer_engine: bool = doc("use TransformerEngine layers when it is installed and a GPU is present", True)
+    offload_while_generating: bool = doc("colocated runs (rollout.colocate): the optimizer state and the gradient "
+                                         "buffers go to host memory while the servers generate on the learner's "
+                                         "GPUs, and come back for the step (no effect on CPU learners)", True)
     token_stats_memory_mib: int = doc("fp32 working memory of the loss's token statistics (log pi, entropy, top-K) "
                                       "per call, beyond the logits' gradient: sets their chunk of tokens", 256)
 
@@ -109,10 +112,12 @@ class RolloutConfig:
     server_tp: int = doc("tensor parallel size inside one server", 1)
     server_dp: int = doc("data parallel replicas inside one server", 1)
     server_ep: int = doc("expert parallel size inside one server", 1)
-    nodes: int = doc("nodes for rollout servers (0: share the learner nodes, on the GPUs after the learner's)", 0)
+    nodes: int = doc("nodes for rollout servers (0: share the learner nodes, on the GPUs after the learner's; "
+                     "colocated: on the learner's own GPUs)", 0)
     gpus_per_node: int = doc("GPUs per rollout node; with rollout.nodes 0, the GPUs of each learner node after "
-                             "the learner's own ranks", 8)
-    mem_fraction: float = doc("SGLang --mem-fraction-static", 0.85)
+                             "the learner's own ranks (ignored when colocated: the servers take the learner's)", 8)
+    mem_fraction: float = doc("SGLang --mem-fraction-static: the fraction of a GPU's memory its weights and KV "
+                              "cache take", 0.85)
     deterministic: bool = doc("SGLang --enable-deterministic-inference: honour each response's sampling seed, so a "
                               "resumed step samples the same tokens (off: SGLang ignores the seeds; slower on)", False)
     dtype: Literal["auto", "float32", "bfloat16", "float8"] = doc(
@@ -123,7 +128,15 @@ class RolloutConfig:
     api_key_file: str | None = doc("YAML file (mode 0600) with `api-key` and optionally `admin-api-key`: the keys "
                                    "the run's servers ask for (null: the run makes its own, RUN/keys.yaml)")
     base_port: int = doc("port of the first server; the others count up", 30000)
-    weight_sync: Literal["disk", "distributed"] = doc("how new weights reach the servers", "disk")
+    colocate: bool = doc("the servers run on the learner's own GPUs (one per server_tp x server_dp GPUs of each "
+                         "learner node, from GPU 0; rollout.nodes 0, rollout.gpus_per_node ignored) "
+                         "and take turns with it: they generate, release their memory (weights, KV cache), the "
+                         "learner trains, they resume and take the new weights (synchronous only; see "
+                         "docs/colocation.md)", False)
+    weight_sync: Literal["disk", "distributed", "tensor"] = doc(
+        "how new weights reach the servers: disk (an HF checkpoint each step), distributed (a broadcast through "
+        "NCCL/gloo groups), tensor (shared-memory / CUDA IPC handles, /update_weights_from_tensor: colocated runs)",
+        "disk")
     requests_per_call: int = doc("requests batched into one /generate call", 16)
     request_timeout: float = doc("seconds for one /generate answer", 1800.0)
     max_in_flight_per_server: int = doc("concurrent /generate calls per server", 64)

@@ -85,6 +85,7 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
     _model(recipe, need, problems, check_files)
     _batches(recipe, need)
     _servers(recipe, need, check_files)
+    _colocation(recipe, need)
     _keys(recipe, need, check_files)
     _slurm_job(recipe, need)
     _data_and_rewards(recipe, need, problems, check_files)
@@ -104,7 +105,7 @@ def _numbers_and_loss(recipe: Recipe, need) -> None:
                         ("rollout.server_tp", rollout.server_tp), ("rollout.server_dp", rollout.server_dp),
                         ("rollout.server_ep", rollout.server_ep), ("rollout.requests_per_call", rollout.requests_per_call),
                         ("rollout.max_in_flight_per_server", rollout.max_in_flight_per_server),
-                        ("rollout.gpus_per_node", rollout.gpus_per_node), ("trainer.steps", trainer.steps),
+                        ("trainer.steps", trainer.steps),
                         ("trainer.prompts_per_step", trainer.prompts_per_step),
                         ("trainer.mini_batches", trainer.mini_batches), ("trainer.keep_checkpoints", trainer.keep_checkpoints),
                         ("trainer.eval_n", trainer.eval_n), ("data.max_prompt_len", data.max_prompt_len)]:
@@ -115,6 +116,8 @@ def _numbers_and_loss(recipe: Recipe, need) -> None:
                         ("optim.clip_grad", optim.clip_grad), ("optim.min_lr", optim.min_lr),
                         ("reward.overlong_buffer", reward.overlong_buffer), ("rollout.topk_logprobs", rollout.topk_logprobs)]:
         need(value >= 0, f"{path}: must be >= 0, got {value}")
+    need(rollout.colocate or rollout.gpus_per_node >= 1,  # colocated servers take the learner's GPUs instead
+         f"rollout.gpus_per_node: must be >= 1, got {rollout.gpus_per_node}")
     need(rollout.n >= 2, f"rollout.n: group advantages need at least 2 responses per prompt, got {rollout.n}")
     need(optim.lr > 0, f"optim.lr: must be > 0, got {optim.lr}")
     need(optim.min_lr <= optim.lr, f"optim.min_lr ({optim.min_lr}) must not exceed optim.lr ({optim.lr})")
@@ -199,7 +202,7 @@ def _batches(recipe: Recipe, need) -> None:
 def _servers(recipe: Recipe, need, check_files: bool) -> None:
     """The rollout servers, their GPUs and what SGLang takes."""
     rollout = recipe.rollout
-    if rollout.engine == "sglang" and rollout.gpus_per_node >= 1:
+    if rollout.engine == "sglang" and not rollout.colocate and rollout.gpus_per_node >= 1:
         nodes, gpus_per_node, _ = server_room(recipe)
         per_server = rollout.server_tp * rollout.server_dp
         where = (f"rollout.nodes {rollout.nodes} x rollout.gpus_per_node {gpus_per_node}" if rollout.nodes else
@@ -211,6 +214,8 @@ def _servers(recipe: Recipe, need, check_files: bool) -> None:
             room = nodes * (gpus_per_node // per_server)
             need(rollout.servers <= room, f"rollout.servers: {rollout.servers} servers of {per_server} GPUs "
                                           f"(server_tp x server_dp) do not fit {where}: room for {room}")
+    if rollout.engine == "sglang":
+        per_server = rollout.server_tp * rollout.server_dp
         need(rollout.server_ep <= per_server,
              f"rollout.server_ep: {rollout.server_ep} exceeds the server's {per_server} GPUs")
 
@@ -225,6 +230,50 @@ def _servers(recipe: Recipe, need, check_files: bool) -> None:
                                          f"{rollout.engine})")
         need(not check_files or os.access(rollout.sglang_python, os.X_OK),
              f"rollout.sglang_python: {rollout.sglang_python} is not an executable interpreter here")
+
+
+def _colocation(recipe: Recipe, need) -> None:
+    """Colocated servers (rollout.colocate) take turns with the learner on its own GPUs; tensor
+    sync hands them the weights as handles that only processes of the learner's machine open."""
+    rollout, trainer = recipe.rollout, recipe.trainer
+    if not rollout.colocate:
+        need(rollout.weight_sync != "tensor",
+             "rollout.weight_sync: tensor hands the servers CUDA IPC / shared-memory handles, which only processes "
+             "on the learner's own machine and GPUs can open: it needs rollout.colocate true (else use disk or "
+             "distributed)")
+        return
+    need(trainer.max_staleness == 0,
+         f"trainer.max_staleness: {trainer.max_staleness} with rollout.colocate: asynchronous rollouts generate "
+         "while the learner trains, and colocated servers and the learner take turns on the same GPUs; use 0, or "
+         "servers of their own (rollout.colocate false)")
+    need(rollout.nodes == 0, f"rollout.nodes: colocated servers run on the learner nodes; set 0, got {rollout.nodes}")
+    # A colocated server's receiving rank would share its GPU with the learner rank that sends.
+    need(rollout.weight_sync != "distributed",
+         "rollout.weight_sync: distributed with rollout.colocate: NCCL refuses two ranks of one communicator on one "
+         "GPU, and a colocated server's receiver shares its GPU with the learner rank that sends; use tensor (or "
+         "disk)")
+    if rollout.engine == "sglang":
+        _colocated_sglang_servers(recipe, need)
+
+
+def _colocated_sglang_servers(recipe: Recipe, need) -> None:
+    """Colocated SGLang servers cover the learner's GPUs, one per server_tp x server_dp of each node."""
+    rollout, learner = recipe.rollout, recipe.learner
+    per_server = rollout.server_tp * rollout.server_dp
+    if learner.ranks_per_node % per_server:
+        need(False, f"rollout.server_tp x server_dp: servers of {per_server} GPUs do not tile a learner node's "
+                    f"{learner.ranks_per_node} GPUs (learner.ranks_per_node); colocated servers cover the learner's "
+                    "GPUs, one per server_tp x server_dp of them")
+    else:
+        covering = learner.nodes * learner.ranks_per_node // per_server
+        need(rollout.servers == covering,
+             f"rollout.servers: {rollout.servers}, but colocated servers of {per_server} GPUs (server_tp x server_dp) "
+             f"cover learner.nodes {learner.nodes} x learner.ranks_per_node {learner.ranks_per_node} GPUs with "
+             f"{covering} (one per {per_server} GPUs of each node)")
+    # SGLang 0.5.23's tokenizer manager asserts dp_size == 1 in /update_weights_from_tensor.
+    need(rollout.weight_sync != "tensor" or rollout.server_dp == 1,
+         f"rollout.server_dp: SGLang takes no tensor weight updates into a server with data-parallel replicas "
+         f"(server_dp {rollout.server_dp}); use server_dp 1 (rollout.servers follows: one per server_tp GPUs)")
 
 
 def _keys(recipe: Recipe, need, check_files: bool) -> None:
