@@ -371,3 +371,70 @@ def test_a_colocated_embedded_engine_stays_a_cpu_process_on_the_first_node():
 
     recipe = load_recipe(QUICKSTART, ["rollout.colocate=true", "rollout.weight_sync=tensor", "rollout.servers=2"])
     assert [(p.node, p.gpus) for p in server_placements(recipe)] == [(0, ()), (0, ())]
+
+
+# --- the colocated memory plan ---------------------------------------------------------------------
+
+GIB = 1024**3
+# The quickstart's MoE on 4 ranks (TP 2, EP 2) in bf16, with 2 colocated SGLang servers of TP 2
+# on a GPU of 16 GiB: small enough to count every parameter by hand.
+SMALL_COLOCATED = ["model.dtype=bfloat16", "model.random_init.moe_intermediate_size=32", "learner.ranks_per_node=4",
+                   "learner.tp=2", "learner.ep=2", "learner.micro_batch_size=2", "learner.recompute=false",
+                   "learner.token_stats_memory_mib=1", "learner.gpu_memory_gib=16", "rollout.engine=sglang",
+                   "rollout.dtype=auto", "rollout.colocate=true", "rollout.weight_sync=tensor", "rollout.servers=2",
+                   "rollout.server_tp=2", "rollout.mem_fraction=0.25", "rollout.max_new_tokens=48",
+                   "data.max_prompt_len=16"]
+
+
+def small_colocated_by_hand(*, recompute: bool) -> dict[str, float]:
+    """The plan of SMALL_COLOCATED, in bytes, from the model's dimensions: hidden 64, 2 layers,
+    4 query and 2 KV heads of 16, 4 experts of width 32 with 2 per token, the toy vocabulary of
+    15 padded to 1024, untied embeddings."""
+    h, layers, vocab = 64, 2, 1024
+    attention = h * 16 * (2 * 4 + 2 * 2) + 2 * h + 2 * 16  # q, k, v, o; the two norms, q_norm, k_norm
+    router = h * 4
+    dense = 2 * vocab * h + h + layers * (attention + router)  # embeddings, output layer, final norm
+    experts = layers * 4 * 3 * h * 32  # gate, up, down of each expert
+    assert (dense, experts) == (156544, 49152)
+    dense_local, expert_local = dense / 2, experts / 2  # TP 2 for the dense part, EP 2 (ETP 1) for experts
+    weights = (dense_local + expert_local) * 2  # bf16
+    grads = (dense_local + expert_local) * 4  # fp32 gradient buffers, whole on every rank
+    # Adam moments and fp32 master weights, sharded over DP 4 / TP 2 = 2 and expert-DP 4 / EP 2 = 2.
+    optimizer = 12 * (dense_local / 2 + expert_local / 2)
+    tokens = 2 * (16 + 48) / 2  # micro-batch of 2 sequences of 64 tokens, split over TP 2 (sequence parallel)
+    attention_kept = 2 * h + (2 * 4 + 2 * 2) * 16  # input, normed input; q, k, v, attention output
+    moe_kept = 2 * h + 2 * (h + 3 * 32)  # input, normed input; each of 2 routed copies: input, gate, up, act
+    kept = layers * h + attention_kept + moe_kept if recompute else layers * (attention_kept + moe_kept)
+    activations = tokens * kept * 2
+    logits = 2 * (2 * 64 * vocab / 2 * 2) + 1024**2  # logits [128, 1024 / TP 2] bf16 and their gradient; 1 MiB
+    sglang_weights = (dense + experts) * 2 / 2  # bf16 over server TP 2
+    kv_cache = 0.25 * 16 * GIB - sglang_weights  # mem_fraction of the GPU, less the weights
+    return {"learner weights": weights, "learner gradients": grads, "learner optimizer state": optimizer,
+            "learner activations": activations, "learner logits": logits, "learner CUDA context": 1 * GIB,
+            "SGLang weights": sglang_weights, "SGLang KV cache": kv_cache,
+            "kv tokens": kv_cache // (layers * 2 * 1 * 16 * 2)}  # one KV head per GPU, K and V, bf16
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_memory_plan_of_a_small_colocated_moe_matches_the_hand_count(recompute):
+    from dppo_megatron.config.memory_plan import memory_plan
+
+    recipe = load_recipe(QUICKSTART, SMALL_COLOCATED + [f"learner.recompute={str(recompute).lower()}"])
+    plan = memory_plan(recipe, recipe_arch(recipe))
+    expected = small_colocated_by_hand(recompute=recompute)
+    assert plan.kv_tokens == expected.pop("kv tokens")
+    resident = {"generating": ["learner weights", "learner CUDA context", "SGLang weights", "SGLang KV cache"],
+                "training": ["learner weights", "learner gradients", "learner optimizer state", "learner activations",
+                             "learner logits", "learner CUDA context"]}
+    for phase, names in resident.items():
+        for name, value in expected.items():
+            assert plan.item(name).bytes_in(phase) == pytest.approx(value if name in names else 0), (phase, name)
+    # SGLang's runtime: CUDA context, graphs and the decode's activations; released, what the memory saver keeps.
+    assert (plan.item("SGLang runtime").generating, plan.item("SGLang runtime").training) == (3 * GIB, 1 * GIB)
+    assert plan.total("generating") == pytest.approx(sum(expected[n] for n in resident["generating"]) + 3 * GIB)
+    assert plan.total("training") == pytest.approx(sum(expected[n] for n in resident["training"]) + 1 * GIB)
+
+    kept = memory_plan(load_recipe(QUICKSTART, SMALL_COLOCATED + ["learner.offload_while_generating=false"]),
+                       recipe_arch(recipe))
+    assert kept.item("learner optimizer state").generating == pytest.approx(expected["learner optimizer state"])
+    assert kept.item("learner gradients").generating == pytest.approx(expected["learner gradients"])

@@ -1,52 +1,18 @@
 """What `dppo-megatron validate` prints besides the resolved recipe: the model, the process
-layout and a per-GPU memory estimate."""
+layout, a per-GPU memory estimate and, for colocated SGLang servers, the memory plan of both
+phases (memory_plan.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import yaml
 
+from dppo_megatron.config.memory_plan import learner_states, memory_plan, plan_applies, plan_table
 from dppo_megatron.config.placement import expert_tp, learner_world_size, rank_coordinates, server_placements
 from dppo_megatron.config.schema import Recipe
 from dppo_megatron.config.validate import recipe_arch
-from dppo_megatron.model.arch import Qwen3Arch, parameter_counts
+from dppo_megatron.model.arch import parameter_counts
 
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes per learner GPU for the states that scale with the model (activations excluded)."""
-
-    weights: float
-    grads: float
-    optimizer: float
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.grads + self.optimizer
-
-
-def memory_estimate(recipe: Recipe, arch: Qwen3Arch) -> MemoryEstimate:
-    learner = recipe.learner
-    world = learner_world_size(recipe)
-    dense, experts = parameter_counts(arch)
-    dense_local = dense / (learner.tp * learner.pp)
-    etp = expert_tp(learner)
-    expert_local = experts / (learner.ep * etp * learner.pp)
-    dense_dp = world // (learner.tp * learner.pp)
-    expert_dp = world // (learner.ep * etp * learner.pp)
-    bf16 = recipe.model.dtype == "bfloat16"
-    weight_bytes = 2 if bf16 else 4
-    # Adam moments in fp32, plus fp32 master weights when training in bf16; gradients are
-    # reduced in fp32 (Megatron's main_grad).
-    optimizer_bytes = 12 if bf16 else 8
-    shard_dense = dense_dp if learner.distributed_optimizer else 1
-    shard_expert = expert_dp if learner.distributed_optimizer else 1
-    return MemoryEstimate(
-        weights=(dense_local + expert_local) * weight_bytes,
-        grads=(dense_local + expert_local) * 4,
-        optimizer=optimizer_bytes * (dense_local / shard_dense + expert_local / shard_expert),
-    )
+memory_estimate = learner_states  # the learner's weights, gradients and optimizer state per GPU
 
 
 def describe(recipe: Recipe, resolved: dict) -> str:
@@ -71,7 +37,7 @@ def describe(recipe: Recipe, resolved: dict) -> str:
         lines.append(f"{row['rank']:>4}  {row['node']:>4}  {row['tp']:>2}  {row['pp']:>2}  {row['dp']:>2}  "
                      f"{row['ep']:>2}  {row['edp']:>9}")
     lines += ["", f"# rollout: {rollout.servers} {rollout.engine} server(s), R3 {'on' if rollout.r3 else 'off'}, "
-              f"weight sync {rollout.weight_sync}"]
+              f"weight sync {rollout.weight_sync}" + (", colocated with the learner" if rollout.colocate else "")]
     for index, server in enumerate(server_layout(recipe)):
         lines.append(f"server {index}: {server}")
     estimate = memory_estimate(recipe, arch)
@@ -79,6 +45,9 @@ def describe(recipe: Recipe, resolved: dict) -> str:
     lines += ["", "# memory per learner GPU (weights, fp32 gradients, optimizer; activations not included)",
               f"weights {estimate.weights / gib:.2f} GiB, gradients {estimate.grads / gib:.2f} GiB, "
               f"optimizer {estimate.optimizer / gib:.2f} GiB, total {estimate.total / gib:.2f} GiB"]
+    if plan_applies(recipe):
+        lines += ["", "# memory plan per GPU, GiB (colocated: the servers generate, then the learner trains)",
+                  *plan_table(memory_plan(recipe, arch))]
     return "\n".join(lines)
 
 

@@ -19,8 +19,9 @@ A recipe is a YAML file. `defaults: [other.yaml, ...]` merges other recipes unde
 relative to the file; mappings merge key by key, later files win, the file's own keys last).
 Any key can be overridden on the command line: `dppo-megatron train R.yaml loss.mode=grpo
 rollout.r3=false optim.lr=1e-6`. `dppo-megatron validate R.yaml` checks a recipe and prints
-it resolved, with the process layout and a per-GPU memory estimate; unknown keys, wrong types
-and impossible values are refused with the key path and the allowed values.
+it resolved, with the process layout and a per-GPU memory estimate (for colocated servers, the
+memory plan of docs/colocation.md); unknown keys, wrong types and impossible values are refused
+with the key path and the allowed values.
 """
 
 

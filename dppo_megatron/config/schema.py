@@ -65,6 +65,8 @@ class LearnerConfig:
                                          "GPUs, and come back for the step (no effect on CPU learners)", True)
     token_stats_memory_mib: int = doc("fp32 working memory of the loss's token statistics (log pi, entropy, top-K) "
                                       "per call, beyond the logits' gradient: sets their chunk of tokens", 256)
+    gpu_memory_gib: float = doc("memory of one GPU, for the colocated memory plan `validate` prints (80: an "
+                                "H100/A100 80GB; 141: an H200)", 80.0)
 
 
 @dataclass
@@ -117,7 +119,7 @@ class RolloutConfig:
     gpus_per_node: int = doc("GPUs per rollout node; with rollout.nodes 0, the GPUs of each learner node after "
                              "the learner's own ranks (ignored when colocated: the servers take the learner's)", 8)
     mem_fraction: float = doc("SGLang --mem-fraction-static: the fraction of a GPU's memory its weights and KV "
-                              "cache take", 0.85)
+                              "cache take (colocated: checked in the memory plan `validate` prints)", 0.85)
     deterministic: bool = doc("SGLang --enable-deterministic-inference: honour each response's sampling seed, so a "
                               "resumed step samples the same tokens (off: SGLang ignores the seeds; slower on)", False)
     dtype: Literal["auto", "float32", "bfloat16", "float8"] = doc(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dppo_megatron.algo.trust_region import needs_ratio_cap, needs_relax_below, needs_topk
 from dppo_megatron.config.loading import RecipeError, apply_overrides, build, read_yaml
+from dppo_megatron.config.memory_plan import memory_plan, plan_applies
 from dppo_megatron.config.placement import learner_world_size, server_room
 from dppo_megatron.config.schema import Recipe
 from dppo_megatron.data.prompts import DatasetError, read_rows
@@ -86,6 +87,8 @@ def check(recipe: Recipe, *, check_files: bool = False) -> list[str]:
     _batches(recipe, need)
     _servers(recipe, need, check_files)
     _colocation(recipe, need)
+    if not problems:  # the plan reads the model, the layout and the servers: all sound by now
+        problems += _memory_plan(recipe)
     _keys(recipe, need, check_files)
     _slurm_job(recipe, need)
     _data_and_rewards(recipe, need, problems, check_files)
@@ -118,6 +121,7 @@ def _numbers_and_loss(recipe: Recipe, need) -> None:
         need(value >= 0, f"{path}: must be >= 0, got {value}")
     need(rollout.colocate or rollout.gpus_per_node >= 1,  # colocated servers take the learner's GPUs instead
          f"rollout.gpus_per_node: must be >= 1, got {rollout.gpus_per_node}")
+    need(learner.gpu_memory_gib > 0, f"learner.gpu_memory_gib: must be > 0, got {learner.gpu_memory_gib}")
     need(rollout.n >= 2, f"rollout.n: group advantages need at least 2 responses per prompt, got {rollout.n}")
     need(optim.lr > 0, f"optim.lr: must be > 0, got {optim.lr}")
     need(optim.min_lr <= optim.lr, f"optim.min_lr ({optim.min_lr}) must not exceed optim.lr ({optim.lr})")
@@ -274,6 +278,17 @@ def _colocated_sglang_servers(recipe: Recipe, need) -> None:
     need(rollout.weight_sync != "tensor" or rollout.server_dp == 1,
          f"rollout.server_dp: SGLang takes no tensor weight updates into a server with data-parallel replicas "
          f"(server_dp {rollout.server_dp}); use server_dp 1 (rollout.servers follows: one per server_tp GPUs)")
+
+
+def _memory_plan(recipe: Recipe) -> list[str]:
+    """The colocated memory plan's refusal (memory_plan.py), when the recipe has one."""
+    if not plan_applies(recipe):
+        return []
+    try:
+        arch = recipe_arch(recipe)
+    except ArchError:  # already refused by _model
+        return []
+    return memory_plan(recipe, arch).problems()
 
 
 def _keys(recipe: Recipe, need, check_files: bool) -> None:
