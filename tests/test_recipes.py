@@ -20,7 +20,8 @@ SHIPPED = sorted(RECIPES.rglob("*.yaml"))
 
 def test_the_expected_recipes_are_shipped():
     names = {str(p.relative_to(RECIPES)) for p in SHIPPED}
-    for expected in ["qwen3-30b-a3b/dppo-binary-tv.yaml", "qwen3-30b-a3b/dppo-binary-kl.yaml",
+    for expected in ["qwen3-30b-a3b/dppo-binary-tv.yaml", "qwen3-30b-a3b/dppo-binary-tv-colocated.yaml",
+                     "qwen3-30b-a3b/dppo-binary-kl.yaml",
                      "qwen3-30b-a3b/dppo-topk-kl.yaml", "qwen3-30b-a3b/grpo-clip-higher.yaml",
                      "qwen3-30b-a3b/cispo.yaml", "qwen3-235b-a22b/dppo-binary-tv.yaml",
                      "qwen3-8b-base/dppo-binary-tv.yaml", "qwen3-4b-base/dppo-binary-tv.yaml", "tiny/quickstart.yaml",
@@ -312,6 +313,7 @@ def test_recipe_reference_in_docs_is_generated_from_the_schema():
 # --- colocated servers (rollout.colocate) --------------------------------------------------------
 
 QWEN3_30B = RECIPES / "qwen3-30b-a3b" / "dppo-binary-tv.yaml"
+COLOCATED_30B = RECIPES / "qwen3-30b-a3b" / "dppo-binary-tv-colocated.yaml"
 # The 30B recipe with its 4 servers of TP 4 on the learner's 2 x 8 GPUs.
 COLOCATE = ["rollout.colocate=true", "rollout.nodes=0", "rollout.gpus_per_node=0", "rollout.weight_sync=tensor"]
 
@@ -438,3 +440,56 @@ def test_the_memory_plan_of_a_small_colocated_moe_matches_the_hand_count(recompu
                        recipe_arch(recipe))
     assert kept.item("learner optimizer state").generating == pytest.approx(expected["learner optimizer state"])
     assert kept.item("learner gradients").generating == pytest.approx(expected["learner gradients"])
+
+
+def test_the_colocated_30b_recipes_memory_plan_fits_80gb_gpus_and_validate_prints_it(capsys):
+    from dppo_megatron.commands.cli import main
+    from dppo_megatron.config.memory_plan import memory_plan
+
+    recipe = load_recipe(COLOCATED_30B)
+    plan = memory_plan(recipe, recipe_arch(recipe))
+    assert plan.peak_phase == "generating" and plan.total("generating") <= 80 * GIB
+    assert plan.total("training") <= 80 * GIB and plan.kv_tokens >= 100 * 10240  # a hundred whole sequences
+    assert main(["validate", str(COLOCATED_30B)]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("# memory plan per GPU"):].splitlines()
+    assert table[1].split() == ["item", "generating", "training", "set", "by"]
+    assert table[4].startswith("learner optimizer state") and table[4].split()[3:5] == ["-", "21.33"]
+    assert "peak: generating, 68.19 of 80.00 GiB: fits" in out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["learner.offload_while_generating=false"],
+     "rollout.mem_fraction: the memory plan's generating phase takes 105.9 GiB per GPU, more than the GPU's 80 GiB "
+     "(learner.gpu_memory_gib); its largest item is SGLang KV cache, 41.8 GiB"),
+    (["rollout.mem_fraction=0.9"], "the memory plan's generating phase takes 84.2 GiB per GPU"),
+    (["learner.recompute=false", "learner.micro_batch_size=8"],
+     "learner.micro_batch_size: the memory plan's training phase takes 262.7 GiB per GPU, more than the GPU's 80 GiB "
+     "(learner.gpu_memory_gib); its largest item is learner activations, 191.2 GiB"),
+    (["learner.gpu_memory_gib=40"],  # an H100 80GB's half: now training is the peak
+     "learner.distributed_optimizer: the memory plan's training phase takes 52.5 GiB per GPU, more than the GPU's "
+     "40 GiB (learner.gpu_memory_gib); its largest item is learner optimizer state, 21.3 GiB"),
+    (["rollout.mem_fraction=0.18"], "rollout.mem_fraction: SGLang's KV cache gets 0.18 GiB, room for 7914 tokens, "
+                                    "less than one sequence of 10240"),
+])
+def test_a_colocated_plan_that_does_not_fit_is_refused_naming_its_phase_and_largest_item(overrides, message):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(COLOCATED_30B, overrides)
+    assert message in str(caught.value), str(caught.value)
+
+
+def test_train_and_submit_refuse_a_colocated_plan_that_does_not_fit_before_anything_starts(tmp_path):
+    import json
+
+    from dppo_megatron.model.known import KNOWN_CONFIGS
+
+    model = tmp_path / "Qwen3-30B-A3B-Base"  # a local checkpoint, as train and submit want one
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(KNOWN_CONFIGS["Qwen/Qwen3-30B-A3B-Base"]))
+    overrides = [f"model.path={model}", "learner.offload_while_generating=false"]
+    for command in ("train", "submit"):
+        result = subprocess.run([sys.executable, "-m", "dppo_megatron", command, str(COLOCATED_30B), *overrides,
+                                 "--run-dir", str(tmp_path / command)], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "rollout.mem_fraction: the memory plan's generating phase takes 105.9 GiB per GPU" in result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / command).exists()

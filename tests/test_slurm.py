@@ -28,6 +28,7 @@ RECIPES = REPO / "recipes"
 QUICKSTART = RECIPES / "tiny" / "quickstart.yaml"
 THREE_NODE = RECIPES / "tiny" / "three-node.yaml"
 QWEN3_30B = RECIPES / "qwen3-30b-a3b" / "dppo-binary-tv.yaml"
+QWEN3_30B_COLOCATED = RECIPES / "qwen3-30b-a3b" / "dppo-binary-tv-colocated.yaml"
 
 
 def submit(*args: str, cluster: SlurmCluster | None = None) -> subprocess.CompletedProcess:
@@ -80,6 +81,23 @@ def test_dry_run_of_the_30b_recipe_with_r3_renders_the_whole_job(tmp_path):
 
     off = submit(str(QWEN3_30B), "--dry-run", "--partition", "gpu")
     assert off.returncode == 0 and "--enable-return-routed-experts" not in off.stdout
+
+
+def test_dry_run_of_the_colocated_30b_recipe_is_a_2_node_job_with_the_servers_on_the_learner_gpus(tmp_path):
+    """The authors' layout: 4 servers of TP 4 on the learner's own 2 x 8 GPUs, two per node."""
+    result = submit(str(QWEN3_30B_COLOCATED), "--dry-run", "--partition", "gpu", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "--nodes=2" in directives(out) and "--gpus-per-node=8" in directives(out)
+    layout = out[out.index("# job: 2 node(s), 8 GPU(s) per node"):].splitlines()
+    assert layout[1].startswith("node 0: learner ranks 0-7 (torchrun, 8 per node, GPUs 0-7; TP 2 PP 1 EP 8)")
+    assert layout[2].startswith("node 1: learner ranks 8-15 (torchrun, 8 per node, GPUs 0-7")
+    servers = [line for line in layout if ": server " in line]
+    placed = [(line.split(":")[0], re.search(r"CUDA_VISIBLE_DEVICES=(\S+) ", line).group(1)) for line in servers]
+    assert placed == [("node 0", "0,1,2,3"), ("node 0", "4,5,6,7"), ("node 1", "0,1,2,3"), ("node 1", "4,5,6,7")]
+    for index, line in enumerate(servers):
+        assert f"--port {30000 + index} --tp-size 4 --dp-size 1 --ep-size 1 --mem-fraction-static 0.7" in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_rendered_scripts_are_valid_bash(tmp_path):
