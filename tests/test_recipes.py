@@ -493,3 +493,17 @@ def test_train_and_submit_refuse_a_colocated_plan_that_does_not_fit_before_anyth
         assert result.returncode == 2, result.stdout + result.stderr
         assert "rollout.mem_fraction: the memory plan's generating phase takes 105.9 GiB per GPU" in result.stderr
         assert "Traceback" not in result.stderr and not (tmp_path / command).exists()
+
+
+def test_the_memory_plan_in_docs_colocation_is_what_validate_prints(capsys):
+    from dppo_megatron.commands.cli import main
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "colocation.md").read_text()
+    section = docs[docs.index("## The memory plan"):]
+    documented = section[section.index("# memory plan per GPU"):].split("```")[0].strip()
+    assert main(["validate", str(COLOCATED_30B)]) == 0
+    out = capsys.readouterr().out
+    assert documented == out[out.index("# memory plan per GPU"):].split("\n\n")[0].strip()
+    assert main(["validate", str(COLOCATED_30B), "learner.offload_while_generating=false"]) == 2
+    refusal = capsys.readouterr().err.splitlines()[-1]
+    assert refusal in section

@@ -1,5 +1,6 @@
 """`dppo-megatron validate`: check a recipe; print it resolved, with the model, the process layout
-and a per-GPU memory estimate. `dppo-megatron recipe-reference` prints docs/recipes.md."""
+and a per-GPU memory estimate (for colocated SGLang servers, the memory plan of both turns,
+docs/colocation.md). `dppo-megatron recipe-reference` prints docs/recipes.md."""
 
 from __future__ import annotations
 

@@ -65,8 +65,8 @@ class LearnerConfig:
                                          "GPUs, and come back for the step (no effect on CPU learners)", True)
     token_stats_memory_mib: int = doc("fp32 working memory of the loss's token statistics (log pi, entropy, top-K) "
                                       "per call, beyond the logits' gradient: sets their chunk of tokens", 256)
-    gpu_memory_gib: float = doc("memory of one GPU, for the colocated memory plan `validate` prints (80: an "
-                                "H100/A100 80GB; 141: an H200)", 80.0)
+    gpu_memory_gib: float = doc("memory of one GPU in GiB, for the colocated memory plan `validate` prints "
+                                "(80: an H100/A100 80GB; 141: an H200)", 80.0)
 
 
 @dataclass
