@@ -108,17 +108,23 @@ class SGLangWorker:
 
 # SGLang's own weight-update state machine: the scheduler's request dispatcher
 # (Scheduler.init_request_dispatcher) over its SchedulerWeightUpdaterManager, each request read
-# into the io_struct class that SGLang's HTTP endpoint for its path declares. Stood in for: the
-# model runner's weight updater underneath (it needs a GPU: it records and succeeds) and the
-# scheduler's other handlers (never reached). stdin: a list of sequences of [path, body]; one
+# into the io_struct class that SGLang's HTTP endpoint for its path declares (tensor payloads
+# normalised as its tokenizer manager does). Stood in for: the model runner's weight updater
+# underneath (it needs a GPU: it records and succeeds), torch_memory_saver (it needs a GPU: it
+# records the paused tags), the static state a weights release stashes, and the scheduler's other
+# handlers (never reached). stdin: a list of sequences of [path, body]; one
 # fresh manager per sequence; prints, per sequence, SGLang's answers, the weight versions it
 # recorded and whether a session is left open.
 SCHEDULER_REPLAY = """
 import json, sys, typing
 from types import SimpleNamespace
+import torch
 import torch.distributed as dist
+from sglang.srt.disaggregation.utils import DisaggregationMode
 from sglang.srt.entrypoints import http_server
+from sglang.srt.utils.common import normalize_serialized_named_tensor_payloads
 from sglang.srt.managers.scheduler import Scheduler
+from sglang.srt.managers.scheduler_components import weight_updater
 from sglang.srt.managers.scheduler_components.weight_updater import SchedulerWeightUpdaterManager
 from sglang.srt.managers.tp_worker import TpModelWorker
 from sglang.srt.runtime_context import get_parallel
@@ -143,7 +149,9 @@ class ModelRunnerWeights:
                     "receive_weights_from_distributed": []}.get(name, (True, "loaded"))
         return call
 
-class Versions:
+class Versions:  # the scheduler, as the weight updater sees it
+    _engine_paused = False  # /pause_generation not called
+    disaggregation_mode = DisaggregationMode.NULL
     def __init__(self):
         self.versions = []
     def record_weight_version_change(self, new_version):
@@ -156,20 +164,47 @@ class NotReached:
             raise AssertionError(f"the scheduler's {name} is not part of a weight update")
         return call
 
+# A released model's static state (its buffers, on a GPU) and the CUDA IPC weight cache's check
+# read SGLang's published model config, which only a running server has: stood in for.
+weight_updater._export_static_state = lambda model: {"stashed": True}
+weight_updater._import_static_state = lambda model, state: None
+SchedulerWeightUpdaterManager._assert_weight_cache_inactive = lambda self, op: None
+torch.get_device_module = lambda device=None: torch.cpu  # the release's synchronize, on no GPU
+
+class MemorySaver:  # torch_memory_saver's adapter (a GPU's): which tags are paused, in order
+    def __init__(self):
+        self.paused = []
+    def pause(self, tag):
+        self.paused.append(tag)
+    def resume(self, tag):
+        self.paused.remove(tag)
+
+def reply(scheduler, path, body):
+    if path == "/update_weights_from_tensor":  # as SGLang's tokenizer manager hands it on
+        body = dict(body, serialized_named_tensors=normalize_serialized_named_tensor_payloads(
+            body["serialized_named_tensors"]))
+    try:
+        answer = scheduler.__dict__["_request_dispatcher"](request_class(path)(**body))
+    except Exception as error:  # the scheduler process would die of it (SGLang's asserts)
+        return {"success": False, "message": f"raised {type(error).__name__}: {error}"}
+    # The memory endpoints answer nothing but their success (HTTP 200, null).
+    return {"success": getattr(answer, "success", True), "message": getattr(answer, "message", None)}
+
 answers = []
 with get_parallel().override(tp_group=SimpleNamespace(cpu_group=dist.group.WORLD), tp_rank=0, tp_size=1):
     for sequence in sequences:
         worker = object.__new__(TpModelWorker)
         worker._model_runner = SimpleNamespace(weight_updater=ModelRunnerWeights())
         versions = Versions()
-        manager = SchedulerWeightUpdaterManager(tp_worker=worker, draft_worker=None, memory_saver_adapter=None,
+        worker._model_runner.model = torch.nn.Linear(2, 2)  # what a weights release stashes the state of
+        manager = SchedulerWeightUpdaterManager(tp_worker=worker, draft_worker=None, memory_saver_adapter=MemorySaver(),
                                                 flush_cache=lambda **kwargs: True, is_fully_idle=lambda **kwargs: True,
                                                 scheduler=versions)
         scheduler = NotReached()
         scheduler.__dict__.update(weight_updater=manager, flush_wrapper=NotReached())
         Scheduler.init_request_dispatcher(scheduler)
-        replies = [scheduler.__dict__["_request_dispatcher"](request_class(path)(**body)) for path, body in sequence]
-        answers.append({"answers": [{"success": r.success, "message": r.message} for r in replies],
+        replies = [reply(scheduler, path, body) for path, body in sequence]
+        answers.append({"answers": replies, "paused": manager.memory_saver_adapter.paused,
                         "versions": versions.versions, "session_open": manager._session is not None})
 print(json.dumps(answers))
 """

@@ -141,7 +141,8 @@ for name, argv in json.loads(sys.stdin.read()):
     except SystemExit:
         sys.exit(f"{name}: SGLang refused {argv}")
     print(json.dumps([name, args.weight_version, args.enable_return_routed_experts, args.enable_deterministic_inference,
-                      args.tp_size, args.port, args.dtype, args.quantization, args.api_key, args.admin_api_key]))
+                      args.tp_size, args.port, args.dtype, args.quantization, args.api_key, args.admin_api_key,
+                      args.enable_memory_saver]))
 """
 
 
@@ -149,7 +150,8 @@ def test_every_sglang_command_line_of_the_shipped_recipes_parses_with_sglangs_se
     """For every shipped recipe that runs SGLang, R3 on and off (MoE), with deterministic
     inference and with FP8 weights: the command line the project builds is what SGLang's own
     ServerArgs reads, with the weight version the trainer counts and the run's two keys, which
-    SGLang takes from the key file (--config), not from the command line."""
+    SGLang takes from the key file (--config), not from the command line; colocated servers with
+    the memory saver their release and resume need."""
     from pathlib import Path
 
     from dppo_megatron.config.validate import load_recipe, recipe_arch
@@ -175,9 +177,10 @@ def test_every_sglang_command_line_of_the_shipped_recipes_parses_with_sglangs_se
                 float8 = spec.dtype == "float8"  # SGLang's FP8 weights: --quantization fp8, the dtype left auto
                 expected.append([lines[-1][0], "0", spec.routed_experts, spec.deterministic, spec.tp, spec.port,
                                  "auto" if float8 or spec.dtype is None else spec.dtype, "fp8" if float8 else None,
-                                 keys.api_key, keys.admin_api_key])
-    # 19 MoE recipes with R3 on and off, 6 dense; 25 deterministic, 25 with FP8 weights
-    assert len({name for name, _ in lines}) == 19 * 4 + 6 * 3
+                                 keys.api_key, keys.admin_api_key, spec.memory_saver])
+    # 20 MoE recipes with R3 on and off (one colocated), 6 dense; 26 deterministic, 26 with FP8 weights
+    assert len({name for name, _ in lines}) == 20 * 4 + 6 * 3
+    assert any(memory_saver for *_, memory_saver in expected)
     code, output = sglang.run(SGLANG_PARSES, stdin=json.dumps(lines))
     assert code == 0, output[-3000:]
     parsed = [json.loads(line) for line in output.splitlines() if line.startswith("[")]
@@ -231,7 +234,10 @@ ENDPOINTS = {"/generate": io_struct.GenerateReqInput,
              "/update_weights_from_disk": io_struct.UpdateWeightFromDiskReqInput,
              "/init_weights_update_group": io_struct.InitWeightsUpdateGroupReqInput,
              "/update_weights_from_distributed": io_struct.UpdateWeightsFromDistributedReqInput,
-             "/destroy_weights_update_group": io_struct.DestroyWeightsUpdateGroupReqInput}
+             "/destroy_weights_update_group": io_struct.DestroyWeightsUpdateGroupReqInput,
+             "/release_memory_occupation": io_struct.ReleaseMemoryOccupationReqInput,
+             "/resume_memory_occupation": io_struct.ResumeMemoryOccupationReqInput,
+             "/begin_weight_update": io_struct.BeginWeightUpdateReqInput}
 for name, path, body, vocab_size in json.loads(sys.stdin.read()):
     kind = ENDPOINTS[path]
     fields = ({f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind)
@@ -289,7 +295,7 @@ def test_every_request_body_the_trainer_sends_is_read_by_sglangs_own_code_as_mea
 
     from dppo_megatron.config.validate import load_recipe, recipe_arch
     from dppo_megatron.rollout.client import Request, chunk_request
-    from dppo_megatron.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
+    from dppo_megatron.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, memory_body
     from dppo_megatron.run.configs import client_config, routing_shape, sampling_params, topk_of
 
     bodies, meant = [], {}
@@ -314,7 +320,7 @@ def test_every_request_body_the_trainer_sends_is_read_by_sglangs_own_code_as_mea
                     "top_p": params.top_p, "top_k": "all" if params.top_k == -1 else params.top_k, "min_p": params.min_p,
                     "stop_token_ids": [arch.vocab_size - 1], "ignore_eos": False, "skip_special_tokens": False,
                     "no_stop_trim": True, "sampling_seed": r.params.sampling_seed} for r in requests]
-    assert len(meant) == 4 * 48  # 27 recipes: 21 MoE (the two tiny ones too) with R3 on and off, 6 dense
+    assert len(meant) == 4 * 52  # 29 recipes: 23 MoE (the three tiny ones too) with R3 on and off, 6 dense
     disk = DiskWeightSync(tmp_path / "weights")
     sync = DistributedWeightSync(["http://a:1", "http://b:2"], master_address="10.0.0.1", master_port=29600,
                                  server_tp=[2, 1], backend="nccl")
@@ -325,7 +331,10 @@ def test_every_request_body_the_trainer_sends_is_read_by_sglangs_own_code_as_mea
                      "update": ("/update_weights_from_distributed", sync.update_body(bucket, 7)),
                      "update per tensor": ("/update_weights_from_distributed",
                                            replace_flattened(sync, False).update_body(bucket, 7)),
-                     "destroy": ("/destroy_weights_update_group", sync.destroy_body())}
+                     "destroy": ("/destroy_weights_update_group", sync.destroy_body()),
+                     "release": ("/release_memory_occupation", memory_body()),
+                     "resume": ("/resume_memory_occupation", memory_body()),
+                     "begin": ("/begin_weight_update", {"selector": "all"})}
     bodies += [[case, endpoint, body, 0] for case, (endpoint, body) in weight_bodies.items()]
 
     understood = read_by_sglang(sglang, bodies)
@@ -335,6 +344,57 @@ def test_every_request_body_the_trainer_sends_is_read_by_sglangs_own_code_as_mea
         assert understood[case] == body, case  # every field kept, with its value and type
     assert understood["init 1"]["rank_offset"] == 3 and understood["update"]["load_format"] == "flattened_bucket"
     assert "load_format" not in understood["update per tensor"]
+
+
+# SGLang reads a tensor update as its HTTP server and scheduler do: the body against its
+# UpdateWeightsFromTensorReqInput, the payloads normalised (tokenizer manager), the TP rank's own
+# one deserialised with MultiprocessingSerializer (its safe unpickler) with SGLang's patched
+# reductions (tp_worker), the flattened bucket rebuilt (model runner's weight updater).
+SGLANG_READS_TENSORS = """
+import json, sys
+import torch
+from pydantic import TypeAdapter
+from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqInput
+from sglang.srt.utils.common import MultiprocessingSerializer, normalize_serialized_named_tensor_payloads
+from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket, FlattenedTensorMetadata
+body = json.loads(sys.stdin.read())
+request = TypeAdapter(UpdateWeightsFromTensorReqInput).validate_python(body)
+payloads = normalize_serialized_named_tensor_payloads(request.serialized_named_tensors)
+monkey_patch_torch_reductions()
+for tp_rank, payload in enumerate(payloads):
+    bucket = MultiprocessingSerializer.deserialize(payload)
+    metadata = [FlattenedTensorMetadata(name=m.name, shape=m.shape, dtype=m.dtype, start_idx=m.start_idx,
+                                        end_idx=m.end_idx, numel=m.numel) for m in bucket["metadata"]]
+    tensors = FlattenedTensorBucket(flattened_tensor=bucket["flattened_tensor"], metadata=metadata).reconstruct_tensors()
+    print(json.dumps([tp_rank, request.load_format, request.weight_version, request.flush_cache,
+                      [[name, str(t.dtype), list(t.shape), t.double().flatten().tolist()] for name, t in tensors]]))
+"""
+
+
+def test_a_tensor_update_by_handle_is_read_by_sglangs_own_code_to_the_same_tensors(sglang):
+    """The /update_weights_from_tensor body the publisher posts for a server of TP 2 (a payload
+    per TP rank, made in shared memory of this process, which keeps it meanwhile): SGLang's own
+    request type takes it, and each TP rank's payload opens with SGLang's serializer to the same
+    names, dtypes, shapes and values (bit for bit, four dtypes: each tensor starts aligned)."""
+    from dppo_megatron.rollout.tensor_handles import LOAD_FORMAT, bucket_payload, shared_bucket
+    from dppo_megatron.rollout.weight_sync import TensorWeightSync
+
+    sent = bucket_of_four_dtypes()
+    flat, metadata = shared_bucket(list(sent.items()))
+    body = TensorWeightSync.update_body([bucket_payload(flat, metadata) for _ in range(2)], 7)  # one per rank
+    code, output = sglang.run(SGLANG_READS_TENSORS, stdin=json.dumps(body))
+    assert code == 0, output[-3000:]
+    read = [json.loads(line) for line in output.splitlines() if line.startswith("[")]
+    assert [rank for rank, *_ in read] == [0, 1]
+    for _, load_format, version, flush, tensors in read:
+        assert (load_format, version, flush) == (LOAD_FORMAT, "7", True)
+        assert sorted(name for name, *_ in tensors) == sorted(sent)
+        for name, dtype, shape, values in tensors:
+            expected = sent[name]
+            assert dtype == str(expected.dtype) and shape == list(expected.shape), name
+            assert torch.equal(torch.tensor(values, dtype=torch.float64).reshape(shape).to(expected.dtype), expected), name
+    del flat  # only now: SGLang's side opened it while this process held it
 
 
 def replace_flattened(sync, flattened: bool):

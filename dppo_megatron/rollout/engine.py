@@ -10,6 +10,8 @@ One request at a time, with a KV cache: fast enough for the tiny recipes.
 from __future__ import annotations
 
 import base64
+import ctypes
+import gc
 import inspect
 import itertools
 import math
@@ -29,6 +31,11 @@ from dppo_megatron.rollout.protocol import (
     SESSION_ALREADY_OPEN,
     encode_routed_experts,
 )
+from dppo_megatron.rollout.tensor_handles import read_payload
+
+# SGLang's memory tags (sglang/srt/constants.py): what /release_memory_occupation frees.
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
+NOT_IDLE = "release_memory_occupation should be called only when server is idle."  # SGLang's words
 
 GREEDY_TEMPERATURE = 1e-6  # below this SGLang samples greedily, its logprobs at T = 1 (sampling_params.py)
 
@@ -53,6 +60,10 @@ class EmbeddedEngine:
         self.progress_at: float | None = None  # when the lock holder last made progress
         self.groups: dict = {}  # weight update process groups by name
         self.session_open = False  # SGLang's weight-update session (begin_weight_update ... end)
+        self.released: set[str] = set()  # memory tags released (/release_memory_occupation)
+        # After the weights were released and resumed, what no update has filled since (the
+        # memory came back empty, as SGLang's): no generation until it is empty.
+        self.unfilled: set = set()
         self._load(model_path)
 
     # --- weights ------------------------------------------------------------------------
@@ -100,8 +111,11 @@ class EmbeddedEngine:
         """Load new weights (an HF directory). The model is rebuilt from the directory, so the
         engine runs exactly what transformers would load from it."""
         with self.lock:
+            if "weights" in self.released:
+                raise RequestError("the weights are released: /resume_memory_occupation first")
             self.progress_at = time.monotonic()
             self._load(model_path)
+            self.unfilled = set()
             self.weight_version = str(weight_version) if weight_version is not None else \
                 str(int(self.weight_version) + 1 if self.weight_version.isdigit() else 1)
 
@@ -181,6 +195,78 @@ class EmbeddedEngine:
         if group is not None:
             destroy_weight_update_group(group)
 
+    def update_weights_from_tensor(self, payloads: list[str], load_format: str | None = None,
+                                   weight_version: str | None = None) -> None:
+        """Load tensors handed over by handle (rollout/tensor_handles.py): the payload of TP rank 0,
+        the engine's only rank. Inside a weight-update session only, as SGLang 0.5.23's scheduler;
+        the tensors are copied into the model before the answer, after which the sender may free
+        them."""
+        with self.group_lock:
+            if not self.session_open:
+                raise RequestError(OUTSIDE_SESSION.format("update_weights_from_tensor"))
+            if not isinstance(payloads, list) or not payloads or not all(isinstance(p, str) for p in payloads):
+                raise RequestError("serialized_named_tensors is a list of base64 payloads, one per TP rank")
+            if "weights" in self.released:
+                raise RequestError("the weights are released: /resume_memory_occupation first")
+            try:
+                tensors = read_payload(payloads[0], load_format)
+            except ValueError as error:
+                raise RequestError(str(error)) from None
+            with self.lock:
+                self.progress_at = time.monotonic()
+                self._load_hf_tensors(dict(tensors))
+                if weight_version is not None:
+                    self.weight_version = str(weight_version)
+            del tensors  # the views of the sender's memory
+
+    def release_memory(self, tags: list[str] | None) -> None:
+        """Free the weights (every parameter's memory goes back to the system) and the KV cache (the
+        engine keeps none between requests) for the tags named, all by default; only while idle,
+        as SGLang. The weights come back empty at resume: an update must fill them."""
+        tags = self._tags(tags)
+        with self.requests_lock:
+            if self.active:
+                raise RequestError(NOT_IDLE)
+        with self.lock:
+            if "weights" in tags and "weights" not in self.released:
+                self._released_shapes = {name: param.shape for name, param in self.model.named_parameters()}
+                for param in self.model.parameters():
+                    param.data = torch.empty(0, dtype=param.dtype)
+                gc.collect()
+                _return_freed_memory()
+            self.released |= set(tags)
+
+    def resume_memory(self, tags: list[str] | None) -> None:
+        """Take the released memory back (SGLang refuses a tag that was not released)."""
+        tags = self._tags(tags)
+        if missing := [tag for tag in tags if tag not in self.released]:
+            raise RequestError(f"not released: {', '.join(missing)}")
+        with self.lock:
+            if "weights" in tags:
+                for name, param in self.model.named_parameters():
+                    param.data = torch.empty(self._released_shapes[name], dtype=param.dtype)
+                self.unfilled = set(_fill_keys(self.model))
+            self.released -= set(tags)
+
+    @staticmethod
+    def _tags(tags: list[str] | None) -> list[str]:
+        if not tags:
+            return list(MEMORY_TAGS)
+        if unknown := [tag for tag in tags if tag not in MEMORY_TAGS]:
+            raise RequestError(f"unknown memory tags {unknown}: SGLang's are {', '.join(MEMORY_TAGS)}")
+        return list(tags)
+
+    def _why_not_serving(self) -> str:
+        if self.released:
+            return (f"memory released ({', '.join(sorted(self.released))}): no generation until "
+                    "/resume_memory_occupation")
+        missing = sorted(str(key) for key in self.unfilled)
+        return (f"the weights were resumed but {len(missing)} tensors have not been loaded since (such as "
+                f"{missing[0]}): no generation until an update fills them")
+
+    def resident_weight_bytes(self) -> int:
+        return sum(param.numel() * param.element_size() for param in self.model.parameters())
+
     def _load_hf_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy tensors named as in a HF checkpoint into the model. Transformers keeps Qwen3-MoE
         experts fused ([E, 2 * ffn, h] gate_up_proj, [E, h, ffn] down_proj); the checkpoint has
@@ -196,14 +282,18 @@ class EmbeddedEngine:
                     prefix, index, which = expert
                     if which == "down":
                         params[prefix + "down_proj"][index].copy_(tensor)
+                        self.unfilled.discard((prefix + "down_proj", index, which))
                     else:
                         fused = params[prefix + "gate_up_proj"][index]
                         half = fused.shape[0] // 2
                         (fused[:half] if which == "gate" else fused[half:]).copy_(tensor)
+                        self.unfilled.discard((prefix + "gate_up_proj", index, which))
                 elif name in params:
                     params[name].copy_(tensor)
+                    self.unfilled.discard(name)
                 elif name == "lm_head.weight" and self.model.config.tie_word_embeddings:
                     params["model.embed_tokens.weight"].copy_(tensor)
+                    self.unfilled.discard("model.embed_tokens.weight")
                 else:
                     unknown.append(name)
         if unknown:
@@ -216,6 +306,8 @@ class EmbeddedEngine:
         of a batch that have the same length run together, one row each (no padding, so a
         row's numbers do not depend on its neighbours). `cancelled` set (its client went away)
         aborts every row at the next token."""
+        if self.released or self.unfilled:
+            raise RequestError(self._why_not_serving())
         call = parse_generate(body, vocab_size=self.vocab_size, context_len=self.context_len,
                               eos_token_ids=self.eos_token_ids, routes_enabled=self.enable_routed_experts)
         keys = [rid if rid is not None else object() for rid in call.rids]
@@ -339,6 +431,29 @@ class EmbeddedEngine:
             per_forward = [chunk.view(rows, -1, self.experts_per_token) for chunk in chunks]
             routes[:, :, layer] = torch.cat(per_forward, dim=1).numpy()
         return routes
+
+
+def _fill_keys(model) -> list:
+    """What an update must fill after a resume: each parameter, and of the fused expert tensors
+    (transformers' [experts, ...] gate_up_proj and down_proj) each expert's gate, up and down."""
+    keys = []
+    for name, param in model.named_parameters():
+        if name.endswith("experts.gate_up_proj") and param.dim() == 3:
+            keys += [(name, index, which) for index in range(param.shape[0]) for which in ("gate", "up")]
+        elif name.endswith("experts.down_proj") and param.dim() == 3:
+            keys += [(name, index, "down") for index in range(param.shape[0])]
+        else:
+            keys.append(name)
+    return keys
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it for reuse otherwise, and the
+    process's resident memory would not drop)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the allocator returns what it returns
+        pass
 
 
 def choose(sampling: Sampling, logits: torch.Tensor, generator: torch.Generator) -> tuple[int, torch.Tensor]:

@@ -200,6 +200,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "dtype": str(engine.dtype).removeprefix("torch."), "engine": "dppo-megatron embedded",
                 "version": SGLANG_RELEASE,  # the SGLang release whose protocol it serves
                 "enable_return_routed_experts": engine.enable_routed_experts,
+                "memory_released": sorted(engine.released),  # the embedded engine's own (SGLang's has none)
             })
         if path == "/flush_cache":
             return self._send(HTTPStatus.OK, "Cache flushed.")  # no prefix cache to flush
@@ -229,8 +230,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(HTTPStatus.OK, {"success": True, "message": f"loaded {model_path}",
                                               "weight_version": engine.weight_version})
         if path in ("/init_weights_update_group", "/update_weights_from_distributed", "/destroy_weights_update_group",
-                    "/begin_weight_update", "/end_weight_update"):
+                    "/begin_weight_update", "/end_weight_update", "/update_weights_from_tensor"):
             return self._weights_over_group(path, body)
+        if path in ("/release_memory_occupation", "/resume_memory_occupation"):
+            return self._memory(path, body)
         if path == "/abort_request":
             engine.abort(body.get("rid"), bool(body.get("abort_all")))
             return self._send(HTTPStatus.OK, {"success": True})
@@ -249,6 +252,9 @@ class _Handler(BaseHTTPRequestHandler):
                 engine.begin_weight_update()
             elif path == "/end_weight_update":
                 engine.end_weight_update()
+            elif path == "/update_weights_from_tensor":
+                engine.update_weights_from_tensor(body["serialized_named_tensors"], body.get("load_format"),
+                                                  body.get("weight_version"))
             elif path == "/update_weights_from_distributed":
                 engine.update_weights_from_distributed(body["names"], body["dtypes"], body["shapes"],
                                                        body["group_name"], body.get("weight_version"),
@@ -260,6 +266,19 @@ class _Handler(BaseHTTPRequestHandler):
         except (RequestError, RuntimeError, ValueError) as error:
             return self._send(HTTPStatus.BAD_REQUEST, {"success": False, "message": str(error)})
         return self._send(HTTPStatus.OK, {"success": True, "message": "ok", "weight_version": engine.weight_version})
+
+
+    def _memory(self, path: str, body: dict) -> None:
+        """Release or resume memory; as SGLang, a success answers `null`, a failure SGLang's error
+        shape."""
+        tags = body.get("tags")
+        if tags is not None and not (isinstance(tags, list) and all(isinstance(tag, str) for tag in tags)):
+            return self._error(HTTPStatus.BAD_REQUEST, f"tags is a list of memory tags, got {tags!r:.80}")
+        try:
+            (self.engine.release_memory if path == "/release_memory_occupation" else self.engine.resume_memory)(tags)
+        except RequestError as error:
+            return self._error(HTTPStatus.BAD_REQUEST, str(error))
+        return self._send(HTTPStatus.OK, None)
 
 
 # --- command line -------------------------------------------------------------------------

@@ -49,6 +49,7 @@ class ServerSpec:
     mem_fraction: float = 0.85
     routed_experts: bool = False  # R3: --enable-return-routed-experts
     deterministic: bool = False  # SGLang: --enable-deterministic-inference (honours sampling seeds)
+    memory_saver: bool = False  # SGLang: --enable-memory-saver (colocated: memory released for the learner)
     dtype: str | None = None  # None: the engine's default
     gpus: tuple[int, ...] = ()  # CUDA_VISIBLE_DEVICES for this server
     extra_args: tuple[str, ...] = field(default_factory=tuple)
@@ -77,6 +78,8 @@ def server_command(spec: ServerSpec) -> list[str]:
             command += ["--dtype", spec.dtype]
         if spec.deterministic:
             command.append("--enable-deterministic-inference")
+        if spec.memory_saver:
+            command.append("--enable-memory-saver")
     elif spec.engine == "embedded":  # always deterministic: seeded sampling on CPU
         command = [sys.executable, "-m", "dppo_megatron", "serve-embedded", "--model-path", spec.model_path,
                    "--host", spec.host, "--port", str(spec.port), "--dtype", spec.dtype or "float32"]
@@ -291,7 +294,9 @@ def post_json(url: str, body: dict, timeout: float, *, key: str | None = None) -
                                      headers={"Content-Type": "application/json", **headers(key)})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read() or b"{}")
+            answer = json.loads(response.read() or b"{}")
+        # SGLang's memory endpoints answer a success with `null`.
+        return answer if isinstance(answer, dict) else {"success": True, "answer": answer}
     except urllib.error.HTTPError as error:
         text = error.read().decode(errors="replace")
         try:

@@ -4,6 +4,10 @@
   `learner.weights.save_hf`) into `root/v000012/`; `DiskWeightSync.publish` tells every server
   to load it (SGLang's /update_weights_from_disk, with the version as weight_version) and
   removes versions older than the last `keep`. The directory must be visible to the servers.
+- Tensor (colocated runs): `TensorWeightSync` hands each bucket over by handle
+  (/update_weights_from_tensor, rollout/tensor_handles.py), inside the weight-update session;
+  `release_memory` / `resume_memory` free and take back the servers' memory around the learner's
+  turn on the GPUs.
 - Distributed: `DistributedWeightSync` forms a process group with the servers
   (/init_weights_update_group; the sender is rank 0) and broadcasts tensors in HF names, in
   buckets, each announced by /update_weights_from_distributed, inside SGLang's weight-update
@@ -25,6 +29,7 @@ import torch.distributed as dist
 
 from dppo_megatron.rollout.protocol import OUTSIDE_SESSION, SESSION_ALREADY_OPEN
 from dppo_megatron.rollout.servers import post_json
+from dppo_megatron.rollout.tensor_handles import LOAD_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -201,18 +206,24 @@ def begin_weight_update(servers: list[str], timeout: float = 600.0, *, key: str 
     server's model runners): distributed and tensor updates are refused outside one. A session
     left open on a reused server (a trainer that stopped mid-update) is ended first, and the
     weights it half loaded are overwritten by the version sent in this one."""
-    body = {"selector": "all"}
-    answers = _answers(servers, "/begin_weight_update", [body] * len(servers), timeout, key=key)
+    if failures := begin_weight_update_each(servers, timeout, key=key):
+        raise WeightSyncError(f"opening the weight-update session: {said(failures)}")
+
+
+def begin_weight_update_each(servers: list[str], timeout: float = 600.0, *, key: str | None = None) -> dict[str, str]:
+    """Open the session on every server that answers; returns those that did not, with why (one
+    left open by a stopped trainer is ended and opened again)."""
+    answers = _answers(servers, "/begin_weight_update", [{"selector": "all"}] * len(servers), timeout, key=key)
     stale = [server for server, answer in zip(servers, answers)
              if not answer.get("success") and answer.get("message") == SESSION_ALREADY_OPEN]
     if stale:
         log.warning("a weight-update session was left open on %s (by a trainer that stopped during an update): "
                     "ending it before this one", ", ".join(stale))
         end_weight_update(stale, timeout, key=key)
-        _post_to_all(stale, "/begin_weight_update", [body] * len(stale), timeout,
-                     context="opening the weight-update session", key=key)
-    fresh = [(server, answer) for server, answer in zip(servers, answers) if server not in stale]
-    _raise_failures([s for s, _ in fresh], [a for _, a in fresh], "opening the weight-update session")
+        again = dict(zip(stale, _answers(stale, "/begin_weight_update", [{"selector": "all"}] * len(stale), timeout,
+                                         key=key)))
+        answers = [again.get(server, answer) for server, answer in zip(servers, answers)]
+    return _failures(servers, answers)
 
 
 def end_weight_update(servers: list[str], timeout: float = 600.0, *, key: str | None = None) -> dict[str, str]:
@@ -220,6 +231,50 @@ def end_weight_update(servers: list[str], timeout: float = 600.0, *, key: str | 
     weights). Returns the servers that did not close it, with why (unreachable, busy past
     `timeout`: still waiting on a broken broadcast, or holding no session)."""
     return _failures(servers, _answers(servers, "/end_weight_update", [{}] * len(servers), timeout, key=key))
+
+
+MEMORY_TAGS = ["weights", "kv_cache"]  # what colocated servers free for the learner (SGLang's tags)
+
+
+def memory_body() -> dict:
+    """The /release_memory_occupation and /resume_memory_occupation body."""
+    return {"tags": list(MEMORY_TAGS)}
+
+
+def release_memory(servers: list[str], timeout: float = 600.0, *, key: str | None = None) -> dict[str, str]:
+    """Free the servers' weights and KV cache (/release_memory_occupation; they must be idle).
+    Returns the servers that did not, with why."""
+    return _failures(servers, _answers(servers, "/release_memory_occupation", [memory_body()] * len(servers),
+                                       timeout, key=key))
+
+
+def resume_memory(servers: list[str], timeout: float = 600.0, *, key: str | None = None) -> dict[str, str]:
+    """Take the released memory back (/resume_memory_occupation): the weights come back empty,
+    for the update that follows. Returns the servers that did not, with why."""
+    return _failures(servers, _answers(servers, "/resume_memory_occupation", [memory_body()] * len(servers),
+                                       timeout, key=key))
+
+
+class TensorWeightSync:
+    """Buckets handed to servers by handle: each server gets, per TP rank, the payload made where
+    that rank runs (rollout/tensor_handles.py). Inside a session (`begin_weight_update`)."""
+
+    def __init__(self, servers: list[str], *, bucket_bytes: int = 512 * 1024**2, timeout: float = 600.0,
+                 key: str | None = None):
+        self.servers, self.bucket_bytes, self.timeout, self.key = servers, bucket_bytes, timeout, key
+
+    @staticmethod
+    def update_body(payloads: list[str], version: int) -> dict:
+        """The /update_weights_from_tensor body of one bucket: a payload per server TP rank."""
+        return {"serialized_named_tensors": payloads, "load_format": LOAD_FORMAT, "flush_cache": True,
+                "weight_version": str(version)}
+
+    def send(self, payloads: dict[str, list[str]], version: int) -> dict[str, str]:
+        """Post each server its payloads, all at once; returns the servers that failed, with why.
+        The senders keep the bucket until this returns."""
+        servers = [server for server in self.servers if server in payloads]
+        bodies = [self.update_body(payloads[server], version) for server in servers]
+        return _failures(servers, _answers(servers, "/update_weights_from_tensor", bodies, self.timeout, key=self.key))
 
 
 def said(failures: dict[str, str]) -> str:
