@@ -200,8 +200,11 @@ def synced(server, models, tmp_path_factory):
             ["weight_sync_distributed", root / "owners-tp2-ep2", server, hf, "2", "2", hf, server, free_port(), "11",
              "owners"],
             ["weight_sync_two_senders", root / "two-senders", both, hf, hf, both_recorded, "4"],
+            ["weight_sync_tensor", root / "tensor-rank0", server, hf, hf, server, "5", "rank0"],
+            ["weight_sync_tensor", root / "tensor-per-rank", both, hf, hf, both, "6", "per-rank"],
             ["weight_sync_races", root / "races-distributed", "", hf, hf, "distributed", "2", free_port(), free_port()],
             ["weight_sync_races", root / "races-disk", "", hf, hf, "disk", "1", free_port(), free_port()],
+            ["weight_sync_races", root / "races-tensor", "", hf, hf, "tensor", "1", free_port(), free_port()],
         ]
         run_torchrun_each(worker, 2, runs, timeout=600)
     (root / "recorded.json").write_text(json.dumps({
@@ -274,6 +277,26 @@ def test_distributed_weight_sync_over_gloo_serves_the_learners_new_weights(serve
     assert status == 400 and "no weight update group" in answer["message"]  # the groups were left after the syncs
 
 
+@pytest.mark.parametrize("feeders", ["rank0", "per-rank"])
+def test_released_and_resumed_servers_take_the_learners_weights_by_handle_and_serve_them(synced, feeders):
+    """Released, the servers refuse to generate; resumed, they refuse until an update fills every
+    tensor; after the publish by handle (rank 0's memory for all, or each server its own rank's,
+    as colocated GPUs) they serve what the learner holds after its step (TP=2 + EP=2), as
+    transformers computes it from the learner's own HF export."""
+    case = synced / f"tensor-{feeders}"
+    said = json.loads((case / "while-released.json").read_text())
+    servers = len(said["released"])
+    assert said["release"] == {} and said["resume"] == {}
+    assert all(why.startswith("memory released (kv_cache, weights") for why in said["released"]), said
+    assert all("tensors have not been loaded since" in why for why in said["resumed"]), said
+    version = "5" if feeders == "rank0" else "6"
+    for index in range(servers):
+        after = served(case, index)
+        assert after.weight_version == version
+        expected, _ = teacher_forced(case / "reference", PROMPT, after.response_ids, 1.0)
+        assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
+
+
 def test_two_sending_ranks_publish_to_two_servers_version_after_version_without_deadlock(synced):
     """Each EP rank sends the experts it owns, through its own group with both servers; a
     server takes one weight-group call at a time (as SGLang's scheduler does), so the senders
@@ -286,11 +309,12 @@ def test_two_sending_ranks_publish_to_two_servers_version_after_version_without_
         assert (expected - torch.tensor(after.logprobs)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("method", ["distributed", "disk"])
+@pytest.mark.parametrize("method", ["distributed", "disk", "tensor"])
 def test_a_server_killed_at_any_point_of_a_publish_ends_on_the_new_version_and_no_request_is_lost(synced, method):
     """tests/workers/weight_sync_races.py: two servers of a ServerManager, one of them SIGKILLed
     at each point of a rollout and a publish in turn (mid-rollout, before the publish, as the
-    session opens, mid-broadcast, as it closes, as the disk load goes out), and the client's
+    session opens, mid-broadcast, as it closes, as the disk load goes out, between the buckets
+    handed over by handle: no server is left serving a mix of versions), and the client's
     restart racing the publish both ways round (twice over by broadcast). After every publish
     both servers serve the new version; every rollout has one sample per request, in order, all
     from the version the servers held; each kill costs exactly one restart of its victim and
@@ -301,8 +325,9 @@ def test_a_server_killed_at_any_point_of_a_publish_ends_on_the_new_version_and_n
     case = synced / f"races-{method}"
     publisher = json.loads((case / "publisher.json").read_text())
     urls, versions, log = publisher["urls"], publisher["versions"], publisher["log"]
-    points = ["mid-rollout", "before the publish"] + (
-        ["during begin", "mid-broadcast", "during end"] if method == "distributed" else ["during the load"])
+    points = ["mid-rollout", "before the publish"] + {
+        "distributed": ["during begin", "mid-broadcast", "during end"], "disk": ["during the load"],
+        "tensor": ["during begin", "mid-update", "during end"]}[method]
     rounds = 2 if method == "distributed" else 1  # each point with each server as the victim, by broadcast
     assert [v["point"] for v in versions] == (points + ["restart first", "publish first"]) * rounds
     restarts_before = [0, 0]
@@ -326,6 +351,8 @@ def test_a_server_killed_at_any_point_of_a_publish_ends_on_the_new_version_and_n
             assert v["race"] == "not asked", v
     if method == "distributed":
         assert any(line.startswith("sending weight version") and "failed" in line for line in log), log
+    elif method == "tensor":
+        assert any(line.startswith("weight version") and "did not reach" in line for line in log), log
     else:
         assert any(line.startswith("weight version") and "did not load" in line for line in log), log
     for index in (0, 1):

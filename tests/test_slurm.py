@@ -97,6 +97,7 @@ def test_dry_run_of_the_colocated_30b_recipe_is_a_2_node_job_with_the_servers_on
     assert placed == [("node 0", "0,1,2,3"), ("node 0", "4,5,6,7"), ("node 1", "0,1,2,3"), ("node 1", "4,5,6,7")]
     for index, line in enumerate(servers):
         assert f"--port {30000 + index} --tp-size 4 --dp-size 1 --ep-size 1 --mem-fraction-static 0.7" in line
+        assert "--enable-memory-saver" in line  # SGLang releases and resumes its memory only with it
     assert not (tmp_path / "run").exists()
 
 

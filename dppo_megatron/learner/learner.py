@@ -129,6 +129,26 @@ class Learner:
         """The GPTModel inside the DDP wrapper."""
         return self.model.module
 
+    # --- the GPUs shared with colocated servers ---------------------------------------------
+
+    def offload(self) -> bool:
+        """Move the optimizer state to host memory and free the gradient buffers (Megatron Core's
+        own RL hooks), while colocated servers use the GPU; the weights stay. Returns whether
+        anything moved: a CPU learner has nothing to hand over."""
+        if model_device(self.module).type != "cuda":
+            return False
+        self.optimizer.offload_to_cpu()
+        self.model.offload_grad_buffers()
+        return True
+
+    def restore(self) -> bool:
+        """Bring back what `offload` moved, for the step."""
+        if model_device(self.module).type != "cuda":
+            return False
+        self.model.restore_grad_buffers()
+        self.optimizer.restore_from_cpu()
+        return True
+
     # --- the train step -------------------------------------------------------------------
 
     def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, float]:

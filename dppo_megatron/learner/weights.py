@@ -125,9 +125,10 @@ def load_hf_weights(model, arch: Qwen3Arch, hf_dir, *, progress: Callable[[int, 
                 progress(done, len(entries))
 
 
-def gather_full(shards: dict[str, LocalShard], entry: TensorMap, dtype: torch.dtype, device) -> torch.Tensor | None:
-    """The unsharded tensor of `entry` on global rank 0 (None elsewhere). A collective: every
-    rank calls it for every entry, in the same order."""
+def gather_full(shards: dict[str, LocalShard], entry: TensorMap, dtype: torch.dtype, device, *,
+                everywhere: bool = False) -> torch.Tensor | None:
+    """The unsharded tensor of `entry` on global rank 0 (None elsewhere), or with `everywhere`
+    on every rank. A collective: every rank calls it for every entry, in the same order."""
     shard = shards.get(entry.megatron)
     full = shard.assemble() if shard is not None else None
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -137,6 +138,10 @@ def gather_full(shards: dict[str, LocalShard], entry: TensorMap, dtype: torch.dt
     source = int(holder.item())
     if source == world:
         raise RuntimeError(f"no rank holds {entry.megatron}")
+    if everywhere:
+        full = full.to(dtype).contiguous() if rank == source else torch.empty(entry.shape, dtype=dtype, device=device)
+        dist.broadcast(full, src=source)
+        return full
     if source == 0:
         return full if rank == 0 else None
     if rank == source:
@@ -148,9 +153,10 @@ def gather_full(shards: dict[str, LocalShard], entry: TensorMap, dtype: torch.dt
     return None
 
 
-def iter_hf_tensors(model, arch: Qwen3Arch, *, experts_from_owners: bool = False
+def iter_hf_tensors(model, arch: Qwen3Arch, *, experts_from_owners: bool = False, everywhere: bool = False
                     ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every HF tensor of the model, whole, yielded on global rank 0. With
+    """Every HF tensor of the model, whole, yielded on global rank 0 (with `everywhere`: on every
+    rank, the same tensors in the same order; colocated servers take them from each GPU). With
     `experts_from_owners` (weight sync), experts instead come whole from the rank that holds
     them (its first expert data-parallel replica; expert-TP shards joined within their
     group), so that no expert crosses the network twice. A collective: every rank runs the
@@ -169,7 +175,7 @@ def iter_hf_tensors(model, arch: Qwen3Arch, *, experts_from_owners: bool = False
             if sends_experts:
                 yield from to_hf(entry, full, arch)
         else:
-            full = gather_full(shards, entry, param.dtype, param.device)
+            full = gather_full(shards, entry, param.dtype, param.device, everywhere=everywhere)
             if full is not None:
                 yield from to_hf(entry, full, arch)
 

@@ -4,7 +4,8 @@ process, the producer of batches, the metrics log and the masked-token counts. T
 (run/loop.py) is then the step alone.
 
 `build_run` makes what needs no server; `Run.start` starts the servers (rank 0), checks their
-release, forms the weight publisher and brings a resumed run's servers up to date; `Run.close`
+release, forms the weight publisher, picks the placement's turns (run/turns.py) and brings a
+resumed run's servers up to date; `Run.close`
 stops whatever was made, in reverse, whatever failed."""
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from dppo_megatron.run.checkpoints import CheckpointManager
 from dppo_megatron.run.configs import learner_configs, micro_batch_layout
 from dppo_megatron.run.masked_tokens import MaskedTokens
 from dppo_megatron.run.metrics import MetricsLog
-from dppo_megatron.run.placement import keys_file, server_specs
+from dppo_megatron.run.placement import keys_file, server_specs, tensor_ranks
 from dppo_megatron.run.producer import PENDING_DIR, RolloutProducer, load_pending
 from dppo_megatron.run.publisher import WeightPublisher
 from dppo_megatron.run.rollout_process import RolloutProcess, run_rollouts
 from dppo_megatron.run.run_dir import STOP_FILE, model_dir, tokenizer_dir, write_status
 from dppo_megatron.run.scatter import SampleScatter
 from dppo_megatron.run.stop import StopRequest
+from dppo_megatron.run.turns import Colocated, Disaggregated
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Run:
     scatter: SampleScatter
     servers: Servers  # made on every rank (started by rank 0): every sender posts with its keys
     remote_servers: bool  # a cluster job's node agents run them
+    turns: Disaggregated  # who holds the GPUs when (Colocated is one), chosen from the recipe
     publisher: WeightPublisher | None = None
     # Rank 0 only.
     rollouts: RolloutProcess | None = None
@@ -63,6 +66,7 @@ class Run:
         every rank, rank 0's rollout side; a resumed run's servers get its weights, and with
         `trainer.max_staleness` N the first N batches are started."""
         recipe, run_dir, trainer = self.recipe, self.run_dir, self.recipe.trainer
+        self.turns.before_servers_start()
         if self.rank == 0:
             write_status(run_dir, "running", self.start_step, trainer.steps)
             count, engine = len(self.servers.urls), recipe.rollout.engine
@@ -75,9 +79,11 @@ class Run:
             self.learner, self.arch, self.servers.urls, method=recipe.rollout.weight_sync,
             weights_dir=run_dir / "weights", hf_config=self.checkpoints.hf_config,
             side_files_from=model_dir(recipe, run_dir), server_tp=recipe.rollout.server_tp,
-            servers=self.servers if self.rank == 0 else None, control_key=self.servers.keys.for_control())
+            servers=self.servers if self.rank == 0 else None, control_key=self.servers.keys.for_control(),
+            tensor_ranks=tensor_ranks(recipe))
         if self.rank == 0:
             self._start_rollout_side()
+        self.turns.start(self.publisher, self.producer)
         if self.start_step > 0:  # the servers started from the initial weights
             self.publisher.publish(self.start_step)
         staleness = trainer.max_staleness
@@ -129,7 +135,9 @@ def build_run(recipe: Recipe, run_dir: Path, job_layout: Path | None) -> Run:
                             layout=micro_batch_layout(recipe, arch))
     servers: Servers = (RemoteServers(JobLayout.load(job_layout).agents, keys=read_keys(keys_file(recipe, run_dir)))
                         if job_layout is not None else ServerManager(server_specs(recipe, run_dir), run_dir / "logs"))
-    return Run(recipe=recipe, run_dir=run_dir, arch=arch, rank=rank,
+    turns = (Colocated(learner, offload=recipe.learner.offload_while_generating) if recipe.rollout.colocate
+             else Disaggregated(learner))
+    return Run(recipe=recipe, run_dir=run_dir, arch=arch, rank=rank, turns=turns,
                stop_request=StopRequest(run_dir / STOP_FILE if rank == 0 else None, control), learner=learner,
                checkpoints=checkpoints, start_step=start_step, scatter=scatter, servers=servers,
                remote_servers=job_layout is not None)

@@ -83,7 +83,7 @@ def _step(run: Run, step: int) -> bool:
     metrics. Returns whether a stop was asked for (a checkpoint was then saved). Servers lost
     at the weight sync: the step is checkpointed and logged (without its evaluation), then
     ServersLost is raised."""
-    recipe, rank, learner, publisher, producer = run.recipe, run.rank, run.learner, run.publisher, run.producer
+    recipe, rank, learner = run.recipe, run.rank, run.learner
     trainer = recipe.trainer
     started = time.monotonic()
     # 1. Rollout, rewards, advantages (rank 0): start step + N's batch with the servers'
@@ -95,7 +95,8 @@ def _step(run: Run, step: int) -> bool:
         metrics["batch/compact_mib"] = run.scatter.last_compact_bytes / 2**20
     rollout_done = time.monotonic()
 
-    # 2. Learner: one optimizer step per mini-batch.
+    # 2. Learner: one optimizer step per mini-batch, on the GPUs the servers hand over (colocated).
+    run.turns.to_learner(metrics)
     if needs_old_logprob(recipe.loss.mode):
         learner.anchor_old_logprobs([mb for mini in share for mb in mini])
     learner_metrics = [learner.train_step(micro_batches) for micro_batches in share]
@@ -104,15 +105,11 @@ def _step(run: Run, step: int) -> bool:
         run.masked_tokens.add(masked_counts)
     learner_done = time.monotonic()
 
-    # 3. New weights to the servers: written while they may still be generating (the batch
-    #    made ahead), loaded once they are done with the old ones. Servers that cannot be
-    #    brought back to take them end the run, once the step is saved (a resume starts there).
-    publisher.write(step + 1)
-    if rank == 0:
-        metrics["time/learner_waited_for_rollouts"] += producer.wait_idle()
+    # 3. New weights to the servers (and the GPUs back to them, colocated). Servers that cannot
+    #    be brought back to take them end the run, once the step is saved (a resume starts there).
     lost = None
     try:
-        publisher.publish(step + 1)
+        run.turns.to_servers(step + 1, metrics)
     except ServersLost as error:  # raised on every rank alike
         lost = error
     sync_done = time.monotonic()

@@ -28,11 +28,20 @@ def server_specs(recipe: Recipe, run_dir: Path) -> list[ServerSpec]:
     return [
         ServerSpec(model_path=str(model_dir(recipe, run_dir)), port=p.port, engine=rollout.engine, host=rollout.host,
                    tp=rollout.server_tp, dp=rollout.server_dp, ep=rollout.server_ep, mem_fraction=rollout.mem_fraction,
-                   routed_experts=wants_routes(recipe), deterministic=rollout.deterministic,
+                   routed_experts=wants_routes(recipe), deterministic=rollout.deterministic, memory_saver=rollout.colocate,
                    dtype=None if rollout.dtype == "auto" else rollout.dtype, gpus=p.gpus,
                    extra_args=tuple(rollout.extra_args), python=rollout.sglang_python, keys_file=keys)
         for p in server_placements(recipe)
     ]
+
+
+def tensor_ranks(recipe: Recipe) -> list[list[int]]:
+    """For each server, the learner ranks that hand its TP ranks the weights by handle, in TP order:
+    colocated on GPUs, the rank on the same GPU of the same node (learner ranks run on GPUs
+    0..R-1 of their node); CPU engines, rank 0 for all (its memory is shared by name)."""
+    rollout, per_node = recipe.rollout, recipe.learner.ranks_per_node
+    return [[0] * rollout.server_tp if not p.gpus else [p.node * per_node + gpu for gpu in p.gpus]
+            for p in server_placements(recipe)]
 
 
 def job_layout(recipe: Recipe, run_dir: Path, nodes: list[str]) -> JobLayout:

@@ -1,7 +1,8 @@
 """After each step, the learner's weights to the rollout servers: from disk (every rank writes
-its part of a Hugging Face checkpoint, rank 0 tells the servers to load it) or by broadcast
-(every rank that owns tensors sends them through its own weight-update group). A collective:
-every learner rank publishes.
+its part of a Hugging Face checkpoint, rank 0 tells the servers to load it), by broadcast
+(every rank that owns tensors sends them through its own weight-update group) or, for colocated
+servers, by handle (each rank that a server TP rank shares a GPU with hands it every bucket; on
+a CPU, rank 0 hands them to all). A collective: every learner rank publishes.
 
 Rank 0 owns the servers (run/server_keeper.py): a publish owns every server for its length, a
 restart at the rollout client's call (`restart`) owns its one server, so the two never overlap.
@@ -38,10 +39,13 @@ from dppo_megatron.rollout.weight_sync import (
     DistributedWeightSync,
     WeightSyncError,
     WeightUpdateRefused,
+    TensorWeightSync,
     begin_weight_update,
+    begin_weight_update_each,
     end_weight_update,
     said,
 )
+from dppo_megatron.rollout.tensor_handles import bucket_payload, shared_bucket
 from dppo_megatron.run.server_keeper import RESTART_ATTEMPTS, ServerKeeper, ServersLost
 
 log = logging.getLogger(__name__)
@@ -52,8 +56,9 @@ CLOSE_GRACE_SECONDS = 30.0  # for the servers to leave the weight-update groups 
 class WeightPublisher:
     def __init__(self, learner: Learner, arch: Qwen3Arch, urls: list[str], *, method: str, weights_dir: Path,
                  hf_config: dict, side_files_from: Path, server_tp: int, servers: Servers | None = None,
-                 control_key: str | None = None):
-        """`method`: disk | distributed. `servers` (rank 0): to restart servers that are dead or
+                 control_key: str | None = None, tensor_ranks: list[list[int]] | None = None):
+        """`method`: disk | distributed | tensor. `tensor_ranks` (tensor): for each server, the
+        learner ranks whose GPUs its TP ranks share, in TP order. `servers` (rank 0): to restart servers that are dead or
         fail to load a version, and to bring restarted ones up to date (None: a dead server fails
         the publish). `control_key`: the key of the servers' weight-update endpoints (keys.py)."""
         self.learner, self.arch, self.urls, self.hf_config = learner, arch, urls, hf_config
@@ -63,6 +68,8 @@ class WeightPublisher:
         self.version = 0  # what the servers hold: 0 is the initial model they start from
         self.written: int | None = None  # the last version written to disk
         self.disk = DiskWeightSync(weights_dir, key=control_key) if method == "disk" else None
+        self.tensors = TensorWeightSync(urls, key=control_key) if method == "tensor" else None
+        self.tensor_ranks = dict(zip(urls, tensor_ranks or []))
         self.distributed, self.senders, self.server_tp = None, [], server_tp
         # Distributed: the servers in the weight-update groups, and how often the groups were
         # formed (each formation has group names of its own). Rank 0: each member's restart
@@ -95,6 +102,8 @@ class WeightPublisher:
             if self.disk is not None:
                 self.write(version)
                 self._load_from_disk(version)
+            elif self.tensors is not None:
+                self._hand_over(version)
             else:
                 self._broadcast(version)
             if self.keeper is not None:
@@ -132,6 +141,62 @@ class WeightPublisher:
                         "it again", version, why)
             loading = list(failed)
         raise ServersLost(f"weight version {version} did not load in {RESTART_ATTEMPTS} attempts: {why}")
+
+    def _hand_over(self, version: int) -> None:
+        """The servers take `version` by handle, each inside a session of its own. A server that
+        did not (it died, or is unreachable) is restarted and gets the whole version again, so
+        none serves a mix of versions; one that answered a refusal fails the publish (it would
+        refuse again)."""
+        targets = list(self.urls)
+        for _ in range(RESTART_ATTEMPTS):
+            failed, restarts = self._hand_over_once(targets, version)
+            if not failed:
+                return
+            refused = {url: why for url, why in failed.items() if not why.startswith("unreachable")}
+            if refused or not restarts:
+                raise WeightSyncError(f"weight version {version} by handle: {said(refused or failed)}")
+            if dist.get_rank() == 0:
+                log.warning("weight version %d did not reach %s; restarting them and sending it again",
+                            version, said(failed))
+            targets = list(failed)
+        raise ServersLost(f"weight version {version} did not reach the servers in {RESTART_ATTEMPTS} attempts: "
+                          f"{said(failed)}")
+
+    def _hand_over_once(self, targets: list[str], version: int) -> tuple[dict[str, str], bool]:
+        """One attempt (a collective): rank 0 brings the dead targets back and opens their
+        sessions, every rank runs through the tensors, rank 0 posts each bucket's payloads,
+        then closes the sessions. Returns, the same on every rank, the targets that failed
+        (with why) and whether rank 0 can restart servers (it holds their keeper)."""
+        failed: dict[str, str] = {}
+        if dist.get_rank() == 0:
+            if self.keeper is not None:
+                self.keeper.revive(targets)
+            failed.update(begin_weight_update_each(targets, self.tensors.timeout, key=self.control_key))
+        feeders = {url: self.tensor_ranks[url] for url in targets}
+        everywhere = any(rank != 0 for ranks in feeders.values() for rank in ranks)
+        named = iter_hf_tensors(self.learner.module, self.arch, everywhere=everywhere)
+        for bucket in _buckets(named, self.tensors.bucket_bytes):
+            live = {url: ranks for url, ranks in feeders.items() if url not in failed or everywhere}
+            flat, metadata = shared_bucket(bucket)
+            # One payload per receiving TP rank: each opens its own and lets it go.
+            mine = [bucket_payload(flat, metadata) for _ in _slots(live, dist.get_rank())]
+            payloads = [None] * dist.get_world_size() if everywhere else [mine]
+            if everywhere:
+                dist.all_gather_object(payloads, mine)
+            if dist.get_rank() == 0:
+                made = {rank: iter(payloads[rank] or []) for rank in range(len(payloads))}
+                bodies = {url: [next(made[rank]) for rank in ranks] for url, ranks in live.items()}
+                failed.update(self.tensors.send({url: body for url, body in bodies.items() if url not in failed},
+                                                version))
+            if everywhere:
+                dist.barrier()  # each rank keeps its bucket until the servers have copied it
+            del flat, bucket
+        if dist.get_rank() == 0:
+            opened = [url for url in targets if url not in failed]
+            failed.update(end_weight_update(opened, self.tensors.timeout, key=self.control_key))
+        answer = [(failed, self.keeper is not None)]
+        dist.broadcast_object_list(answer, src=0)
+        return answer[0]
 
     def _broadcast(self, version: int, attempts: int = 3) -> None:
         """Every sender sends `version` through its group, inside one weight-update session on
@@ -327,6 +392,24 @@ class WeightPublisher:
                 self.distributed.close(timeout=CLOSE_GRACE_SECONDS)
             except WeightSyncError as error:  # a server that died since the last step: the run is done anyway
                 log.warning("leaving the weight-update group: %s", error)
+
+
+def _slots(feeders: dict[str, list[int]], rank: int) -> list[tuple[str, int]]:
+    """The (server, TP rank) slots that `rank` hands the weights to, in the servers' order."""
+    return [(url, slot) for url, ranks in feeders.items() for slot, feeder in enumerate(ranks) if feeder == rank]
+
+
+def _buckets(named_tensors, bucket_bytes: int):
+    """(name, tensor) pairs in lists of about `bucket_bytes`."""
+    bucket, size = [], 0
+    for name, tensor in named_tensors:
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
 
 
 def _address_for(urls: list[str]) -> str:

@@ -56,7 +56,7 @@ def job_problems(recipe: Recipe, nodes: int | None = None) -> list[str]:
     if learner.ranks_per_node > gpus:
         problems.append(f"learner.ranks_per_node: {learner.ranks_per_node} ranks need as many GPUs on each "
                         f"learner node; slurm.gpus_per_node asks for {gpus}")
-    if rollout.engine == "sglang":
+    if rollout.engine == "sglang" and not rollout.colocate:  # colocated servers take the learner's GPUs
         if rollout.nodes == 0:
             used = learner.ranks_per_node + rollout.gpus_per_node
             if used > gpus:

@@ -7,10 +7,11 @@ restarts go to the publisher, as in a run) and the publish of the new weights, w
 (the victim, each in turn) SIGKILLed at one point of it:
 - mid-rollout: after the rollout's third sample;
 - before the publish: between the rollout and the publish (the dead server is found there);
-- during begin (distributed): just before the session opens on the servers;
+- during begin (distributed, tensor): just before the session opens on the servers;
 - mid-broadcast (distributed): as rank 0 sends its first bucket, the servers receiving;
-- during end (distributed): every bucket sent, before the session closes;
+- during end (distributed, tensor): every bucket sent, before the session closes;
 - during the load (disk): as its /update_weights_from_disk goes out;
+- mid-update (tensor): as the first bucket's /update_weights_from_tensor goes out to it;
 - restart first: the client's restart of the victim under way when the publish starts;
 - publish first: the client asks for the victim's restart while the publish owns the servers.
 Rank 0 writes, per version, what each server serves afterwards (its /model_info
@@ -54,6 +55,8 @@ POINTS = {
     "distributed": ["mid-rollout", "before the publish", "during begin", "mid-broadcast", "during end",
                     "restart first", "publish first"],
     "disk": ["mid-rollout", "before the publish", "during the load", "restart first", "publish first"],
+    "tensor": ["mid-rollout", "before the publish", "during begin", "mid-update", "during end", "restart first",
+               "publish first"],
 }
 
 
@@ -76,7 +79,10 @@ def main(out_dir, hf_dir, method, rounds, *ports) -> None:
     for name in ("dppo_megatron.run.publisher", "dppo_megatron.run.server_keeper"):
         logging.getLogger(name).addHandler(handler)
     publisher = WeightPublisher(learner, arch, urls, method=method, weights_dir=Path(out_dir) / "weights",
-                                hf_config=config, side_files_from=Path(hf_dir), server_tp=1, servers=servers)
+                                hf_config=config, side_files_from=Path(hf_dir), server_tp=1, servers=servers,
+                                tensor_ranks=[[0]] * len(urls))  # tensor: rank 0's memory for both
+    if publisher.tensors is not None:
+        publisher.tensors.bucket_bytes = 64 * 1024  # several buckets: a kill can fall between them
     client = RolloutClient(urls, ClientConfig(request_timeout=60, max_in_flight_per_server=2, requests_per_call=1,
                                               topk_b64=True, backoff_seconds=0.05), restart=publisher.restart)
     cases = [(point, index % 2) for index, point in enumerate(POINTS[method] * int(rounds))]
@@ -202,7 +208,11 @@ def killing_at(point: str, publisher: WeightPublisher, servers: ServerManager | 
         setattr(owner, name, wrapped)
 
     if point == "during begin":
-        before(publisher_module, "begin_weight_update", lambda *a, **k: once())
+        begin = "begin_weight_update_each" if publisher.tensors is not None else "begin_weight_update"
+        before(publisher_module, begin, lambda *a, **k: once())
+    elif point == "mid-update":
+        before(weight_sync, "post_json", lambda url, *a, **k: once() if url.startswith(victim)
+               and url.endswith("/update_weights_from_tensor") else None)
     elif point == "mid-broadcast":
         before(weight_sync, "broadcast_from_first", lambda *a, **k: (time.sleep(0.2), once()))
     elif point == "during end":

@@ -1,0 +1,218 @@
+"""Colocated runs (rollout.colocate): the embedded engine releases and resumes its memory as
+SGLang's memory saver does, takes weights by handle (/update_weights_from_tensor), and the
+colocated quickstart trains exactly as the disaggregated one, a server killed while released
+included. The SGLang side of the same calls: tests/test_sglang_contract.py."""
+
+import base64
+import json
+import os
+import pickle
+import re
+import signal
+import time
+import urllib.request
+
+import torch
+
+from dppo_megatron.keys import KEYS_FILE, headers, read_keys
+from dppo_megatron.model.arch import small_hf_config
+from dppo_megatron.rollout.protocol import OUTSIDE_SESSION
+from dppo_megatron.rollout.tensor_handles import bucket_payload, shared_bucket
+from dppo_megatron.rollout.weight_sync import TensorWeightSync
+from dppo_megatron.run.metrics import read_metrics
+from tests.test_embedded_engine import PROMPT, get, post, running_server
+from tests.tiny_models import teacher_forced
+from tests.train_runs import QUICKSTART, REPO, comparable, finish, log_tail, start_train
+
+COLOCATED = REPO / "recipes" / "tiny" / "colocated.yaml"
+
+
+def make_model(directory, seed: int):
+    """A Qwen3-MoE of ~90 MB of float32 weights (most in the embedding and output layer, fused
+    experts too): enough for the engine's resident memory to show what release frees."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = small_hf_config(moe=True, vocab_size=32768, hidden_size=256, num_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=64, intermediate_size=512, init_std=0.02,
+                             num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    model.save_pretrained(directory)
+    return directory
+
+
+def resident_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def server_pid(url: str) -> int:
+    port = url.rsplit(":", 1)[1]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"serve-embedded" in command and port.encode() in command:
+            return int(pid)
+    raise AssertionError(f"no engine process on port {port}")
+
+
+def generated(url: str) -> tuple[int, dict]:
+    body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 4, "sampling_seed": 3}, "return_logprob": True}
+    return post(url, "/generate", body)
+
+
+def hand_over(url: str, named: list, version: int) -> tuple[int, dict]:
+    """One bucket by handle, in a session of its own; the bucket is held until the answer."""
+    flat, metadata = shared_bucket(named)
+    assert post(url, "/begin_weight_update", {"selector": "all"})[1]["success"]
+    answer = post(url, "/update_weights_from_tensor", TensorWeightSync.update_body([bucket_payload(flat, metadata)],
+                                                                                   version))
+    assert post(url, "/end_weight_update", {})[1]["success"]
+    return answer
+
+
+class RunsCode:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_release_frees_the_weights_memory_and_resumed_weights_serve_only_once_an_update_by_handle_fills_them(
+        tmp_path):
+    from safetensors.torch import load_file
+
+    old, new = make_model(tmp_path / "v0", seed=0), make_model(tmp_path / "v1", seed=1)
+    new_tensors = sorted(load_file(str(new / "model.safetensors")).items())
+    weight_bytes = sum(t.numel() * t.element_size() for _, t in new_tensors)
+    with running_server(old) as url:
+        pid = server_pid(url)
+        assert generated(url)[0] == 200
+        resident = resident_bytes(pid)
+        status, answer = post(url, "/release_memory_occupation", {"tags": ["weights", "kv_cache"]})
+        assert (status, answer) == (200, None)  # SGLang's answer to a success
+        released = resident_bytes(pid)
+        assert resident - released >= 0.9 * weight_bytes, (resident, released, weight_bytes)
+        assert json.loads(get(url, "/server_info")[1])["memory_released"] == ["kv_cache", "weights"]
+        status, answer = generated(url)
+        assert status == 400 and answer["error"]["message"].startswith("memory released (kv_cache, weights)")
+        assert hand_over(url, new_tensors, 1)[1]["message"] == "the weights are released: /resume_memory_occupation first"
+
+        assert post(url, "/resume_memory_occupation", {"tags": ["weights", "kv_cache"]}) == (200, None)
+        status, answer = post(url, "/resume_memory_occupation", {})
+        assert status == 400 and "not released" in answer["error"]["message"]
+        status, answer = post(url, "/update_weights_from_tensor", TensorWeightSync.update_body(["e30="], 1))
+        assert status == 400 and answer["message"] == OUTSIDE_SESSION.format("update_weights_from_tensor")
+        # Half the tensors: the engine will not serve a model that is partly empty memory.
+        assert hand_over(url, new_tensors[: len(new_tensors) // 2], 1)[1]["success"]
+        status, answer = generated(url)
+        assert status == 400 and "tensors have not been loaded since" in answer["error"]["message"]
+        assert hand_over(url, new_tensors[len(new_tensors) // 2:], 2)[1]["success"]
+
+        status, answer = generated(url)
+        assert status == 200 and answer["meta_info"]["weight_version"] == "2"
+        served = torch.tensor([entry[0] for entry in answer["meta_info"]["output_token_logprobs"]])
+        expected, _ = teacher_forced(new, PROMPT, answer["output_ids"], 1.0)
+        assert (expected - served).abs().max() < 1e-5  # the new weights, as transformers computes them
+        assert resident_bytes(pid) - released >= 0.9 * weight_bytes  # the memory is back in use
+
+        # A payload is opened with only torch's tensor functions allowed: nothing else runs.
+        trap = tmp_path / "ran"
+        hostile = base64.b64encode(pickle.dumps({"flattened_tensor": RunsCode(trap), "metadata": []})).decode()
+        assert post(url, "/begin_weight_update", {"selector": "all"})[1]["success"]
+        status, answer = post(url, "/update_weights_from_tensor", TensorWeightSync.update_body([hostile], 3))
+        post(url, "/end_weight_update", {})
+        assert status == 400 and "may not load posix.system" in answer["message"] and not trap.exists()
+        assert generated(url)[1]["meta_info"]["weight_version"] == "2"
+
+
+def test_the_colocated_quickstart_trains_as_the_disaggregated_one_with_a_server_killed_while_released(tmp_path):
+    """The colocated quickstart (weights by handle from rank 0, the engine released while the
+    learner trains) and the disaggregated synchronous one (weights from disk, the engine always
+    resident) make the same samples and the same steps: every metric but the timings is equal.
+    Killed while released, the engine is restarted at the next publish and serves the new
+    weights before it generates again: the run's metrics do not change."""
+    steps = ["trainer.steps=10", "trainer.eval_every=5", "trainer.save_every=0"]
+    reference, colocated = tmp_path / "disaggregated", tmp_path / "colocated"
+    finish(start_train(reference, *steps, recipe=QUICKSTART), reference, timeout=300)
+
+    process = start_train(colocated, *steps, recipe=COLOCATED)
+    log = colocated.parent / f"{colocated.name}.log"
+    deadline, killed = time.monotonic() + 300, None
+    while killed is None and time.monotonic() < deadline and process.poll() is None:
+        started = re.search(r"started embedded server (\S+) \(pid (\d+)\)", log.read_text() if log.exists() else "")
+        if started and len(read_metrics(colocated)) >= 3:
+            key = read_keys(colocated / KEYS_FILE).api_key  # the run's servers ask for its key
+            request = urllib.request.Request(started.group(1) + "/server_info", headers=headers(key))
+            try:
+                with urllib.request.urlopen(request, timeout=5) as answer:
+                    released = json.loads(answer.read())["memory_released"]
+            except OSError:
+                released = []
+            if released:
+                os.kill(int(started.group(2)), signal.SIGKILL)
+                killed = len(read_metrics(colocated))
+        time.sleep(0.01)
+    assert killed is not None, log_tail(colocated)
+    assert finish(process, colocated, timeout=300) == 0, log_tail(colocated)
+    text = log.read_text()
+    assert "down at resume" in text or "down while the learner trains" in text, log_tail(colocated)
+    assert len(re.findall(r"started embedded server", text)) == 2  # restarted once, by the publish
+    ours, theirs = comparable(read_metrics(colocated)), comparable(read_metrics(reference))
+    assert len(ours) == len(theirs) == 10
+    assert ours == theirs
+    assert all(m["time/servers_released"] >= 0 for m in read_metrics(colocated))
+    assert not (colocated / "weights").exists()  # nothing went through the disk
+
+
+def test_a_release_with_tags_that_are_not_sglangs_is_refused_naming_them(tmp_path):
+    from tests.tiny_models import make_moe
+
+    with running_server(make_moe(tmp_path / "m")) as url:
+        status, answer = post(url, "/release_memory_occupation", {"tags": ["weights", "optimizer"]})
+        assert status == 400 and "unknown memory tags ['optimizer']" in answer["error"]["message"]
+        status, answer = post(url, "/release_memory_occupation", {"tags": "weights"})
+        assert status == 400 and "tags is a list" in answer["error"]["message"]
+        assert generated(url)[0] == 200  # nothing was released
+
+
+def test_the_colocated_calls_are_answered_by_sglangs_own_scheduler_as_by_the_engine(tmp_path):
+    """The calls of a colocated step (release, resume, begin, a tensor update by handle, end),
+    and the same calls out of order, replayed through SGLang 0.5.23's scheduler (its weight
+    updater and memory release over torch_memory_saver's stand-in) and sent to the embedded
+    engine: the same success or failure for every call, and every tag SGLang paused is resumed."""
+    from safetensors.torch import load_file
+
+    from dppo_megatron.rollout.weight_sync import memory_body
+    from tests.sglang_contract import SGLangWorker, replay_in_sglangs_scheduler
+    from tests.tiny_models import make_moe
+
+    model = make_moe(tmp_path / "m")
+    flat, metadata = shared_bucket(sorted(load_file(str(model / "model.safetensors")).items()))
+
+    def update():  # a payload per receiver
+        return "/update_weights_from_tensor", TensorWeightSync.update_body([bucket_payload(flat, metadata)], 1)
+
+    release, resume = ("/release_memory_occupation", memory_body()), ("/resume_memory_occupation", memory_body())
+    begin, end = ("/begin_weight_update", {"selector": "all"}), ("/end_weight_update", {})
+    sequences = {"a colocated step": lambda: [release, resume, begin, update(), end],
+                 "resume first": lambda: [resume],
+                 "an update outside the session": lambda: [release, resume, update(), begin, update(), end]}
+    worker = SGLangWorker(tmp_path / "sglang.log")
+    try:
+        replays = replay_in_sglangs_scheduler(worker, [calls() for calls in sequences.values()])
+    finally:
+        worker.close()
+    with running_server(model) as url:
+        for (name, calls), replay in zip(sequences.items(), replays):
+            engine = [post(url, path, body) for path, body in calls()]
+            ours = [status == 200 and (answer is None or answer.get("success", False)) for status, answer in engine]
+            assert ours == [answer["success"] for answer in replay["answers"]], (name, [a for _, a in engine])
+            assert replay["paused"] == [], name  # every release resumed
+        assert generated(url)[0] == 200
+    assert replays[0]["versions"] == ["1"] and not replays[0]["session_open"]
