@@ -1,4 +1,4 @@
-"""Weight sync from the learner to a rollout server: disk against distributed, side by side.
+"""Weight sync from the learner to a rollout server: disk, distributed and by handle, side by side.
 
     python benchmarks/weight_sync.py                 # a tiny and a mid-size (~0.5 GB) model
     python benchmarks/weight_sync.py --sizes tiny
@@ -7,7 +7,9 @@ For each model: a Megatron learner (one rank) holding random Qwen3-MoE weights, 
 embedded engine serving the same model. "disk" = gather + write an HF checkpoint + the server's
 /update_weights_from_disk; "distributed" = gather + broadcast over a gloo group in 512 MiB
 buckets + the server loading them (the group is formed once beforehand: its cost is shown
-apart). Both end with the server serving the new weights.
+apart); "tensor" (colocated runs) = gather + each 512 MiB bucket copied into shared memory and
+handed to the server by handle (/update_weights_from_tensor in a weight-update session), the
+server copying it into its model. All end with the server serving the new weights.
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ from dppo_megatron.learner.weights import iter_hf_tensors, load_hf_weights, save
 from dppo_megatron.model.arch import Qwen3Arch
 from dppo_megatron.model.layout import ParallelLayout
 from dppo_megatron.processes import free_port
-from dppo_megatron.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
+from dppo_megatron.rollout.tensor_handles import bucket_payload, shared_bucket
+from dppo_megatron.rollout.weight_sync import (
+    DiskWeightSync,
+    DistributedWeightSync,
+    TensorWeightSync,
+    begin_weight_update,
+    end_weight_update,
+)
 
 SIZES = {  # Qwen3-MoE-shaped configs
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_experts=4, moe_intermediate_size=32, vocab_size=1000),
@@ -72,6 +81,29 @@ def start_server(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
 def served_version(url: str) -> str:
     with urllib.request.urlopen(url + "/model_info", timeout=10) as response:
         return json.loads(response.read())["weight_version"]
+
+
+def hand_over(model, arch: Qwen3Arch, url: str, version: int) -> int:
+    """The weights to the server by handle, bucket by bucket, as the colocated publisher sends
+    them; returns the bytes handed over."""
+    sync, handed, bucket, size = TensorWeightSync([url]), 0, [], 0
+    begin_weight_update([url])
+
+    def send(bucket) -> int:
+        flat, metadata = shared_bucket(bucket)
+        failed = sync.send({url: [bucket_payload(flat, metadata)]}, version)
+        assert not failed, failed
+        return flat.numel()
+
+    for name, tensor in iter_hf_tensors(model, arch):
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= sync.bucket_bytes:
+            handed, bucket, size = handed + send(bucket), [], 0
+    if bucket:
+        handed += send(bucket)
+    assert not end_weight_update([url])
+    return handed
 
 
 def main() -> None:
@@ -115,20 +147,25 @@ def main() -> None:
                     seconds[flattened] = time.perf_counter() - start
                     sync.close()
                     assert served_version(url) == str(version)
+                start = time.perf_counter()
+                handed = hand_over(model, arch, url, 4)
+                tensor_seconds = time.perf_counter() - start
+                assert served_version(url) == "4" and handed == sent
             finally:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-            rows.append((size, params, disk_bytes, disk_seconds, sent, seconds[False], seconds[True], connect_seconds))
+            rows.append((size, params, disk_bytes, disk_seconds, sent, seconds[False], seconds[True], connect_seconds,
+                         tensor_seconds))
             shutil.rmtree(root, ignore_errors=True)
 
     print(f"weight sync to one embedded engine, fp32, learner on 1 rank; {platform.machine()} CPU, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| model | parameters | disk MiB | disk s | distributed MiB | distributed, per tensor s | "
-          "distributed, flattened buckets s | group setup s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for size, params, disk_bytes, disk_s, sent, tensor_s, flat_s, connect_s in rows:
+          "distributed, flattened buckets s | group setup s | by handle s | disk / by handle |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for size, params, disk_bytes, disk_s, sent, tensor_s, flat_s, connect_s, handle_s in rows:
         print(f"| {size} | {params / 1e6:.1f}M | {disk_bytes / 2**20:.1f} | {disk_s:.2f} | {sent / 2**20:.1f} | "
-              f"{tensor_s:.2f} | {flat_s:.2f} | {connect_s:.2f} |")
+              f"{tensor_s:.2f} | {flat_s:.2f} | {connect_s:.2f} | {handle_s:.2f} | {disk_s / handle_s:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ if not torch.cuda.is_available():
 # pytest 9.2 no longer reads, so the marks are ignored.)
 LONGEST_FIRST = ("test_train", "test_slurm", "test_sglang_server", "test_embedded_engine", "test_convert_cli",
                  "test_sglang_contract", "test_learner_checkpoint", "test_learner_parity", "test_learner_loss_parity",
-                 "test_node_agent", "test_rollout_client", "test_preflight", "test_learner_train", "test_token_stats", "test_cpu_bridge",
+                 "test_node_agent", "test_rollout_client", "test_preflight", "test_colocation", "test_learner_train", "test_token_stats", "test_cpu_bridge",
                  "test_engine_learner_parity", "test_recipes", "test_reward_pool")
 
 

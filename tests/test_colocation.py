@@ -1,30 +1,22 @@
 """Colocated runs (rollout.colocate): the embedded engine releases and resumes its memory as
-SGLang's memory saver does, takes weights by handle (/update_weights_from_tensor), and the
-colocated quickstart trains exactly as the disaggregated one, a server killed while released
-included. The SGLang side of the same calls: tests/test_sglang_contract.py."""
+SGLang's memory saver does and takes weights by handle (/update_weights_from_tensor), answering
+each call as SGLang's own scheduler does. The colocated quickstart end to end:
+tests/test_train.py; the publisher by handle: tests/test_embedded_engine.py; SGLang's request
+types and serializer: tests/test_sglang_contract.py."""
 
 import base64
 import json
 import os
 import pickle
-import re
-import signal
-import time
-import urllib.request
 
 import torch
 
-from dppo_megatron.keys import KEYS_FILE, headers, read_keys
 from dppo_megatron.model.arch import small_hf_config
 from dppo_megatron.rollout.protocol import OUTSIDE_SESSION
 from dppo_megatron.rollout.tensor_handles import bucket_payload, shared_bucket
 from dppo_megatron.rollout.weight_sync import TensorWeightSync
-from dppo_megatron.run.metrics import read_metrics
 from tests.test_embedded_engine import PROMPT, get, post, running_server
 from tests.tiny_models import teacher_forced
-from tests.train_runs import QUICKSTART, REPO, comparable, finish, log_tail, start_train
-
-COLOCATED = REPO / "recipes" / "tiny" / "colocated.yaml"
 
 
 def make_model(directory, seed: int):
@@ -120,6 +112,10 @@ def test_release_frees_the_weights_memory_and_resumed_weights_serve_only_once_an
         expected, _ = teacher_forced(new, PROMPT, answer["output_ids"], 1.0)
         assert (expected - served).abs().max() < 1e-5  # the new weights, as transformers computes them
         assert resident_bytes(pid) - released >= 0.9 * weight_bytes  # the memory is back in use
+        for tags, why in ((["weights", "optimizer"], "unknown memory tags ['optimizer']"), ("weights", "tags is a list")):
+            status, answer = post(url, "/release_memory_occupation", {"tags": tags})
+            assert status == 400 and why in answer["error"]["message"]
+        assert generated(url)[0] == 200  # nothing was released
 
         # A payload is opened with only torch's tensor functions allowed: nothing else runs.
         trap = tmp_path / "ran"
@@ -129,56 +125,6 @@ def test_release_frees_the_weights_memory_and_resumed_weights_serve_only_once_an
         post(url, "/end_weight_update", {})
         assert status == 400 and "may not load posix.system" in answer["message"] and not trap.exists()
         assert generated(url)[1]["meta_info"]["weight_version"] == "2"
-
-
-def test_the_colocated_quickstart_trains_as_the_disaggregated_one_with_a_server_killed_while_released(tmp_path):
-    """The colocated quickstart (weights by handle from rank 0, the engine released while the
-    learner trains) and the disaggregated synchronous one (weights from disk, the engine always
-    resident) make the same samples and the same steps: every metric but the timings is equal.
-    Killed while released, the engine is restarted at the next publish and serves the new
-    weights before it generates again: the run's metrics do not change."""
-    steps = ["trainer.steps=10", "trainer.eval_every=5", "trainer.save_every=0"]
-    reference, colocated = tmp_path / "disaggregated", tmp_path / "colocated"
-    finish(start_train(reference, *steps, recipe=QUICKSTART), reference, timeout=300)
-
-    process = start_train(colocated, *steps, recipe=COLOCATED)
-    log = colocated.parent / f"{colocated.name}.log"
-    deadline, killed = time.monotonic() + 300, None
-    while killed is None and time.monotonic() < deadline and process.poll() is None:
-        started = re.search(r"started embedded server (\S+) \(pid (\d+)\)", log.read_text() if log.exists() else "")
-        if started and len(read_metrics(colocated)) >= 3:
-            key = read_keys(colocated / KEYS_FILE).api_key  # the run's servers ask for its key
-            request = urllib.request.Request(started.group(1) + "/server_info", headers=headers(key))
-            try:
-                with urllib.request.urlopen(request, timeout=5) as answer:
-                    released = json.loads(answer.read())["memory_released"]
-            except OSError:
-                released = []
-            if released:
-                os.kill(int(started.group(2)), signal.SIGKILL)
-                killed = len(read_metrics(colocated))
-        time.sleep(0.01)
-    assert killed is not None, log_tail(colocated)
-    assert finish(process, colocated, timeout=300) == 0, log_tail(colocated)
-    text = log.read_text()
-    assert "down at resume" in text or "down while the learner trains" in text, log_tail(colocated)
-    assert len(re.findall(r"started embedded server", text)) == 2  # restarted once, by the publish
-    ours, theirs = comparable(read_metrics(colocated)), comparable(read_metrics(reference))
-    assert len(ours) == len(theirs) == 10
-    assert ours == theirs
-    assert all(m["time/servers_released"] >= 0 for m in read_metrics(colocated))
-    assert not (colocated / "weights").exists()  # nothing went through the disk
-
-
-def test_a_release_with_tags_that_are_not_sglangs_is_refused_naming_them(tmp_path):
-    from tests.tiny_models import make_moe
-
-    with running_server(make_moe(tmp_path / "m")) as url:
-        status, answer = post(url, "/release_memory_occupation", {"tags": ["weights", "optimizer"]})
-        assert status == 400 and "unknown memory tags ['optimizer']" in answer["error"]["message"]
-        status, answer = post(url, "/release_memory_occupation", {"tags": "weights"})
-        assert status == 400 and "tags is a list" in answer["error"]["message"]
-        assert generated(url)[0] == 200  # nothing was released
 
 
 def test_the_colocated_calls_are_answered_by_sglangs_own_scheduler_as_by_the_engine(tmp_path):

@@ -1,22 +1,26 @@
 """`dppo-megatron train` end to end through the real pieces: the Megatron learner on 2 gloo
-ranks, the embedded engine over HTTP, disk weight sync, R3 on."""
+ranks, the embedded engine over HTTP, disk weight sync, R3 on; and colocated."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
+from dppo_megatron.keys import KEYS_FILE, headers, read_keys
 from dppo_megatron.learner.checkpoint import latest_checkpoint
 from dppo_megatron.processes import free_port
 from dppo_megatron.run.metrics import read_metrics
 from dppo_megatron.run.run_dir import read_status
 from tests.train_runs import (
     QUICKSTART,
+    REPO,
     QUICKSTART_AT_THE_END,
     QUICKSTART_STEPS,
     comparable,
@@ -26,6 +30,8 @@ from tests.train_runs import (
     start_train,
     wait_for_steps,
 )
+
+COLOCATED = REPO / "recipes" / "tiny" / "colocated.yaml"
 
 
 def test_readme_main_command_trains_the_quickstart():
@@ -187,8 +193,22 @@ def test_a_torn_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
     assert [m["step"] for m in read_metrics(run_dir)] == [0, 1, 2, 3]
 
 
+# Ten synchronous steps of the quickstart without evaluation or checkpoints: the uninterrupted run
+# that the fault tests below compare against (distributed sync: the same weights as by disk or
+# by handle, bit for bit, so the same samples and metrics).
+PLAIN = ["trainer.steps=10", "rollout.weight_sync=distributed", "trainer.max_staleness=0", "trainer.eval_every=0",
+         "trainer.save_every=0"]
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("plain") / "plain"
+    assert finish(start_train(run_dir, *PLAIN), run_dir, timeout=300) == 0, log_tail(run_dir)
+    return run_dir
+
+
 def test_a_lone_server_killed_under_distributed_sync_is_brought_back_and_when_it_cannot_the_step_is_saved(
-        tmp_path):
+        tmp_path, plain):
     """The quickstart with `rollout.weight_sync=distributed` and synchronous rollouts, its one
     server SIGKILLed three times, wherever the step then is (rollout, training or publish): the
     run restarts it each time and sends it the current weights before it generates again
@@ -198,11 +218,7 @@ def test_a_lone_server_killed_under_distributed_sync_is_brought_back_and_when_it
     port free again the resumed run ends as the uninterrupted one did."""
     import socket
 
-    settings = ["trainer.steps=10", "rollout.weight_sync=distributed", "trainer.max_staleness=0",
-                "trainer.eval_every=0", "trainer.save_every=0"]
-    plain = tmp_path / "plain"
-    assert finish(start_train(plain, *settings), plain, timeout=300) == 0, log_tail(plain)
-
+    settings = PLAIN
     killed = tmp_path / "killed"
     process = start_train(killed, *settings)
     server = f"serve-embedded.*{killed}"
@@ -284,3 +300,40 @@ def test_resuming_a_finished_run_says_so_and_starts_nothing(quickstart):
     assert result.returncode == 0, result.stderr
     assert f"{run_dir} already finished its {QUICKSTART_STEPS} steps" in result.stdout
     assert time.monotonic() - started < 60 and read_status(run_dir)["state"] == "finished"
+
+
+def test_the_colocated_quickstart_trains_as_the_disaggregated_one_with_a_server_killed_while_released(
+        tmp_path, plain):
+    """The colocated quickstart (recipes/tiny/colocated.yaml: weights by handle from rank 0, the
+    engine released while the learner trains) and the disaggregated synchronous one (the engine
+    always resident) make the same samples and the same steps: every metric but the timings is
+    equal. Killed while released, the engine is restarted at the next publish and serves the
+    new weights before it generates again: the run's metrics do not change."""
+    colocated = tmp_path / "colocated"
+    process = start_train(colocated, *(s for s in PLAIN if not s.startswith("rollout.weight_sync=")), recipe=COLOCATED)
+    log = colocated.parent / f"{colocated.name}.log"
+    deadline, killed = time.monotonic() + 300, None
+    while killed is None and time.monotonic() < deadline and process.poll() is None:
+        started = re.search(r"started embedded server (\S+) \(pid (\d+)\)", log.read_text() if log.exists() else "")
+        if started and len(read_metrics(colocated)) >= 3:
+            key = read_keys(colocated / KEYS_FILE).api_key  # the run's servers ask for its key
+            request = urllib.request.Request(started.group(1) + "/server_info", headers=headers(key))
+            try:
+                with urllib.request.urlopen(request, timeout=5) as answer:
+                    released = json.loads(answer.read())["memory_released"]
+            except OSError:
+                released = []
+            if released:
+                os.kill(int(started.group(2)), signal.SIGKILL)
+                killed = len(read_metrics(colocated))
+        time.sleep(0.01)
+    assert killed is not None, log_tail(colocated)
+    assert finish(process, colocated, timeout=300) == 0, log_tail(colocated)
+    text = log.read_text()
+    assert "down at resume" in text or "down while the learner trains" in text, log_tail(colocated)
+    assert len(re.findall(r"started embedded server", text)) == 2  # restarted once, by the publish
+    ours, theirs = comparable(read_metrics(colocated)), comparable(read_metrics(plain))
+    assert len(ours) == len(theirs) == 10
+    assert ours == theirs
+    assert all(m["time/servers_released"] >= 0 for m in read_metrics(colocated))
+    assert not (colocated / "weights").exists()  # nothing went through the disk

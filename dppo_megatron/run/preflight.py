@@ -59,8 +59,9 @@ def checks(recipe: Recipe, run_dir: Path, thresholds: Thresholds = Thresholds())
         found.append(Check(name, passed, detail))
 
     first, second = metrics.get(0), metrics.get(1)
-    sync = ("weight sync by broadcast, inside SGLang's weight-update session" if rollout.weight_sync == "distributed"
-            else "weight sync from disk")
+    sync = {"distributed": "weight sync by broadcast, inside SGLang's weight-update session",
+            "tensor": "servers released and resumed, weights by handle inside SGLang's weight-update session",
+            "disk": "weight sync from disk"}[rollout.weight_sync]
     same_before = "server logprobs = learner logprobs, initial weights"
     same_after = "server logprobs = learner logprobs, the weights sent"
     routes = "R3: the servers' routes = the learner's router"

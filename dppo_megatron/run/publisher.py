@@ -168,10 +168,17 @@ class WeightPublisher:
         then closes the sessions. Returns, the same on every rank, the targets that failed
         (with why) and whether rank 0 can restart servers (it holds their keeper)."""
         failed: dict[str, str] = {}
+        lost = [None]
         if dist.get_rank() == 0:
-            if self.keeper is not None:
-                self.keeper.revive(targets)
-            failed.update(begin_weight_update_each(targets, self.tensors.timeout, key=self.control_key))
+            try:
+                if self.keeper is not None:
+                    self.keeper.revive(targets)
+                failed.update(begin_weight_update_each(targets, self.tensors.timeout, key=self.control_key))
+            except ServersLost as error:  # the dead could not be brought back: every rank stops
+                lost[0] = str(error)
+        dist.broadcast_object_list(lost, src=0)
+        if lost[0]:
+            raise ServersLost(lost[0])
         feeders = {url: self.tensor_ranks[url] for url in targets}
         everywhere = any(rank != 0 for ranks in feeders.values() for rank in ranks)
         named = iter_hf_tensors(self.learner.module, self.arch, everywhere=everywhere)
@@ -191,9 +198,10 @@ class WeightPublisher:
             if everywhere:
                 dist.barrier()  # each rank keeps its bucket until the servers have copied it
             del flat, bucket
-        if dist.get_rank() == 0:
-            opened = [url for url in targets if url not in failed]
-            failed.update(end_weight_update(opened, self.tensors.timeout, key=self.control_key))
+        if dist.get_rank() == 0:  # every session closed that can be (a refusing server's too), the first failure kept
+            answering = [url for url in targets if not failed.get(url, "").startswith("unreachable")]
+            for url, why in end_weight_update(answering, self.tensors.timeout, key=self.control_key).items():
+                failed.setdefault(url, why)
         answer = [(failed, self.keeper is not None)]
         dist.broadcast_object_list(answer, src=0)
         return answer[0]

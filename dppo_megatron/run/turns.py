@@ -122,6 +122,8 @@ class Colocated(Disaggregated):
                 action()
             except WeightSyncError as error:
                 failure[0] = str(error)
+            except Exception as error:  # noqa: BLE001 - every rank must hear of it, not wait for rank 0
+                failure[0] = f"{type(error).__name__}: {error}"
         dist.broadcast_object_list(failure, src=0)
         if failure[0]:
             raise WeightSyncError(failure[0])

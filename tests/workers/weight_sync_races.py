@@ -21,7 +21,7 @@ sample from each server after the last version (served-<i>.json), and every rank
 weights to OUT_DIR/reference. Last, one more publish with a server that cannot be restarted
 (lost-rank<r>.json: what it raised on each rank).
 
-argv: OUT_DIR HF_DIR METHOD ROUNDS PORT PORT"""
+argv: OUT_DIR HF_DIR METHOD ROUNDS PORT PORT (0: a free port, picked as the case starts)"""
 
 import json
 import logging
@@ -46,6 +46,7 @@ from weight_sync_cases import record_served
 import dppo_megatron.rollout.weight_sync as weight_sync
 import dppo_megatron.run.publisher as publisher_module
 from dppo_megatron.learner.weights import save_hf
+from dppo_megatron.processes import free_port
 from dppo_megatron.rollout.client import ClientConfig, Request, RolloutClient, ServerRejoinsLater
 from dppo_megatron.rollout.protocol import SamplingParams
 from dppo_megatron.rollout.servers import ServerManager, ServerSpec
@@ -66,7 +67,12 @@ def main(out_dir, hf_dir, method, rounds, *ports) -> None:
     learner, arch = stepped_learner(hf_dir, "1", "2")
     batches = toy_micro_batches(hf_dir, arch, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     config = json.loads((Path(hf_dir) / "config.json").read_text())
-    specs = [ServerSpec(hf_dir, int(port), engine="embedded", routed_experts=True) for port in ports]
+    ports = [int(port) for port in ports]
+    if 0 in ports:  # picked now, not when the case was planned minutes before (someone may have it by now)
+        picked = [[free_port() if port == 0 else port for port in ports]]
+        dist.broadcast_object_list(picked, src=0)
+        ports = picked[0]
+    specs = [ServerSpec(hf_dir, port, engine="embedded", routed_experts=True) for port in ports]
     urls = [spec.url for spec in specs]
     rank0 = dist.get_rank() == 0
     servers = ServerManager(specs, Path(out_dir) / "logs") if rank0 else None
