@@ -46,10 +46,12 @@ class LocalShard:
         return full.chunk(self.size, dim=self.split_dim)[self.rank]
 
     def assemble(self) -> torch.Tensor:
-        """The unsharded tensor from every member of the group (a collective on `group`)."""
+        """The unsharded tensor from every member of the group (a collective on `group`). Held
+        whole by this rank, it is the parameter's own memory, not a copy (the weight sync and the
+        export only read it, between steps): read it, never change it."""
         local = self.param.detach().contiguous()
         if self.split_dim is None or self.size == 1:
-            return local.clone()
+            return local
         pieces = [torch.empty_like(local) for _ in range(self.size)]
         dist.all_gather(pieces, local, group=self.group)
         if self.gated_fc1:

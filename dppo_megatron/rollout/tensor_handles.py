@@ -38,17 +38,38 @@ class PayloadError(ValueError):
     """A payload that is not a flattened bucket of tensor handles."""
 
 
-def shared_bucket(named_tensors: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, list]:
-    """The tensors back to back in one uint8 tensor that can be shared (on a CPU: allocated in
-    shared memory, so that handing it over copies nothing more), wider dtypes first so that each
-    starts aligned to its own size; and the metadata records, in that order."""
+class BucketMemory:
+    """Where buckets are made. On a CPU one segment of shared memory, reused bucket after bucket
+    and version after version (a receiver has copied a bucket before it answers), so that its
+    pages are faulted in once, not for every bucket; on a GPU a fresh tensor for each (there a
+    receiver's copy may still run on its own stream when it answers; torch's CUDA IPC counts the
+    holders of a fresh one)."""
+
+    def __init__(self):
+        self.segment: torch.Tensor | None = None
+
+    def take(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
+        if self.segment is None or self.segment.numel() < nbytes:
+            self.segment = None  # the old one goes before the new one is made
+            segment = torch.empty(nbytes, dtype=torch.uint8)
+            with _shared_by_name():
+                segment.share_memory_()
+            self.segment = segment
+        return self.segment[:nbytes]
+
+
+def shared_bucket(named_tensors: list[tuple[str, torch.Tensor]], memory: BucketMemory | None = None
+                  ) -> tuple[torch.Tensor, list]:
+    """The tensors back to back in one uint8 tensor that can be shared (on a CPU: in shared
+    memory, `memory`'s segment where given, so that handing it over copies nothing more), wider
+    dtypes first so that each starts aligned to its own size; and the metadata records, in that
+    order."""
     ordered = sorted(named_tensors, key=lambda item: -item[1].element_size())
     total = sum(tensor.numel() * tensor.element_size() for _, tensor in ordered)
     device = ordered[0][1].device if ordered else torch.device("cpu")
-    flat = torch.empty(total, dtype=torch.uint8, device=device)
-    if flat.device.type == "cpu":
-        with _shared_by_name():
-            flat.share_memory_()
+    flat = (memory or BucketMemory()).take(total, device)
     metadata, start = [], 0
     for name, tensor in ordered:
         size = tensor.numel() * tensor.element_size()

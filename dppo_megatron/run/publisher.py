@@ -45,7 +45,7 @@ from dppo_megatron.rollout.weight_sync import (
     end_weight_update,
     said,
 )
-from dppo_megatron.rollout.tensor_handles import bucket_payload, shared_bucket
+from dppo_megatron.rollout.tensor_handles import BucketMemory, bucket_payload, shared_bucket
 from dppo_megatron.run.server_keeper import RESTART_ATTEMPTS, ServerKeeper, ServersLost
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class WeightPublisher:
         self.written: int | None = None  # the last version written to disk
         self.disk = DiskWeightSync(weights_dir, key=control_key) if method == "disk" else None
         self.tensors = TensorWeightSync(urls, key=control_key) if method == "tensor" else None
+        self.bucket_memory = BucketMemory()  # tensor: where this rank makes its buckets
         self.tensor_ranks = dict(zip(urls, tensor_ranks or []))
         self.distributed, self.senders, self.server_tp = None, [], server_tp
         # Distributed: the servers in the weight-update groups, and how often the groups were
@@ -184,7 +185,7 @@ class WeightPublisher:
         named = iter_hf_tensors(self.learner.module, self.arch, everywhere=everywhere)
         for bucket in _buckets(named, self.tensors.bucket_bytes):
             live = {url: ranks for url, ranks in feeders.items() if url not in failed or everywhere}
-            flat, metadata = shared_bucket(bucket)
+            flat, metadata = shared_bucket(bucket, self.bucket_memory)
             # One payload per receiving TP rank: each opens its own and lets it go.
             mine = [bucket_payload(flat, metadata) for _ in _slots(live, dist.get_rank())]
             payloads = [None] * dist.get_world_size() if everywhere else [mine]
@@ -395,6 +396,7 @@ class WeightPublisher:
             dist.barrier()
 
     def close(self) -> None:
+        self.bucket_memory = BucketMemory()  # the shared segment goes
         if self.distributed is not None:
             try:  # the run is over: a server that does not answer soon is stopped anyway
                 self.distributed.close(timeout=CLOSE_GRACE_SECONDS)
