@@ -34,7 +34,7 @@ from dppo_megatron.rollout.protocol import (
 from dppo_megatron.rollout.tensor_handles import read_payload
 
 # SGLang's memory tags (sglang/srt/constants.py): what /release_memory_occupation frees.
-MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
+SGLANG_MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 NOT_IDLE = "release_memory_occupation should be called only when server is idle."  # SGLang's words
 
 GREEDY_TEMPERATURE = 1e-6  # below this SGLang samples greedily, its logprobs at T = 1 (sampling_params.py)
@@ -251,9 +251,9 @@ class EmbeddedEngine:
     @staticmethod
     def _tags(tags: list[str] | None) -> list[str]:
         if not tags:
-            return list(MEMORY_TAGS)
-        if unknown := [tag for tag in tags if tag not in MEMORY_TAGS]:
-            raise RequestError(f"unknown memory tags {unknown}: SGLang's are {', '.join(MEMORY_TAGS)}")
+            return list(SGLANG_MEMORY_TAGS)
+        if unknown := [tag for tag in tags if tag not in SGLANG_MEMORY_TAGS]:
+            raise RequestError(f"unknown memory tags {unknown}: SGLang's are {', '.join(SGLANG_MEMORY_TAGS)}")
         return list(tags)
 
     def _why_not_serving(self) -> str:
@@ -263,9 +263,6 @@ class EmbeddedEngine:
         missing = sorted(str(key) for key in self.unfilled)
         return (f"the weights were resumed but {len(missing)} tensors have not been loaded since (such as "
                 f"{missing[0]}): no generation until an update fills them")
-
-    def resident_weight_bytes(self) -> int:
-        return sum(param.numel() * param.element_size() for param in self.model.parameters())
 
     def _load_hf_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy tensors named as in a HF checkpoint into the model. Transformers keeps Qwen3-MoE

@@ -277,6 +277,11 @@ class TensorWeightSync:
         return _failures(servers, _answers(servers, "/update_weights_from_tensor", bodies, self.timeout, key=self.key))
 
 
+def refusals(failures: dict[str, str]) -> dict[str, str]:
+    """Of the failures, those of servers that answered (refused), not of unreachable ones."""
+    return {server: why for server, why in failures.items() if not why.startswith("unreachable")}
+
+
 def said(failures: dict[str, str]) -> str:
     """Each server's failure, in one line."""
     return "; ".join(f"{server}: {why}" for server, why in failures.items())

@@ -43,6 +43,7 @@ from dppo_megatron.rollout.weight_sync import (
     begin_weight_update,
     begin_weight_update_each,
     end_weight_update,
+    refusals,
     said,
 )
 from dppo_megatron.rollout.tensor_handles import BucketMemory, bucket_payload, shared_bucket
@@ -153,7 +154,7 @@ class WeightPublisher:
             failed, restarts = self._hand_over_once(targets, version)
             if not failed:
                 return
-            refused = {url: why for url, why in failed.items() if not why.startswith("unreachable")}
+            refused = refusals(failed)
             if refused or not restarts:
                 raise WeightSyncError(f"weight version {version} by handle: {said(refused or failed)}")
             if dist.get_rank() == 0:

@@ -20,7 +20,7 @@ import time
 import torch.distributed as dist
 
 from dppo_megatron.learner.learner import Learner
-from dppo_megatron.rollout.weight_sync import WeightSyncError, release_memory, resume_memory, said
+from dppo_megatron.rollout.weight_sync import WeightSyncError, refusals, release_memory, resume_memory, said
 from dppo_megatron.run.producer import RolloutProducer
 from dppo_megatron.run.publisher import WeightPublisher
 
@@ -94,7 +94,7 @@ class Colocated(Disaggregated):
         urls = self.publisher.urls
         with self.publisher.keeper.owning(urls):
             failed = release_memory(urls, key=self.publisher.control_key)
-        refused = {url: why for url, why in failed.items() if not why.startswith("unreachable")}
+        refused = refusals(failed)
         if refused:
             raise WeightSyncError(f"servers did not release their memory for the learner: {said(refused)}")
         if failed:
@@ -106,7 +106,7 @@ class Colocated(Disaggregated):
         dies now) is left to the publish, which restarts it; a fresh server holds its memory."""
         with self.publisher.keeper.owning(self.released):
             failed = resume_memory(self.released, key=self.publisher.control_key)
-        refused = {url: why for url, why in failed.items() if not why.startswith("unreachable")}
+        refused = refusals(failed)
         if refused:
             raise WeightSyncError(f"servers did not take their memory back: {said(refused)}")
         if failed:
