@@ -35,7 +35,7 @@ from dppo_megatron.learner.weights import iter_hf_tensors, load_hf_weights, save
 from dppo_megatron.model.arch import Qwen3Arch
 from dppo_megatron.model.layout import ParallelLayout
 from dppo_megatron.processes import free_port
-from dppo_megatron.rollout.tensor_handles import BucketMemory, bucket_payload, shared_bucket
+from dppo_megatron.rollout.tensor_handles import BucketMemory, bucket_payload, in_buckets, shared_bucket
 from dppo_megatron.rollout.weight_sync import (
     DiskWeightSync,
     DistributedWeightSync,
@@ -87,22 +87,13 @@ def hand_over(model, arch: Qwen3Arch, url: str, version: int, memory: BucketMemo
     """The weights to the server by handle, bucket by bucket, as the colocated publisher sends
     them (its buckets made in `memory`, as the publisher's are, version after version); returns
     the bytes handed over."""
-    sync, handed, bucket, size = TensorWeightSync([url]), 0, [], 0
+    sync, handed = TensorWeightSync([url]), 0
     begin_weight_update([url])
-
-    def send(bucket) -> int:
+    for bucket in in_buckets(iter_hf_tensors(model, arch), sync.bucket_bytes):
         flat, metadata = shared_bucket(bucket, memory)
         failed = sync.send({url: [bucket_payload(flat, metadata)]}, version)
         assert not failed, failed
-        return flat.numel()
-
-    for name, tensor in iter_hf_tensors(model, arch):
-        bucket.append((name, tensor))
-        size += tensor.numel() * tensor.element_size()
-        if size >= sync.bucket_bytes:
-            handed, bucket, size = handed + send(bucket), [], 0
-    if bucket:
-        handed += send(bucket)
+        handed += flat.numel()
     assert not end_weight_update([url])
     return handed
 

@@ -60,13 +60,33 @@ class BucketMemory:
         return self.segment[:nbytes]
 
 
+def in_buckets(named_tensors, bucket_bytes: int):
+    """(name, tensor) pairs in lists of about `bucket_bytes` (a list closes at the tensor that
+    reaches it)."""
+    bucket, size = [], 0
+    for name, tensor in named_tensors:
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
+def aligned_order(bucket: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """The order of a flattened bucket: wider dtypes first, so that every tensor starts at a
+    multiple of its own size, which SGLang's receiver requires."""
+    return sorted(bucket, key=lambda item: -item[1].element_size())
+
+
 def shared_bucket(named_tensors: list[tuple[str, torch.Tensor]], memory: BucketMemory | None = None
                   ) -> tuple[torch.Tensor, list]:
     """The tensors back to back in one uint8 tensor that can be shared (on a CPU: in shared
     memory, `memory`'s segment where given, so that handing it over copies nothing more), wider
     dtypes first so that each starts aligned to its own size; and the metadata records, in that
     order."""
-    ordered = sorted(named_tensors, key=lambda item: -item[1].element_size())
+    ordered = aligned_order(named_tensors)
     total = sum(tensor.numel() * tensor.element_size() for _, tensor in ordered)
     device = ordered[0][1].device if ordered else torch.device("cpu")
     flat = (memory or BucketMemory()).take(total, device)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from dppo_megatron.rollout.protocol import OUTSIDE_SESSION, SESSION_ALREADY_OPEN
 from dppo_megatron.rollout.servers import post_json
-from dppo_megatron.rollout.tensor_handles import LOAD_FORMAT
+from dppo_megatron.rollout.tensor_handles import LOAD_FORMAT, aligned_order, in_buckets
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def flatten_bucket(bucket: list[tuple[str, torch.Tensor]]) -> tuple[list[tuple[s
     """The bucket in SGLang's "flattened_bucket" layout (`FlattenedTensorBucket`): the tensors'
     bytes back to back in one uint8 tensor, in the returned order (wider dtypes first, so that
     every tensor starts at a multiple of its own size, which the receiver requires)."""
-    ordered = sorted(bucket, key=lambda item: -item[1].element_size())
+    ordered = aligned_order(bucket)
     return ordered, torch.cat([tensor.contiguous().reshape(-1).view(torch.uint8) for _, tensor in ordered])
 
 
@@ -358,17 +358,10 @@ class DistributedWeightSync:
         return sent
 
     def _send_all(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        sent, bucket, size = 0, [], 0
-        self.sent_names: list[str] = []
-        for name, tensor in named_tensors:
-            self.sent_names.append(name)
-            bucket.append((name, tensor.detach().contiguous()))
-            size += tensor.numel() * tensor.element_size()
-            if size >= self.bucket_bytes:
-                sent += self._send(bucket, version)
-                bucket, size = [], 0
-        if bucket:
-            sent += self._send(bucket, version)
+        sent, self.sent_names = 0, []
+        for bucket in in_buckets(named_tensors, self.bucket_bytes):
+            self.sent_names += [name for name, _ in bucket]
+            sent += self._send([(name, tensor.detach().contiguous()) for name, tensor in bucket], version)
         return sent
 
     def _send(self, bucket: list[tuple[str, torch.Tensor]], version: int) -> int:

@@ -46,7 +46,7 @@ from dppo_megatron.rollout.weight_sync import (
     refusals,
     said,
 )
-from dppo_megatron.rollout.tensor_handles import BucketMemory, bucket_payload, shared_bucket
+from dppo_megatron.rollout.tensor_handles import BucketMemory, bucket_payload, in_buckets, shared_bucket
 from dppo_megatron.run.server_keeper import RESTART_ATTEMPTS, ServerKeeper, ServersLost
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class WeightPublisher:
         feeders = {url: self.tensor_ranks[url] for url in targets}
         everywhere = any(rank != 0 for ranks in feeders.values() for rank in ranks)
         named = iter_hf_tensors(self.learner.module, self.arch, everywhere=everywhere)
-        for bucket in _buckets(named, self.tensors.bucket_bytes):
+        for bucket in in_buckets(named, self.tensors.bucket_bytes):
             live = {url: ranks for url, ranks in feeders.items() if url not in failed or everywhere}
             flat, metadata = shared_bucket(bucket, self.bucket_memory)
             # One payload per receiving TP rank: each opens its own and lets it go.
@@ -408,19 +408,6 @@ class WeightPublisher:
 def _slots(feeders: dict[str, list[int]], rank: int) -> list[tuple[str, int]]:
     """The (server, TP rank) slots that `rank` hands the weights to, in the servers' order."""
     return [(url, slot) for url, ranks in feeders.items() for slot, feeder in enumerate(ranks) if feeder == rank]
-
-
-def _buckets(named_tensors, bucket_bytes: int):
-    """(name, tensor) pairs in lists of about `bucket_bytes`."""
-    bucket, size = [], 0
-    for name, tensor in named_tensors:
-        bucket.append((name, tensor))
-        size += tensor.numel() * tensor.element_size()
-        if size >= bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-    if bucket:
-        yield bucket
 
 
 def _address_for(urls: list[str]) -> str:
